@@ -1,0 +1,239 @@
+"""A decoder-only GPT whose every attention block takes its positional information from one scheme.
+
+Reads top to bottom like nanoGPT's ``model.py`` (Karpathy): config, MLP, Block, GPT. The one
+new idea is the positional scheme (``dynpos.positional``), Dynamic Position Bias by default:
+it adds an absolute embedding, rotates q and k, or biases the attention logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dynpos.model.attention import PATHS, CausalSelfAttention, KVCache, causal_mask
+from dynpos.positional.base import PositionalScheme
+from dynpos.positional.dpb import DPB
+
+
+@dataclass
+class GPTConfig:
+    """Model sizes.
+
+    Attributes:
+        vocab_size: number of token ids.
+        block_size: the training context length, in tokens.
+        n_layer, n_head, n_embd: depth, heads per block, width (``n_embd % n_head == 0``).
+        dropout: dropout probability (0 for pretraining small models).
+        bias: biases in Linear layers and LayerNorms (GPT-2: True).
+        attn: attention path, one of ``sdpa`` (default), ``eager``, ``flex``.
+    """
+
+    vocab_size: int
+    block_size: int
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+    attn: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{key} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}: "
+                "choose n_embd a multiple of n_head"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.attn not in PATHS:
+            raise ValueError(f"model.attn={self.attn!r} is not one of {', '.join(PATHS)}")
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: Linear(n_embd, 4 n_embd) -> GELU -> Linear -> dropout."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.dropout, config.bias, config.attn)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, pos: PositionalScheme, layer: int, mask, table, bias, cache=None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), pos, layer, mask, table, bias, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only language model with a pluggable positional scheme.
+
+    Args:
+        config: the sizes.
+        pos: a factory ``(n_layer=, n_head=, n_embd=, block_size=) -> PositionalScheme``: a scheme
+            class or a ``functools.partial`` of one with its options (what Hydra's ``_partial_``
+            builds from ``configs/pos/*.yaml``). Default: :class:`~dynpos.positional.dpb.DPB`.
+
+    The LM head shares its weight with the token embedding (weight tying, Press & Wolf 2017).
+    """
+
+    def __init__(self, config: GPTConfig, pos: Callable[..., PositionalScheme] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        factory = pos if pos is not None else DPB
+        self.pos = factory(
+            n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, block_size=config.block_size
+        )
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying
+        self.apply(self._init_weights)
+        # Scaled init of the residual projections, per the GPT-2 paper.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if module in self.pos.modules():
+            return  # schemes keep their own (PyTorch default) init
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        """Number of parameters (tied weights counted once), positional scheme included."""
+        return sum(p.numel() for p in self.parameters())
+
+    def _layer_inputs(self, i: int, j: int, dtype: torch.dtype, device: torch.device):
+        """Per block: (mask for sdpa/eager, table and bias for flex). Shared tensors fold once."""
+        if self.config.attn == "flex":
+            tables = [self.pos.table(layer, j) for layer in range(self.config.n_layer)]
+            biases = [None if t is not None else self.pos.bias(layer, i, j) for layer, t in enumerate(tables)]
+            return [(None, t, b) for t, b in zip(tables, biases)]
+        folded: dict[int, Tensor | None] = {}
+        inputs = []
+        for bias in self.pos.biases(i, j):
+            key = id(bias)
+            if key not in folded:
+                folded[key] = None if bias is None else causal_mask(bias, i, j, device, dtype)
+            inputs.append((folded[key], None, None))
+        return inputs
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None):
+        """Logits for each position, and the loss when ``targets`` are given.
+
+        Args:
+            idx: ``(B, t)`` token ids.
+            targets: ``(B, t)`` next-token ids (``-1`` is ignored), or None.
+            cache: a :class:`KVCache`; ``idx`` then holds the tokens after the cached ones.
+
+        Returns:
+            ``(logits, loss)``: logits ``(B, t, vocab_size)``; loss the mean cross-entropy in
+            nats per token, or None without targets.
+
+        Raises:
+            ValueError: if the total length exceeds what the scheme can encode.
+        """
+        t = idx.shape[1]
+        offset = cache.length if cache is not None else 0
+        j = offset + t
+        limit = self.pos.max_length
+        if limit is not None and j > limit:
+            raise ValueError(
+                f"sequence of {j} tokens exceeds the {limit} positions that pos={self.pos.name} can encode: "
+                "use a relative scheme (pos=dpb, alibi, rope, ...) or evaluate at lengths <= block_size"
+            )
+        x = self.wte(idx)
+        absolute = self.pos.absolute(t, offset)
+        if absolute is not None:
+            x = x + absolute
+        x = self.drop(x)
+        for layer, (block, (mask, table, bias)) in enumerate(
+            zip(self.h, self._layer_inputs(t, j, x.dtype, x.device))
+        ):
+            x = block(x, self.pos, layer, mask, table, bias, cache)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups: decay on weights with >= 2 dims (matmuls, embeddings), none on
+        biases and norms (nanoGPT's rule, derived from dimensionality)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Sample ``max_new_tokens`` tokens after ``idx (B, t)``, one at a time through a KV cache.
+
+        Once the context reaches ``block_size`` tokens, each step recomputes the last
+        ``block_size`` tokens without the cache (as nanoGPT does), so the model never sees a
+        longer context than it was trained on.
+
+        Returns:
+            ``(B, t + max_new_tokens)`` token ids.
+
+        Raises:
+            ValueError: if ``temperature <= 0``, ``top_k`` is outside ``1 .. vocab_size`` or
+                ``max_new_tokens < 0``.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature} (use a small value such as 1e-3 for greedy)")
+        if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
+            raise ValueError(f"top_k must be in 1..{self.config.vocab_size} (vocab_size), got {top_k}")
+        block = self.config.block_size
+        cache = KVCache(self.config.n_layer)
+        logits, _ = self(idx[:, -block:], cache=cache)
+        for _ in range(max_new_tokens):
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, top_k).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits.float(), dim=-1)
+            nxt = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+            if cache.length < block:
+                logits, _ = self(nxt, cache=cache)
+            else:
+                logits, _ = self(idx[:, -block:])
+        return idx
+
+    def config_dict(self) -> dict:
+        """The model config as a plain dict (saved in checkpoints)."""
+        return asdict(self.config)
