@@ -149,7 +149,8 @@ class CausalSelfAttention(nn.Module):
         causal); ``table``/``bias`` feed the flex path. ``pos`` rotates q and k (RoPE).
         """
         q, k, v = rearrange(self.c_attn(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
-        offset = cache.length if cache is not None else 0
+        # This block's own cache length: cache.length reads block 0, which has already appended.
+        offset = cache.keys[layer].shape[-2] if cache is not None and cache.keys[layer] is not None else 0
         q, k = pos.rotate(q, k, offset)
         if cache is not None:
             k, v = cache.append(layer, k, v)

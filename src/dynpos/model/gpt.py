@@ -132,6 +132,15 @@ class GPT(nn.Module):
         """Number of parameters (tied weights counted once), positional scheme included."""
         return sum(p.numel() for p in self.parameters())
 
+    def flops_per_token(self, t: int) -> float:
+        """Training FLOPs (forward + backward) per token at context length ``t``.
+
+        ``6 N + 12 n_layer n_embd t`` (PaLM, Chowdhery et al. 2022, appendix B), the attention
+        term counted in full as nanoGPT's MFU estimate does.
+        """
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * t
+
     def _layer_inputs(self, i: int, j: int, dtype: torch.dtype, device: torch.device):
         """Per block: (mask for sdpa/eager, table and bias for flex). Shared tensors fold once."""
         if self.config.attn == "flex":

@@ -1,6 +1,25 @@
-"""Positional schemes, one module each, all behind :class:`PositionalScheme` (see base.py)."""
+"""Positional schemes, one module each, all behind :class:`PositionalScheme` (see base.py).
 
-from dynpos.positional.base import PositionalScheme, toeplitz
+``SCHEMES`` maps each config name (``pos=<name>``, ``configs/pos/<name>.yaml``) to its class.
+"""
+
+from dynpos.positional.alibi import ALiBi, alibi_slopes
+from dynpos.positional.base import PositionalScheme, check_option, check_sizes, toeplitz
 from dynpos.positional.dpb import DPB, DynamicPositionBias
+from dynpos.positional.fire import FIRE
+from dynpos.positional.kerple import KERPLE
+from dynpos.positional.learned import Learned
+from dynpos.positional.nope import NoPE
+from dynpos.positional.rope import RoPE
+from dynpos.positional.sinusoidal import Sinusoidal
+from dynpos.positional.t5 import T5, t5_bucket
 
-__all__ = ["PositionalScheme", "toeplitz", "DPB", "DynamicPositionBias"]
+SCHEMES: dict[str, type[PositionalScheme]] = {
+    scheme.name: scheme for scheme in (DPB, ALiBi, RoPE, T5, Learned, Sinusoidal, NoPE, FIRE, KERPLE)
+}
+
+__all__ = [
+    "PositionalScheme", "SCHEMES", "check_option", "check_sizes", "toeplitz",
+    "DPB", "DynamicPositionBias", "ALiBi", "alibi_slopes", "RoPE", "T5", "t5_bucket",
+    "Learned", "Sinusoidal", "NoPE", "FIRE", "KERPLE",
+]

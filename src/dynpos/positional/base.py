@@ -42,6 +42,16 @@ def check_sizes(i: int, j: int) -> None:
         )
 
 
+def check_option(ok: bool, scheme: str, key: str, value: object, fix: str) -> None:
+    """Refuse an invalid scheme option where it enters (at construction).
+
+    Raises:
+        ValueError: if not ``ok``, naming the Hydra key ``pos.<key>``, its value and the fix.
+    """
+    if not ok:
+        raise ValueError(f"pos.{key}={value!r} is invalid for pos={scheme}: {fix}")
+
+
 def toeplitz(table: Tensor, i: int) -> Tensor:
     """Expand a per-distance table into the causal bias grid.
 
@@ -79,6 +89,9 @@ class PositionalScheme(nn.Module):
 
     def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int) -> None:
         super().__init__()
+        for key, value in (("n_layer", n_layer), ("n_head", n_head), ("n_embd", n_embd), ("block_size", block_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{key} must be a positive int, got {value!r} (building pos={self.name})")
         self.n_layer, self.n_head, self.n_embd, self.block_size = n_layer, n_head, n_embd, block_size
 
     @property

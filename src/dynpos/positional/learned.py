@@ -1,0 +1,54 @@
+"""Learned absolute position embedding, GPT-2 style.
+
+Source: Radford et al. (2019), "Language Models are Unsupervised Multitask Learners" (GPT-2), after
+the learned position embeddings that Gehring et al. (2017) and Vaswani et al. (2017, section 3.5)
+compared with sinusoids. One trained vector per position ``0 .. block_size - 1``, initialised
+``N(0, 0.02)``; a position the model never trained does not exist, so ``max_length = block_size``
+and the GPT refuses longer sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dynpos.positional.base import PositionalScheme
+
+
+class Learned(PositionalScheme):
+    """Learned absolute embedding (``pos=learned``): ``wpe (block_size, n_embd)`` added to the tokens.
+
+    Args:
+        n_layer, n_head, n_embd, block_size: the model's sizes (filled in by the model).
+        init_std: standard deviation of the normal init (GPT-2: 0.02).
+
+    Raises:
+        ValueError: if a model size is not a positive int (``block_size >= 1`` is needed), or
+            ``init_std < 0``.
+    """
+
+    name = "learned"
+
+    def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int, *, init_std: float = 0.02) -> None:
+        super().__init__(n_layer, n_head, n_embd, block_size)
+        if not (isinstance(init_std, (int, float)) and init_std >= 0):
+            raise ValueError(f"pos.init_std={init_std!r} is invalid for pos=learned: use a standard deviation >= 0")
+        self.wpe = nn.Parameter(torch.empty(block_size, n_embd))
+        nn.init.normal_(self.wpe, mean=0.0, std=float(init_std))
+
+    @property
+    def max_length(self) -> int:
+        return self.block_size
+
+    def absolute(self, t: int, offset: int = 0) -> Tensor:
+        """Rows ``offset .. offset + t - 1`` of ``wpe``: ``(t, n_embd)``.
+
+        Raises:
+            ValueError: if ``offset + t > block_size`` (no embedding was learned there).
+        """
+        if offset < 0 or t < 0 or offset + t > self.block_size:
+            raise ValueError(
+                f"pos=learned has embeddings for positions 0..{self.block_size - 1}, asked for "
+                f"{offset}..{offset + t - 1}: keep sequences within model.block_size"
+            )
+        return self.wpe[offset: offset + t]

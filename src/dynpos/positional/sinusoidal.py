@@ -1,0 +1,71 @@
+"""Fixed sinusoidal absolute position embedding.
+
+Source: Vaswani et al. (2017), "Attention Is All You Need", section 3.5:
+``PE[p, 2i] = sin(p / base^(2i/d))`` and ``PE[p, 2i+1] = cos(p / base^(2i/d))``, ``base = 10000``.
+The embedding is computed on the fly for any position, so the scheme has no length limit.
+
+Scale: the paper multiplies the token embeddings by ``sqrt(d)`` so that they and the unit-amplitude
+sinusoids have comparable size. dynpos keeps GPT-2's token embedding (init std 0.02, tied with the
+LM head) and scales the sinusoids instead, by ``n_embd ** -0.5`` unless ``scale`` says otherwise
+(the convention of x-transformers' scaled sinusoidal embedding).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dynpos.positional.base import PositionalScheme, check_option
+
+
+def inverse_frequencies(dim: int, base: float, device: torch.device | None = None) -> Tensor:
+    """Angular frequencies ``base^(-2i/dim)`` for ``i = 0 .. ceil(dim/2) - 1``, float32, radians per position.
+
+    Shared by the sinusoidal embedding and RoPE (whose frequencies are the same).
+    """
+    exponents = torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim
+    return base ** -exponents
+
+
+class Sinusoidal(PositionalScheme):
+    """Sinusoidal absolute embedding (``pos=sinusoidal``), added to the token embeddings.
+
+    Args:
+        n_layer, n_head, n_embd, block_size: the model's sizes (filled in by the model).
+        base: wavelength base (10000 in the paper); must be > 1.
+        scale: amplitude of the sinusoids; ``None`` means ``n_embd ** -0.5``.
+
+    Raises:
+        ValueError: if ``base <= 1`` or ``scale <= 0``.
+    """
+
+    name = "sinusoidal"
+
+    def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int, *,
+                 base: float = 10000.0, scale: float | None = None) -> None:
+        super().__init__(n_layer, n_head, n_embd, block_size)
+        check_option(isinstance(base, (int, float)) and base > 1, self.name, "base", base,
+                     "the wavelength base must be a number > 1 (the paper uses 10000)")
+        check_option(scale is None or (isinstance(scale, (int, float)) and scale > 0), self.name, "scale", scale,
+                     "use a positive amplitude, or null for n_embd ** -0.5")
+        self.base = float(base)
+        self.scale = float(scale) if scale is not None else n_embd ** -0.5
+        # Carries the device; recomputed in float32 if the model was cast to a lower precision.
+        self.register_buffer("inv_freq", inverse_frequencies(n_embd, self.base), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"base={self.base:g}, scale={self.scale:g}"
+
+    def absolute(self, t: int, offset: int = 0) -> Tensor:
+        """``(t, n_embd)`` embedding of positions ``offset .. offset + t - 1``.
+
+        Channel ``2i`` holds ``scale * sin(p * base^(-2i/n_embd))``, channel ``2i + 1`` the cosine.
+        Computed in float32, returned in the model's dtype (that of the ``inv_freq`` buffer).
+        """
+        inv_freq = self.inv_freq
+        if inv_freq.dtype != torch.float32:
+            inv_freq = inverse_frequencies(self.n_embd, self.base, inv_freq.device)
+        positions = torch.arange(offset, offset + t, device=inv_freq.device, dtype=torch.float32)
+        angles = positions.unsqueeze(-1) * inv_freq  # (t, ceil(n_embd / 2))
+        embedding = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # sin, cos interleaved
+        return (self.scale * embedding[:, : self.n_embd]).to(self.inv_freq.dtype)

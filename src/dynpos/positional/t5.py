@@ -1,0 +1,90 @@
+"""T5 relative position bias: one learned scalar per head for each bucket of distances.
+
+Source: Raffel et al. (2020), "Exploring the Limits of Transfer Learning with a Unified Text-to-Text
+Transformer" (JMLR), section 2.1. Distances are bucketed: the first half of the buckets hold one
+distance each, the rest are log-spaced up to ``max_distance``, beyond which every distance shares
+the last bucket. This is the causal (unidirectional, decoder) bucketing: a query sees only keys at
+distance ``>= 0``, so no buckets are spent on the other direction. As in T5, one bias table is
+shared by all blocks (``shared: true``); ``shared: false`` gives each block its own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from dynpos.positional.base import PositionalScheme, check_option, check_sizes, toeplitz
+
+
+def t5_bucket(distance: Tensor, num_buckets: int = 32, max_distance: int = 128) -> Tensor:
+    """Causal T5 bucket of each distance.
+
+    Args:
+        distance: integer tensor of distances ``x' - y >= 0`` (in positions), any shape.
+        num_buckets: number of buckets; the first ``num_buckets // 2`` are exact.
+        max_distance: distance at which the log-spaced buckets reach the last one.
+
+    Returns:
+        ``torch.long`` tensor of the same shape: ``d`` for ``d < num_buckets // 2``, else
+        ``min(num_buckets - 1, e + floor(log(d / e) / log(max_distance / e) * (num_buckets - e)))``
+        with ``e = num_buckets // 2``.
+    """
+    exact = num_buckets // 2
+    distance = distance.long()
+    scaled = torch.log(distance.clamp(min=exact).float() / exact) / math.log(max_distance / exact)
+    large = (exact + (scaled * (num_buckets - exact)).long()).clamp(max=num_buckets - 1)
+    return torch.where(distance < exact, distance, large)
+
+
+class T5(PositionalScheme):
+    """T5 bucketed relative bias (``pos=t5``): ``table[h, r] = embedding[bucket(r), h]``.
+
+    The embedding ``(num_buckets, n_head)`` is initialised ``N(0, n_embd ** -0.5)``, as Hugging
+    Face's T5 does (the GPT leaves schemes' own init alone).
+
+    Args:
+        n_layer, n_head, n_embd, block_size: the model's sizes (filled in by the model).
+        num_buckets: number of buckets (>= 2); T5 uses 32.
+        max_distance: where the last bucket starts (> num_buckets // 2); T5 uses 128.
+        shared: one table for all blocks (T5), or one per block.
+
+    Raises:
+        ValueError: on ``num_buckets < 2`` or ``max_distance <= num_buckets // 2``.
+    """
+
+    name = "t5"
+
+    def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int, *,
+                 num_buckets: int = 32, max_distance: int = 128, shared: bool = True) -> None:
+        super().__init__(n_layer, n_head, n_embd, block_size)
+        check_option(isinstance(num_buckets, int) and not isinstance(num_buckets, bool) and num_buckets >= 2,
+                     self.name, "num_buckets", num_buckets, "use an int >= 2 (T5 uses 32)")
+        check_option(isinstance(max_distance, int) and not isinstance(max_distance, bool)
+                     and max_distance > num_buckets // 2, self.name, "max_distance", max_distance,
+                     f"it must be an int > num_buckets // 2 = {num_buckets // 2}, where the log-spaced buckets "
+                     "begin (T5 uses 128 with 32 buckets)")
+        check_option(isinstance(shared, bool), self.name, "shared", shared, "use true or false")
+        self.num_buckets, self.max_distance, self.shared = num_buckets, max_distance, shared
+        self.embeddings = nn.ModuleList(nn.Embedding(num_buckets, n_head) for _ in range(1 if shared else n_layer))
+        for embedding in self.embeddings:
+            nn.init.normal_(embedding.weight, mean=0.0, std=n_embd ** -0.5)
+
+    def extra_repr(self) -> str:
+        return f"num_buckets={self.num_buckets}, max_distance={self.max_distance}, shared={self.shared}"
+
+    def table(self, layer: int, j: int) -> Tensor:
+        """``(n_head, j)``: the learned bias of the bucket of each distance ``r = 0 .. j-1``."""
+        check_sizes(0, j)
+        embedding = self.embeddings[0 if self.shared else layer]
+        distances = torch.arange(j, device=embedding.weight.device)
+        buckets = t5_bucket(distances, self.num_buckets, self.max_distance)
+        return rearrange(embedding(buckets), "j h -> h j")
+
+    def biases(self, i: int, j: int) -> list[Tensor | None]:
+        if self.shared:
+            check_sizes(i, j)
+            return [toeplitz(self.table(0, j), i)] * self.n_layer
+        return super().biases(i, j)
