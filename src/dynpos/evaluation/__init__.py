@@ -1,0 +1,1 @@
+"""Evaluation: perplexity against evaluation length, bias plots, sweep reports."""

@@ -1,0 +1,105 @@
+"""Pictures a person would rather look at than read: learned bias against distance, per head and layer."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from dynpos.positional.base import PositionalScheme  # noqa: E402
+
+
+@torch.no_grad()
+def bias_curves(pos: PositionalScheme, n: int) -> list[torch.Tensor] | None:
+    """Bias against distance for each block: ``n_layer`` tensors ``(n_head, n)``, column ``r`` at distance ``r``.
+
+    Read from the scheme's per-distance table, or (FIRE) from the last query row of its bias grid,
+    which sees every distance ``0 .. n-1``. None for a scheme that adds no bias.
+    """
+    curves = []
+    for layer in range(pos.n_layer):
+        table = pos.table(layer, n)
+        if table is None:
+            grid = pos.bias(layer, n, n)
+            if grid is None:
+                return None
+            table = grid[:, -1, :].flip(-1)
+        curves.append(table.float().cpu())
+    return curves
+
+
+@torch.no_grad()
+def plot_bias(pos: PositionalScheme, n: int, title: str = "") -> Figure | None:
+    """One panel per block (bias against distance, a line per head) and a heatmap of head 0's
+    ``(n, n)`` bias in block 0 (blank above the causal diagonal). None when the scheme adds no bias.
+    """
+    curves = bias_curves(pos, n)
+    if curves is None:
+        return None
+    shared = all(c is curves[0] or torch.equal(c, curves[0]) for c in curves)
+    shown = curves[:1] if shared else curves
+    fig, axes = plt.subplots(1, len(shown) + 1, figsize=(3.6 * (len(shown) + 1), 3.2), squeeze=False)
+    for layer, (ax, curve) in enumerate(zip(axes[0], shown)):
+        for h, row in enumerate(curve):
+            ax.plot(range(n), row.numpy(), label=f"head {h}", linewidth=1)
+        ax.set_title("all blocks (shared)" if shared else f"block {layer}")
+        ax.set_xlabel("relative distance")
+        ax.set_ylabel("bias (logits)")
+    axes[0][0].legend(fontsize=6)
+    grid = pos.bias(0, n, n)[0].float().cpu()
+    grid = grid.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("nan"))
+    image = axes[0][-1].imshow(grid.numpy(), cmap="viridis")
+    axes[0][-1].set_title("block 0, head 0: bias[x, y]")
+    axes[0][-1].set_xlabel("key position y")
+    axes[0][-1].set_ylabel("query position x")
+    fig.colorbar(image, ax=axes[0][-1], fraction=0.046)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_lengths(curves: dict[str, list[dict]], train_length: int | None = None, metric: str = "loss",
+                 title: str = "") -> Figure:
+    """Loss (or bpb) against evaluation length, one line per label (scheme or protocol).
+
+    Args:
+        curves: label -> rows of :func:`dynpos.evaluation.extrapolate.evaluate_lengths`
+            (rows may carry ``std`` for error bars); rows with ``None`` values are left out.
+        train_length: drawn as a dashed vertical line.
+    """
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, rows in curves.items():
+        kept = [r for r in rows if r.get(metric) is not None]
+        if not kept:
+            continue
+        xs = [r["length"] for r in kept]
+        ys = [r[metric] for r in kept]
+        errs = [r.get(f"{metric}_std") or 0.0 for r in kept]
+        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label, linewidth=1.2)
+    if train_length:
+        ax.axvline(train_length, color="grey", linestyle="--", linewidth=1, label="training length")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_ylabel({"loss": "loss (nats/token)", "bpb": "bits per byte"}.get(metric, metric))
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path) -> None:
+    """Save a figure as PNG atomically (temporary file, then rename) and close it."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Training: the LightningModule, callbacks, checkpoints and the pipeline behind train.py."""

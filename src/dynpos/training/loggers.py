@@ -1,0 +1,35 @@
+"""wandb without an account: offline when no API key is configured, online with one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lightning.pytorch.loggers import WandbLogger
+from rich.console import Console
+
+
+def has_api_key() -> bool:
+    """Whether a wandb API key is configured (``WANDB_API_KEY`` or a ``wandb login`` entry in ~/.netrc)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def wandb_logger(**kwargs) -> WandbLogger:
+    """A Lightning ``WandbLogger`` that never asks for an account.
+
+    Offline when ``WANDB_MODE`` is ``offline``/``disabled`` or no API key is found (``WANDB_API_KEY``
+    or ``wandb login``); it then prints where the run is kept and the ``wandb sync`` command that
+    uploads it later. Keyword arguments go to ``WandbLogger`` (project, name, group, tags, save_dir).
+    """
+    mode = os.environ.get("WANDB_MODE", "")
+    offline = mode in ("offline", "disabled") or not has_api_key()
+    if offline and mode != "disabled":
+        os.environ["WANDB_MODE"] = "offline"
+        Console(stderr=True).print(
+            f"wandb: no API key, logging offline under {kwargs.get('save_dir', '.')}/wandb; "
+            "upload later with `wandb sync <that folder>/offline-run-*`"
+        )
+    return WandbLogger(offline=offline, **kwargs)

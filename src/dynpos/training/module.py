@@ -1,0 +1,125 @@
+"""The LightningModule: loss, AdamW groups, warmup + cosine schedule, metrics in nats, perplexity and bits per byte.
+
+Lightning owns the loop, precision, gradient clipping (``trainer.gradient_clip_val``),
+checkpointing and strategies; this module owns what is specific to language modelling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from dynpos.model.gpt import GPT, GPTConfig
+
+
+def lr_lambda(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier at ``step``: linear warmup (non-zero at step 0), cosine to ``min_ratio``.
+
+    ``(step + 1) / (warmup_steps + 1)`` during warmup (nanoGPT's rule), then cosine from 1 down
+    to ``min_ratio`` at ``decay_steps``, and ``min_ratio`` after that.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if step >= decay_steps:
+        return min_ratio
+    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
+
+
+class LitGPT(L.LightningModule):
+    """A :class:`~dynpos.model.gpt.GPT` trained with next-token cross-entropy.
+
+    Args:
+        model: ``GPTConfig`` fields except ``vocab_size`` (the ``model`` config group).
+        pos: the positional scheme's config, a Hydra ``_target_`` with ``_partial_: true``.
+        optim: ``lr``, ``min_lr``, ``weight_decay``, ``betas``, ``warmup_steps``, ``decay_steps``.
+        vocab_size: from the tokenizer.
+        bytes_per_token: UTF-8 bytes per token of each split (``validation``, ``test``), for
+            bits per byte: ``bpb = loss / ln 2 / bytes_per_token``.
+
+    Logged: ``train/loss`` (nats/token), ``train/tokens``, ``val/loss``, ``val/ppl``, ``val/bpb``
+    (and ``test/*`` the same); the learning rate by Lightning's ``LearningRateMonitor``.
+
+    Raises:
+        ValueError: for an out-of-range optimiser setting (the message names the ``optim.`` key).
+    """
+
+    def __init__(self, model: dict, pos: dict, optim: dict, vocab_size: int,
+                 bytes_per_token: dict[str, float] | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        for key in ("lr", "min_lr", "weight_decay", "warmup_steps", "decay_steps"):
+            if optim[key] < 0:
+                raise ValueError(f"optim.{key} must be >= 0, got {optim[key]}")
+        if not optim["lr"] > 0:
+            raise ValueError(f"optim.lr must be > 0, got {optim['lr']}")
+        self.model = GPT(GPTConfig(vocab_size=vocab_size, **model), pos=instantiate(pos))
+        self.bytes_per_token = bytes_per_token or {}
+        self.eval_loss = MeanMetric()  # token-weighted mean over the fixed evaluation windows, synced across ranks
+
+    tokenizer_json: str | None = None  # the tokenizer's JSON, stored in every checkpoint
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.tokenizer_json is not None:
+            checkpoint["tokenizer"] = self.tokenizer_json
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.tokenizer_json = checkpoint.get("tokenizer", self.tokenizer_json)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None):
+        return self.model(idx, targets)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        _, loss = self.model(x, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss {loss.item()} at step {self.global_step}: "
+                "lower optim.lr or use trainer.precision=32-true"
+            )
+        self.flops_per_batch = self.model.flops_per_token(y.shape[1]) * y.numel()  # for ThroughputMonitor
+        tokens = (self.global_step + 1) * y.numel() * self.trainer.world_size
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/tokens", float(tokens), on_step=True, on_epoch=False)
+        return loss
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor]) -> None:
+        x, y = batch
+        _, loss = self.model(x, y)
+        self.eval_loss.update(loss, weight=y.numel())
+
+    def _log_eval(self, split: str, prefix: str) -> None:
+        loss = self.eval_loss.compute()
+        self.eval_loss.reset()
+        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val")
+        self.log(f"{prefix}/ppl", torch.exp(loss))
+        if split in self.bytes_per_token:
+            self.log(f"{prefix}/bpb", loss / math.log(2) / self.bytes_per_token[split], prog_bar=prefix == "val")
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch)
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("validation", "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test", "test")
+
+    def configure_optimizers(self):
+        o = self.hparams.optim
+        optimizer = torch.optim.AdamW(
+            self.model.optimizer_groups(o["weight_decay"]), lr=o["lr"], betas=tuple(o["betas"])
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_lambda(step, o["warmup_steps"], o["decay_steps"], o["min_lr"] / o["lr"]),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
