@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -126,8 +127,35 @@ def evaluate_lengths(model: GPT, tokens: np.ndarray | Tensor, lengths: list[int]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    """Write the evaluation rows as CSV."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    """Write the evaluation rows as CSV, atomically (temporary file, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def run_extrapolation(model: GPT, tokens: np.ndarray, bytes_per_token: float | None, out_dir: Path, *,
+                      lengths: list[int], protocol: str = "nonoverlap", stride: int | None = None,
+                      max_tokens: int = 32768, batch_size: int = 8, **_: object) -> list[dict]:
+    """Evaluate at each length with one protocol or ``both``; write ``extrapolation.csv`` and
+    ``extrapolation.png`` (loss against length) into ``out_dir``; return the rows.
+
+    Keyword arguments are the ``eval`` config keys (``split`` is chosen by the caller).
+    """
+    from dynpos.evaluation.plots import plot_lengths, save_figure
+
+    protocols = PROTOCOLS if protocol == "both" else (protocol,)
+    rows: list[dict] = []
+    curves = {}
+    for name in protocols:
+        curve = evaluate_lengths(model, tokens, list(lengths), protocol=name, stride=stride,
+                                 max_tokens=max_tokens, batch_size=batch_size, bytes_per_token=bytes_per_token)
+        curves[name] = curve
+        rows.extend(curve)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out_dir / "extrapolation.csv")
+    title = f"pos={model.pos.name}: loss against evaluation length"
+    save_figure(plot_lengths(curves, model.config.block_size, title=title), out_dir / "extrapolation.png")
+    return rows

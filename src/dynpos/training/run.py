@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 
 from dynpos.data.datamodule import TextDataModule
 from dynpos.data.tokenizer import tokenizer_fingerprint
+from dynpos.evaluation.extrapolate import run_extrapolation
 from dynpos.training.callbacks import BiasPlot, TextSample
 from dynpos.training.checkpoint import CheckpointError, load_checkpoint
 from dynpos.training.module import LitGPT
@@ -94,6 +95,7 @@ def train(cfg: DictConfig) -> dict:
         bytes_per_token=dict(datamodule.bytes_per_token),
     )
     module.tokenizer_json = datamodule.tokenizer.to_str()
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
     n_params = module.model.num_params()
     n_pos = sum(p.numel() for p in module.model.pos.parameters())
     console.print(f"[bold]model[/]: {n_params:,} parameters ({n_params / 1e6:.2f}M), "
@@ -115,6 +117,14 @@ def train(cfg: DictConfig) -> dict:
     for evaluate in (trainer.validate, trainer.test):  # both scored with the best checkpoint
         evaluate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    if cfg.eval.lengths:
+        split = cfg.eval.split
+        result_rows = run_extrapolation(
+            module.model, datamodule.tokens[split], datamodule.bytes_per_token.get(split), out / "eval",
+            **OmegaConf.to_container(cfg.eval, resolve=True),
+        )
+    else:
+        result_rows = None
     sample = next((c.last for c in callbacks if isinstance(c, TextSample)), None)
     plot = next((c.path for c in callbacks if isinstance(c, BiasPlot)), None)
     result = {
@@ -124,6 +134,7 @@ def train(cfg: DictConfig) -> dict:
         "best_checkpoint": best,
         "last_checkpoint": checkpointer.last_model_path if checkpointer else None,
         "bias_plot": str(plot) if plot else None,
+        "extrapolation": result_rows,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if trainer.is_global_zero:
