@@ -1,8 +1,8 @@
 """Checkpoints that carry everything needed to use them again: weights, model and scheme config, tokenizer.
 
 A Lightning checkpoint written by ``train.py`` holds ``state_dict`` (``model.*``), the module's
-``hyper_parameters`` (``model``, ``pos``, ``optim``, ``vocab_size``) and ``tokenizer`` (the
-``tokenizers`` JSON). Loading uses ``torch.load(weights_only=True)``, so a crafted file cannot
+``hyper_parameters`` (``model``, ``pos``, ``optim``, ``vocab_size``), the whole run ``config`` and
+the datamodule's state with the tokenizer (the ``tokenizers`` JSON). Loading uses ``torch.load(weights_only=True)``, so a crafted file cannot
 run code.
 """
 
@@ -16,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 from tokenizers import Tokenizer
 
+from dynpos.data.datamodule import TextDataModule
 from dynpos.model.gpt import GPT, GPTConfig
 
 
@@ -46,7 +47,7 @@ def load_checkpoint(path: str | Path, key: str = "ckpt") -> dict:
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
         raise CheckpointError(f"{key}={path}: not a readable checkpoint (truncated or corrupted?): {error}") from None
-    missing = [k for k in ("state_dict", "hyper_parameters", "tokenizer") if k not in checkpoint]
+    missing = [k for k in ("state_dict", "hyper_parameters", TextDataModule.__qualname__) if k not in checkpoint]
     if missing:
         raise CheckpointError(f"{key}={path}: not a dynpos checkpoint (missing {', '.join(missing)})")
     return checkpoint
@@ -71,5 +72,5 @@ def load_model(path: str | Path, key: str = "ckpt") -> tuple[GPT, Tokenizer, dic
     except RuntimeError as error:
         raise CheckpointError(f"{key}={path}: weights do not match the model config stored in it: "
                               f"{str(error).splitlines()[0]}") from None
-    tokenizer = Tokenizer.from_str(checkpoint["tokenizer"])
+    tokenizer = TextDataModule.tokenizer_from_checkpoint(checkpoint)
     return model.eval(), tokenizer, hp

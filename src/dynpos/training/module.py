@@ -62,17 +62,13 @@ class LitGPT(L.LightningModule):
         self.bytes_per_token = bytes_per_token or {}
         self.eval_loss = MeanMetric()  # token-weighted mean over the fixed evaluation windows, synced across ranks
 
-    tokenizer_json: str | None = None  # the tokenizer's JSON, stored in every checkpoint
-    run_config: dict | None = None  # the whole resolved training config (data, tokenizer, eval), likewise
+    run_config: dict | None = None  # the whole resolved training config, stored in every checkpoint
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.tokenizer_json is not None:
-            checkpoint["tokenizer"] = self.tokenizer_json
         if self.run_config is not None:
             checkpoint["config"] = self.run_config
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.tokenizer_json = checkpoint.get("tokenizer", self.tokenizer_json)
         self.run_config = checkpoint.get("config", self.run_config)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None):

@@ -17,7 +17,6 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
-from tokenizers import Tokenizer
 
 from dynpos.data.datamodule import TextDataModule
 from dynpos.data.tokenizer import tokenizer_fingerprint
@@ -81,7 +80,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule.prepare_data()
     datamodule.setup("fit")
     if checkpoint is not None:
-        theirs = tokenizer_fingerprint(Tokenizer.from_str(checkpoint["tokenizer"]))
+        theirs = tokenizer_fingerprint(TextDataModule.tokenizer_from_checkpoint(checkpoint))
         if theirs != tokenizer_fingerprint(datamodule.tokenizer):
             raise CheckpointError(
                 f"ckpt_path={resume} was trained with a different tokenizer than tokenizer={cfg.tokenizer.kind} "
@@ -94,7 +93,6 @@ def train(cfg: DictConfig) -> dict:
         vocab_size=datamodule.vocab_size,
         bytes_per_token=dict(datamodule.bytes_per_token),
     )
-    module.tokenizer_json = datamodule.tokenizer.to_str()
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     n_params = module.model.num_params()
     n_pos = sum(p.numel() for p in module.model.pos.parameters())

@@ -1,0 +1,25 @@
+"""Data: named corpora -> ``datasets``; tokenizers from ``tokenizers``; the LightningDataModule."""
+
+from dynpos.data.corpora import CORPORA, SHAKESPEARE_HELD_OUT, HubUnavailableError, load_corpus, shakespeare_works
+from dynpos.data.datamodule import TextDataModule
+from dynpos.data.tokenizer import (
+    TOKENIZER_KINDS,
+    build_tokenizer,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_fingerprint,
+)
+
+__all__ = [
+    "CORPORA",
+    "SHAKESPEARE_HELD_OUT",
+    "TOKENIZER_KINDS",
+    "HubUnavailableError",
+    "TextDataModule",
+    "build_tokenizer",
+    "load_corpus",
+    "load_tokenizer",
+    "save_tokenizer",
+    "shakespeare_works",
+    "tokenizer_fingerprint",
+]

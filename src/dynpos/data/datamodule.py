@@ -1,0 +1,587 @@
+"""The LightningDataModule: corpus -> tokenizer -> cached flat token arrays -> batches.
+
+Wiring (Hydra): ``configs/data/<corpus>.yaml`` and ``configs/tokenizer/<kind>.yaml`` are plain
+dicts, passed whole::
+
+    TextDataModule(corpus=cfg.data, tokenizer=cfg.tokenizer, block_size=cfg.model.block_size,
+                   batch_size=cfg.batch_size, seed=cfg.seed, cache_dir=..., val_windows=...)
+
+``corpus`` holds only the corpus's name and options (``load_corpus``), so the datamodule's own
+settings (``val_windows``, ``cache_dir``, ``tokenizer_path``, ...) belong elsewhere in the config.
+Call ``prepare_data()`` and ``setup()`` before building the model to read ``vocab_size``; the
+second ``setup()``, Lightning's, does nothing.
+
+Cache (``cache_dir``, default ``~/.cache/dynpos``)::
+
+    <corpus name>-<corpus fingerprint[:12]>/
+        tokenizer-<kind>-<config hash[:12]>.json      built on the train split (or fetched)
+        tokens-<tokenizer fingerprint[:16]>/<split>.npy   flat token ids, uint16 or uint32
+        tokens-<tokenizer fingerprint[:16]>/<split>.json  token and UTF-8 byte counts
+
+A split is tokenized once (``datasets.Dataset.map(batched=True)``) and then read as a memory map;
+with everything cached, the corpus itself is not even loaded.
+
+Training batches are drawn by a rule tied to the step, nanoGPT's random windows made
+reproducible: batch ``s`` is ``batch_size`` windows of ``block_size + 1`` tokens at offsets drawn
+from a generator seeded with a hash of ``(seed, s, rank)``. ``s`` counts micro-batches; the train
+dataloader starts at ``trainer.global_step * trainer.accumulate_grad_batches``, read when
+Lightning builds it, which on resume is after the checkpoint restored the step. So a resumed run
+sees exactly the batches an uninterrupted one would (tested with a real Trainer). Training is one
+long epoch: the loader's length is ``max_steps`` (times accumulation), or endless without it.
+The loader's dataset is iterable, so Lightning injects no ``DistributedSampler``; ranks differ
+through the seed instead. Validation and test use fixed, evenly spaced, non-overlapping windows
+from the start of the split, the same for every run and every positional scheme.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from dynpos.data.corpora import SPLITS, corpus_fingerprint, load_corpus
+from dynpos.data.tokenizer import (
+    build_tokenizer,
+    check_tokenizer_config,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_fingerprint,
+)
+
+# StepStream has a length (for progress bars) and splits its steps among workers itself, so
+# Lightning's warning that an IterableDataset's __len__ may be wrong with workers does not apply.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", module="lightning")
+
+_TOKENIZER_KEYS = ("kind", "vocab_size", "max_train_chars")
+_MAP_BATCH = 256  # rows per tokenizer call in Dataset.map
+_COPY_CHUNK = 1 << 24  # tokens per chunk when writing the .npy
+
+
+def _plain(obj: Any) -> Any:
+    """OmegaConf containers and other mappings/sequences -> plain dicts and lists."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover - hydra brings omegaconf
+        pass
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """``np.uint16`` for vocabularies under 65536 tokens, else ``np.uint32``."""
+    return np.dtype(np.uint16 if vocab_size < 65536 else np.uint32)
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The generator seed of training batch ``step`` on ``rank``: 63 bits of BLAKE2b of the triple."""
+    digest = hashlib.blake2b(f"dynpos/{seed}/{step}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _encode_batch(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens (tests patch this to prove cache hits)."""
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+
+def _texts(split_ds, max_chars: int | None = None) -> Iterator[str]:
+    """The rows of a split as strings, stopping after ``max_chars`` characters when given."""
+    seen = 0
+    for batch in split_ds.iter(batch_size=_MAP_BATCH):
+        for text in batch["text"]:
+            if max_chars is not None and seen + len(text) > max_chars:
+                if max_chars - seen > 0:
+                    yield text[: max_chars - seen]
+                return
+            seen += len(text)
+            yield text
+
+
+def tokenize_split(split_ds, tok: Tokenizer, path: str, desc: str = "tokenizing") -> dict[str, int]:
+    """Tokenize a split (a ``datasets`` (Iterable)Dataset with column ``text``) into ``path`` (.npy).
+
+    The rows' token ids are concatenated into one flat array of ``token_dtype(vocab)``, written
+    atomically, and ``{"tokens": n, "bytes": UTF-8 bytes of the text}`` is returned.
+    """
+    fp = tokenizer_fingerprint(tok)
+    dtype = token_dtype(tok.get_vocab_size())
+
+    def encode(batch: dict[str, list[str]]) -> dict[str, list]:
+        ids = _encode_batch(tok, batch["text"])
+        return {
+            "ids": [np.asarray(i, dtype=np.uint32) for i in ids],
+            "n_bytes": [len(t.encode("utf-8")) for t in batch["text"]],
+        }
+
+    kwargs: dict[str, Any] = {"batched": True, "batch_size": _MAP_BATCH, "remove_columns": ["text"]}
+    if hasattr(split_ds, "_fingerprint"):  # map-style: name the result, skip hashing the closure
+        kwargs["desc"] = desc
+        kwargs["new_fingerprint"] = hashlib.sha256(f"{split_ds._fingerprint}/{fp}".encode()).hexdigest()[:16]
+    mapped = split_ds.map(encode, **kwargs)
+    raw = f"{path}.raw{os.getpid()}"
+    n_tokens = n_bytes = 0
+    with open(raw, "wb") as f:
+        for table in mapped.with_format("arrow").iter(batch_size=_MAP_BATCH):
+            flat = pc.list_flatten(table["ids"]).to_numpy(zero_copy_only=False).astype(dtype)
+            f.write(flat.tobytes())
+            n_tokens += flat.size
+            n_bytes += int(pc.sum(table["n_bytes"]).as_py() or 0)
+    tmp = f"{path}.tmp{os.getpid()}.npy"
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n_tokens,))
+    if n_tokens:
+        src = np.memmap(raw, dtype=dtype, mode="r", shape=(n_tokens,))
+        for start in range(0, n_tokens, _COPY_CHUNK):
+            out[start : start + _COPY_CHUNK] = src[start : start + _COPY_CHUNK]
+        del src
+    out.flush()
+    del out
+    os.replace(tmp, path)
+    os.remove(raw)
+    return {"tokens": n_tokens, "bytes": n_bytes}
+
+
+class _Tokens:
+    """Holds a token array; pickles a memory map as its file name, not its contents."""
+
+    tokens: np.ndarray
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if isinstance(self.tokens, np.memmap) and self.tokens.filename:
+            state["tokens"] = os.fspath(self.tokens.filename)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["tokens"], str):
+            state["tokens"] = np.load(state["tokens"], mmap_mode="r")
+        self.__dict__.update(state)
+
+
+def _windows(tokens: np.ndarray, offsets: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.from_numpy(np.asarray(tokens[offsets[:, None] + np.arange(block_size + 1)], dtype=np.int64))
+    return w[:, :-1], w[:, 1:]
+
+
+class StepBatches(_Tokens, Dataset):
+    """Map-style dataset of training batches indexed by step.
+
+    ``self[s]`` is ``(x, y)``, both int64 of shape ``(batch_size, block_size)``: ``batch_size``
+    windows ``w`` of ``block_size + 1`` consecutive tokens, ``x = w[:, :-1]``, ``y = w[:, 1:]``,
+    at offsets drawn uniformly from ``[0, len(tokens) - block_size)`` by a ``torch.Generator``
+    seeded with ``step_seed(seed, s, rank)``. Any non-negative ``s`` is valid; the same
+    ``(tokens, seed, s, rank)`` always gives the same batch.
+
+    Raises:
+        ValueError: ``tokens`` holds fewer than ``block_size + 1`` tokens.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int = 0, rank: int = 0):
+        if len(tokens) < block_size + 1:
+            raise ValueError(
+                f"data.block_size={block_size} needs {block_size + 1} tokens; the training split has {len(tokens)}"
+            )
+        self.tokens, self.block_size, self.batch_size, self.seed, self.rank = tokens, block_size, batch_size, seed, rank
+
+    def offsets(self, step: int) -> np.ndarray:
+        """The ``(batch_size,)`` window offsets of batch ``step``."""
+        g = torch.Generator().manual_seed(step_seed(self.seed, step, self.rank))
+        high = len(self.tokens) - self.block_size
+        return torch.randint(0, high, (self.batch_size,), generator=g).numpy()
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if step < 0:
+            raise IndexError(f"step {step} < 0")
+        return _windows(self.tokens, self.offsets(step), self.block_size)
+
+
+class StepStream(IterableDataset):
+    """Yields ``batches[s]`` for ``s = start, ..., stop - 1`` (forever when ``stop`` is None).
+
+    ``len()`` is ``stop``, the length of the one long epoch counted from step 0, not the number of
+    batches left: on resume Lightning restores how many batches of the epoch were already seen and
+    ends the epoch when that count reaches ``len()``. With DataLoader workers, worker ``k`` of ``n``
+    makes steps ``start + k, start + k + n, ...``; the DataLoader's round-robin keeps step order.
+    """
+
+    def __init__(self, batches: StepBatches, start: int = 0, stop: int | None = None):
+        self.batches, self.start, self.stop = batches, start, stop
+
+    def __len__(self) -> int:
+        if self.stop is None:
+            raise TypeError("an endless step stream has no length")
+        return self.stop
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        k, n = (info.id, info.num_workers) if info else (0, 1)
+        stop = math.inf if self.stop is None else self.stop
+        step = self.start + k
+        while step < stop:
+            yield self.batches[step]
+            step += n
+
+
+class StepLoader(DataLoader):
+    """The train DataLoader over a ``StepStream``, resumable by construction.
+
+    Its position is a function of the trainer's global step (``TextDataModule.train_steps``), so
+    ``state_dict``/``load_state_dict`` have nothing to restore; they exist so that Lightning knows
+    the loader resumes exactly and does not warn that it is "not resumable".
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"start": self.dataset.start, "stop": self.dataset.stop}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class FixedWindows(_Tokens, Dataset):
+    """Evaluation windows: ``count`` non-overlapping windows from the start of a split.
+
+    The split holds ``slots = (len(tokens) - 1) // block_size`` windows whose targets do not
+    overlap (window ``k`` spans tokens ``[k * block_size, (k + 1) * block_size]``); ``count`` of
+    them are taken, evenly spaced (slot ``floor(i * slots / count)``), all of them when ``count`` is
+    None or exceeds ``slots``. ``self[i]`` is ``(x, y)``, int64 of shape ``(block_size,)``.
+
+    Raises:
+        ValueError: fewer than ``block_size + 1`` tokens, or ``count < 1``.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, count: int | None = None):
+        slots = (len(tokens) - 1) // block_size
+        if slots < 1:
+            raise ValueError(f"block_size={block_size} needs {block_size + 1} tokens; the split has {len(tokens)}")
+        if count is not None and count < 1:
+            raise ValueError(f"val_windows={count}: give a positive number of windows (or null for all)")
+        count = slots if count is None else min(count, slots)
+        self.tokens, self.block_size = tokens, block_size
+        self.offsets = (np.arange(count) * slots // count) * block_size
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = _windows(self.tokens, self.offsets[i : i + 1], self.block_size)
+        return x[0], y[0]
+
+
+class TextDataModule(L.LightningDataModule):
+    """Corpus, tokenizer, cached token arrays and the train/validation/test dataloaders.
+
+    Args:
+        corpus: ``{"name": ..., **options}`` for ``load_corpus`` (the ``data`` config group).
+        tokenizer: ``{"kind": ..., "vocab_size": ..., "max_train_chars": ...}`` (the ``tokenizer``
+            group); ``max_train_chars`` caps the training text a ``char``/``bpe`` tokenizer reads.
+        block_size: tokens per training window (the model's context length).
+        batch_size: windows per training batch, and per evaluation batch unless ``eval_batch_size``.
+        seed: seed of the training windows (``step_seed``).
+        cache_dir: where tokenizers and token arrays are cached (``~`` expands).
+        val_windows: evaluation windows per validation/test split (``FixedWindows``); None = all.
+        num_workers: DataLoader worker processes.
+        tokenizer_path: a ``tokenizer.json`` to use instead of building one (resuming, evaluating).
+        max_steps: the run's optimizer steps: the train loader stops after step
+            ``max_steps * accumulate_grad_batches``; default ``trainer.max_steps``, endless without.
+        eval_batch_size: windows per evaluation batch (default ``batch_size``).
+
+    After ``setup()``: ``tokenizer`` (``tokenizers.Tokenizer``), ``vocab_size``, ``tokens``
+    (``{split: np.ndarray}``, flat ids, memory-mapped), ``bytes_per_token`` (``{split: float}``,
+    UTF-8 bytes of the split's text per token; bits per byte = loss in nats / ln 2 /
+    bytes_per_token), ``tokenizer_file`` (its cached JSON) and ``fingerprint``.
+
+    Raises:
+        ValueError: bad settings (the message names the key), or ``block_size`` beyond a split's
+            tokens (at ``setup``).
+    """
+
+    def __init__(
+        self,
+        corpus: Mapping[str, Any] | None = None,
+        tokenizer: Mapping[str, Any] | None = None,
+        block_size: int = 256,
+        batch_size: int = 32,
+        seed: int = 0,
+        cache_dir: str = "~/.cache/dynpos",
+        val_windows: int | None = 128,
+        num_workers: int = 0,
+        tokenizer_path: str | None = None,
+        max_steps: int | None = None,
+        eval_batch_size: int | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.corpus = _plain(corpus) if corpus is not None else {"name": "shakespeare"}
+        self.tokenizer_cfg = _plain(tokenizer) if tokenizer is not None else {"kind": "char"}
+        if not isinstance(self.corpus, dict) or "name" not in self.corpus:
+            raise ValueError(f"data={self.corpus!r} needs a name: use data=shakespeare (or another configs/data file)")
+        if not isinstance(self.tokenizer_cfg, dict) or "kind" not in self.tokenizer_cfg:
+            raise ValueError(f"tokenizer={self.tokenizer_cfg!r} needs a kind: use tokenizer=char, byte, bpe or gpt2")
+        for key in self.tokenizer_cfg:
+            if key not in _TOKENIZER_KEYS:
+                raise ValueError(f"tokenizer.{key} is not a tokenizer option: use {', '.join(_TOKENIZER_KEYS)}")
+        check_tokenizer_config(self.tokenizer_cfg["kind"], self.tokenizer_cfg.get("vocab_size"))
+        max_chars = self.tokenizer_cfg.get("max_train_chars")
+        if max_chars is not None and (isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1):
+            raise ValueError(
+                f"tokenizer.max_train_chars={max_chars!r}: give a positive integer, or null for the whole train split"
+            )
+        for key, value in (("block_size", block_size), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key}={value!r}: give a positive integer")
+        if val_windows is not None and (not isinstance(val_windows, int) or val_windows < 1):
+            raise ValueError(f"val_windows={val_windows!r}: give a positive integer (or null for every window)")
+        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
+        self.cache_dir = os.path.expanduser(os.fspath(cache_dir))
+        self.val_windows, self.num_workers = val_windows, num_workers
+        self.tokenizer_path, self.max_steps = tokenizer_path, max_steps
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.tokenizer: Tokenizer | None = None
+        self.tokens: dict[str, np.ndarray] = {}
+        self.bytes_per_token: dict[str, float] = {}
+        self.fingerprint: str | None = None
+        self.tokenizer_file: str | None = None
+        self._corpus_ds = None
+
+    # ---------------------------------------------------------------- preparing the caches
+
+    @property
+    def corpus_name(self) -> str:
+        return self.corpus["name"]
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids (``tokenizer.get_vocab_size()``); needs ``setup()`` first."""
+        if self.tokenizer is None:
+            raise RuntimeError("TextDataModule.vocab_size is known after prepare_data() and setup()")
+        return self.tokenizer.get_vocab_size()
+
+    def _options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.corpus.items() if k != "name"}
+
+    def _corpus_dir(self) -> str:
+        fp = corpus_fingerprint(self.corpus_name, **self._options())
+        return os.path.join(self.cache_dir, f"{self.corpus_name}-{fp[:12]}")
+
+    def _load_corpus(self):
+        if self._corpus_ds is None:
+            self._corpus_ds = load_corpus(self.corpus_name, **self._options())
+        return self._corpus_ds
+
+    def _get_tokenizer(self, root: str) -> tuple[Tokenizer, str]:
+        if self.tokenizer_path is not None:
+            return load_tokenizer(self.tokenizer_path), os.path.abspath(os.fspath(self.tokenizer_path))
+        cfg = {k: self.tokenizer_cfg.get(k) for k in _TOKENIZER_KEYS}
+        path = os.path.join(root, f"tokenizer-{cfg['kind']}-{_digest(cfg)[:12]}.json")
+        if os.path.isfile(path):
+            return load_tokenizer(path), path
+        texts: Iterable[str] = ()
+        if cfg["kind"] in ("char", "bpe"):
+            texts = _texts(self._load_corpus()["train"], cfg["max_train_chars"])
+        tok = build_tokenizer(cfg["kind"], texts, cfg["vocab_size"])
+        save_tokenizer(tok, path)
+        return tok, path
+
+    def _token_paths(self, root: str, fingerprint: str, split: str) -> tuple[str, str]:
+        folder = os.path.join(root, f"tokens-{fingerprint[:16]}")
+        return os.path.join(folder, f"{split}.npy"), os.path.join(folder, f"{split}.json")
+
+    def prepare_data(self) -> None:
+        """Build whatever the cache lacks: the tokenizer, then each split's token array.
+
+        Lightning runs this on one process per node before ``setup``; ``setup`` calls it too.
+        """
+        self._prepare()
+
+    def _prepare(self) -> tuple[str, Tokenizer, str, str]:
+        root = self._corpus_dir()
+        tok, tok_file = self._get_tokenizer(root)
+        fp = tokenizer_fingerprint(tok)
+        for split in SPLITS:
+            npy, meta = self._token_paths(root, fp, split)
+            if os.path.isfile(npy) and os.path.isfile(meta):
+                continue
+            os.makedirs(os.path.dirname(npy), exist_ok=True)
+            counts = tokenize_split(self._load_corpus()[split], tok, npy, desc=f"tokenizing {self.corpus_name} {split}")
+            info = {
+                **counts,
+                "split": split,
+                "corpus": self.corpus,
+                "tokenizer": fp,
+                "vocab_size": tok.get_vocab_size(),
+            }
+            tmp = f"{meta}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(info, f, indent=1, default=str)
+            os.replace(tmp, meta)
+        self._corpus_ds = None  # the token arrays hold what later steps need
+        return root, tok, tok_file, fp
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load tokenizer and token arrays (building missing caches first); idempotent.
+
+        Raises:
+            ValueError: ``block_size`` exceeds the tokens of a split.
+        """
+        if self.tokenizer is not None:
+            return
+        root, tok, tok_file, fp = self._prepare()
+        tokens, bpt = {}, {}
+        for split in SPLITS:
+            npy, meta = self._token_paths(root, fp, split)
+            with open(meta) as f:
+                info = json.load(f)
+            tokens[split] = np.load(npy, mmap_mode="r")
+            bpt[split] = info["bytes"] / info["tokens"] if info["tokens"] else math.nan
+        shortest = min(SPLITS, key=lambda s: len(tokens[s]))
+        if len(tokens[shortest]) < self.block_size + 1:
+            raise ValueError(
+                f"data.block_size={self.block_size} exceeds the {len(tokens[shortest])} tokens of the {shortest} "
+                f"split of corpus {self.corpus_name!r} (a window needs block_size + 1): "
+                "lower model.block_size or use a larger corpus"
+            )
+        self.tokenizer, self.tokenizer_file, self.fingerprint = tok, tok_file, fp
+        self.tokens, self.bytes_per_token = tokens, bpt
+
+    # ---------------------------------------------------------------- dataloaders
+
+    def _rank(self) -> int:
+        """The trainer's global rank (0 when not attached to one): ranks seed their windows apart."""
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    def train_steps(self) -> tuple[int, int | None]:
+        """``(start, stop)``: the training batches to serve, ``start <= s < stop`` (None: endless).
+
+        ``start = trainer.global_step * trainer.accumulate_grad_batches`` (0 without a trainer): on
+        resume Lightning builds the train loader after the checkpoint restored ``global_step``, so
+        batches continue where the run left off. ``stop = max_steps * accumulate_grad_batches`` from
+        the ``max_steps`` argument, else from ``trainer.max_steps`` when positive.
+        """
+        trainer = self.trainer
+        accumulate = getattr(trainer, "accumulate_grad_batches", 1) if trainer is not None else 1
+        start = trainer.global_step * accumulate if trainer is not None else 0
+        max_steps = self.max_steps
+        if max_steps is None and trainer is not None and trainer.max_steps is not None and trainer.max_steps > 0:
+            max_steps = trainer.max_steps
+        return start, None if max_steps is None else max(max_steps * accumulate, start)
+
+    def train_dataloader(self) -> DataLoader:
+        """Batches ``StepBatches[s]`` for the steps of ``train_steps()``; ``(x, y)`` int64 ``(B, T)``."""
+        self._require_setup()
+        batches = StepBatches(self.tokens["train"], self.block_size, self.batch_size, self.seed, self._rank())
+        return self._loader(StepStream(batches, *self.train_steps()), batch_size=None, cls=StepLoader)
+
+    def eval_dataloader(
+        self, split: str = "validation", block_size: int | None = None, windows: int | None = None
+    ) -> DataLoader:
+        """Deterministic loader over ``FixedWindows`` of ``split``: ``(x, y)`` int64 ``(B, T)``.
+
+        ``block_size`` defaults to the datamodule's (pass another to score other lengths, e.g.
+        train short, test long); ``windows`` to ``val_windows``; either way capped by the split.
+
+        Raises:
+            ValueError: unknown split, or a split too short for ``block_size``.
+        """
+        self._require_setup()
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
+        block_size = block_size or self.block_size
+        if len(self.tokens[split]) < block_size + 1:
+            raise ValueError(
+                f"block_size={block_size} exceeds the {len(self.tokens[split])} tokens of the {split} split "
+                f"of corpus {self.corpus_name!r}: evaluate shorter lengths or use a larger corpus"
+            )
+        windows = FixedWindows(self.tokens[split], block_size, windows or self.val_windows)
+        return self._loader(windows, batch_size=self.eval_batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("test")
+
+    def _loader(self, dataset, batch_size: int | None, cls: type[DataLoader] = DataLoader) -> DataLoader:
+        return cls(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def _require_setup(self) -> None:
+        if self.tokenizer is None:
+            raise RuntimeError("TextDataModule: call prepare_data() and setup() before asking for dataloaders")
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the data: the tokenizer (JSON) and its fingerprint, the corpus
+        config, seed, block and batch sizes. The step comes from the trainer (``train_steps``)."""
+        self._require_setup()
+        return {
+            "tokenizer": self.tokenizer.to_str(),
+            "tokenizer_fingerprint": self.fingerprint,
+            "corpus": self.corpus,
+            "seed": self.seed,
+            "block_size": self.block_size,
+            "batch_size": self.batch_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Compare a checkpoint's data state with this datamodule (Lightning calls it on resume) and
+        warn when the batches will differ. ``dynpos.training.run.train`` refuses a checkpoint whose
+        tokenizer differs before training starts."""
+        if self.tokenizer is None:
+            self.setup()
+        changed = [
+            k for k in ("corpus", "seed", "block_size", "batch_size") if k in state and state[k] != getattr(self, k)
+        ]
+        if changed:
+            rank_zero_warn(f"resuming with different data settings {changed}: batches differ from the original run")
+
+    @staticmethod
+    def tokenizer_from_checkpoint(checkpoint: Mapping[str, Any]) -> Tokenizer:
+        """The tokenizer saved in a Lightning checkpoint dict (``torch.load(ckpt_path)``).
+
+        Raises:
+            KeyError: the checkpoint has no ``TextDataModule`` state.
+        """
+        state = checkpoint.get(TextDataModule.__qualname__)
+        if not state or "tokenizer" not in state:
+            raise KeyError("checkpoint has no TextDataModule state with a tokenizer: was it saved by a dynpos run?")
+        return Tokenizer.from_str(state["tokenizer"])
+
+
+__all__ = [
+    "FixedWindows",
+    "StepBatches",
+    "StepLoader",
+    "StepStream",
+    "TextDataModule",
+    "step_seed",
+    "token_dtype",
+    "tokenize_split",
+]

@@ -1,0 +1,182 @@
+"""Tokenizers, all ``tokenizers.Tokenizer`` objects, so one JSON file saves any of them.
+
+Kinds (``TOKENIZER_KINDS``, the ``tokenizer.kind`` config key):
+
+- ``char``: one token per Unicode character seen in the training split, plus ``<unk>`` (id 0) for
+  the rest; ids follow code point order. Decoding concatenates, so text round-trips exactly
+  (``<unk>`` decodes as the five characters ``<unk>``).
+- ``byte``: the 256 bytes, token id = byte value (byte-level BPE without merges, GPT-2's byte to
+  character map); any UTF-8 text round-trips exactly.
+- ``bpe``: byte-level BPE trained on the training split with ``tokenizers``' trainer, GPT-2's
+  pre-tokenizer regex, no added prefix space; ``vocab_size`` (default 4096) counts the 256 bytes.
+- ``gpt2``: GPT-2's pretrained tokenizer from the Hugging Face hub (needs the hub or its cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from dynpos.data.corpora import HubUnavailableError
+
+TOKENIZER_KINDS = ("char", "byte", "bpe", "gpt2")
+DEFAULT_BPE_VOCAB = 4096
+UNK = "<unk>"
+
+
+def _bytes_to_chars() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map: printable Latin-1 bytes stand for
+    themselves, the other 68 bytes take code points 256, 257, ... in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _byte_level(tok: Tokenizer, use_regex: bool) -> Tokenizer:
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=use_regex)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _char(train_texts: Iterable[str]) -> Tokenizer:
+    chars: set[str] = set()
+    for text in train_texts:
+        chars.update(text)
+    vocab = {UNK: 0, **{c: i + 1 for i, c in enumerate(sorted(chars))}}
+    # A BPE model without merges and without pre-tokenizer splits text into single characters;
+    # measured 1.5x faster than WordLevel behind a one-character pre-tokenizer.
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    tok.decoder = decoders.Fuse()
+    return tok
+
+
+def _byte() -> Tokenizer:
+    vocab = {c: b for b, c in _bytes_to_chars().items()}
+    # No merges, so the GPT-2 regex split would change nothing but cost 2.5x the time.
+    return _byte_level(Tokenizer(models.BPE(vocab=vocab, merges=[])), use_regex=False)
+
+
+def _bpe(train_texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    tok = _byte_level(Tokenizer(models.BPE()), use_regex=True)
+    alphabet = list(_bytes_to_chars().values())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator(train_texts, trainer)
+    return tok
+
+
+def _pretrained(name: str) -> Tokenizer:
+    return Tokenizer.from_pretrained(name)
+
+
+def _gpt2() -> Tokenizer:
+    try:
+        return _pretrained("gpt2")
+    except Exception as e:  # offline, or the hub refused: one line that says what to do
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise HubUnavailableError(
+            f"tokenizer.kind=gpt2 needs the Hugging Face hub (Tokenizer.from_pretrained('gpt2') failed: "
+            f"{type(e).__name__}: {reason}): connect once to fill the cache, or use tokenizer=char, byte or bpe"
+        ) from e
+
+
+def check_tokenizer_config(kind: str, vocab_size: int | None = None) -> None:
+    """Validate ``tokenizer.kind`` and ``tokenizer.vocab_size``.
+
+    Raises:
+        ValueError: unknown kind; ``vocab_size`` given for a kind other than ``bpe``; a ``bpe``
+            vocabulary not an integer in [257, 2**32).
+    """
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"tokenizer.kind={kind!r}: choose one of {', '.join(TOKENIZER_KINDS)}")
+    if vocab_size is None:
+        return
+    if kind != "bpe":
+        raise ValueError(f"tokenizer.vocab_size={vocab_size} applies to tokenizer=bpe only: drop it for kind={kind}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 257 <= vocab_size < 2**32:
+        raise ValueError(f"tokenizer.vocab_size={vocab_size!r}: give an integer of at least 257 (256 bytes + merges)")
+
+
+def build_tokenizer(kind: str, train_texts: Iterable[str] = (), vocab_size: int | None = None) -> Tokenizer:
+    """Build a tokenizer of ``kind`` (``char``, ``byte``, ``bpe``, ``gpt2``).
+
+    Args:
+        kind: the ``tokenizer.kind`` config key.
+        train_texts: texts of the training split (read by ``char`` and ``bpe``; one pass).
+        vocab_size: ``bpe`` only: the vocabulary size including the 256 bytes (default 4096). The
+            result has at most this many tokens, fewer when the texts allow no more merges.
+
+    Returns:
+        A ``tokenizers.Tokenizer`` that adds no special tokens; ``decode(encode(t).ids) == t`` for
+        text ``t`` covered by its vocabulary (any UTF-8 for ``byte``/``bpe``/``gpt2``).
+
+    Raises:
+        ValueError: see ``check_tokenizer_config``; ``char`` with no training text.
+        HubUnavailableError: ``gpt2`` when the hub cannot be reached and the cache lacks it.
+    """
+    check_tokenizer_config(kind, vocab_size)
+    if kind == "char":
+        tok = _char(train_texts)
+        if tok.get_vocab_size() == 1:
+            raise ValueError("tokenizer=char found no characters in the training split: check data.*")
+        return tok
+    if kind == "byte":
+        return _byte()
+    if kind == "bpe":
+        return _bpe(train_texts, vocab_size or DEFAULT_BPE_VOCAB)
+    return _gpt2()
+
+
+def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
+    """Write ``tok`` as ``tokenizer.json`` text to ``path`` (parent folders are created; atomic)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(tok.to_str())
+    os.replace(tmp, path)
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Read a tokenizer saved by ``save_tokenizer`` (any ``tokenizer.json``).
+
+    Raises:
+        FileNotFoundError: no file at ``path`` (names ``data.tokenizer_path``).
+        ValueError: the file is not a tokenizer JSON.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"data.tokenizer_path: no tokenizer file at {path!r}: point it at a run's tokenizer.json"
+        )
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:
+        raise ValueError(f"data.tokenizer_path: {path!r} is not a tokenizer.json ({type(e).__name__}: {e})") from None
+
+
+def tokenizer_fingerprint(tok: Tokenizer) -> str:
+    """SHA-256 hex digest of the tokenizer's JSON with sorted keys: equal for equal tokenizers,
+    so it keys token caches and checks that a checkpoint's tokenizer matches the data."""
+    canonical = json.dumps(json.loads(tok.to_str()), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+__all__ = [
+    "DEFAULT_BPE_VOCAB",
+    "TOKENIZER_KINDS",
+    "build_tokenizer",
+    "check_tokenizer_config",
+    "load_tokenizer",
+    "save_tokenizer",
+    "tokenizer_fingerprint",
+]
