@@ -7,7 +7,6 @@ Uses the checkpoint's own data config and tokenizer; writes extrapolation.csv, .
 into ``out`` (default ``<run>/eval``) and prints the table.
 """
 
-import json
 import tempfile
 from pathlib import Path
 

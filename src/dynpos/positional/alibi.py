@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dynpos.positional.base import PositionalScheme, check_sizes, toeplitz
+from dynpos.positional.base import PositionalScheme, check_sizes
 
 
 def alibi_slopes(n_head: int) -> list[float]:
@@ -51,6 +51,7 @@ class ALiBi(PositionalScheme):
     """
 
     name = "alibi"
+    shared = True
 
     def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int) -> None:
         super().__init__(n_layer, n_head, n_embd, block_size)
@@ -61,7 +62,3 @@ class ALiBi(PositionalScheme):
         check_sizes(0, j)
         distances = torch.arange(j, device=self.slopes.device, dtype=torch.float32)
         return -self.slopes.float().unsqueeze(-1) * distances
-
-    def biases(self, i: int, j: int) -> list[Tensor | None]:
-        check_sizes(i, j)
-        return [toeplitz(self.table(0, j), i)] * self.n_layer

@@ -81,11 +81,13 @@ class PositionalScheme(nn.Module):
     Class attributes:
         name: the scheme's config name (``pos=<name>``).
         supports_cache: whether cached decoding reproduces a full forward pass.
+        shared: whether every block uses the same bias (then computed once per forward).
         max_length: the longest sequence the scheme can encode (``None``: unbounded).
     """
 
     name: str = "base"
     supports_cache: bool = True
+    shared: bool = False
 
     def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int) -> None:
         super().__init__()
@@ -125,5 +127,7 @@ class PositionalScheme(nn.Module):
         return None if table is None else toeplitz(table, i)
 
     def biases(self, i: int, j: int) -> list[Tensor | None]:
-        """One bias per block. Schemes shared across blocks compute it once and repeat it."""
+        """One bias per block; a scheme shared across blocks (``shared``) computes it once and repeats it."""
+        if self.shared:
+            return [self.bias(0, i, j)] * self.n_layer
         return [self.bias(layer, i, j) for layer in range(self.n_layer)]

@@ -143,8 +143,3 @@ class DPB(PositionalScheme):
 
     def table(self, layer: int, j: int) -> Tensor:
         return self.dpbs[0 if self.shared else layer].distance_table(j)
-
-    def biases(self, i: int, j: int) -> list[Tensor | None]:
-        if self.shared:
-            return [self.bias(0, i, j)] * self.n_layer
-        return super().biases(i, j)

@@ -97,8 +97,3 @@ class FIRE(PositionalScheme):
         mlp = self.mlps[0 if self.shared else layer]
         x = self.inputs(layer, i, j).to(mlp[0].weight.dtype)
         return rearrange(mlp(rearrange(x, "i j -> i j 1")), "i j h -> h i j")
-
-    def biases(self, i: int, j: int) -> list[Tensor | None]:
-        if self.shared:
-            return [self.bias(0, i, j)] * self.n_layer
-        return super().biases(i, j)

@@ -16,7 +16,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from dynpos.positional.base import PositionalScheme, check_option, check_sizes, toeplitz
+from dynpos.positional.base import PositionalScheme, check_option, check_sizes
 
 
 def t5_bucket(distance: Tensor, num_buckets: int = 32, max_distance: int = 128) -> Tensor:
@@ -82,9 +82,3 @@ class T5(PositionalScheme):
         distances = torch.arange(j, device=embedding.weight.device)
         buckets = t5_bucket(distances, self.num_buckets, self.max_distance)
         return rearrange(embedding(buckets), "j h -> h j")
-
-    def biases(self, i: int, j: int) -> list[Tensor | None]:
-        if self.shared:
-            check_sizes(i, j)
-            return [toeplitz(self.table(0, j), i)] * self.n_layer
-        return super().biases(i, j)
