@@ -22,7 +22,7 @@ from dynpos.training.run import build_datamodule, write_json
 DEFAULTS = {
     "ckpt": "???",
     "out": "",
-    "attn": "",                   # override the attention path (sdpa | eager | flex); empty: the checkpoint's
+    "attn": "",                   # override the attention path (auto | fused | sdpa | eager | flex); empty: the checkpoint's
     "eval": {"lengths": [256, 512, 1024, 2048], "protocol": "nonoverlap", "stride": None,
              "split": "validation", "max_tokens": 32768, "batch_size": 8},
 }
@@ -39,8 +39,6 @@ def main() -> None:
     model, tokenizer, _ = load_model(cfg.ckpt, "ckpt")
     if cfg.attn:
         model.config.attn = str(cfg.attn)
-        for block in model.h:
-            block.attn.path = str(cfg.attn)
     run_cfg = OmegaConf.create(checkpoint["config"])
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_path = str(Path(tmp) / "tokenizer.json")

@@ -42,19 +42,26 @@ def test_logits_shape_and_loss():
 
 
 @pytest.mark.parametrize("shared", [False, True])
-def test_sdpa_and_eager_agree_in_outputs_and_gradients(shared):
+@pytest.mark.parametrize("path", ["fused", "sdpa", "auto"])
+def test_paths_agree_with_eager_in_outputs_and_gradients(shared, path):
     idx = torch.randint(0, 50, (2, 24), generator=torch.Generator().manual_seed(1))
     results = {}
-    for path in ("sdpa", "eager"):
-        model = tiny(path, shared=shared)
+    for p in (path, "eager"):
+        model = tiny(p, shared=shared)
         logits, loss = model(idx, idx)
         loss.backward()
-        results[path] = (logits, {n: p.grad.clone() for n, p in model.named_parameters()})
-    (la, ga), (lb, gb) = results["sdpa"], results["eager"]
+        results[p] = (logits, {n: p.grad.clone() for n, p in model.named_parameters()})
+    (la, ga), (lb, gb) = results[path], results["eager"]
     assert torch.allclose(la, lb, atol=1e-5)
     assert ga.keys() == gb.keys() and any("pos.dpbs" in n for n in ga)
     for name in ga:
         assert torch.allclose(ga[name], gb[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_auto_picks_fused_for_training_and_sdpa_with_a_cache():
+    model = tiny("auto")
+    assert {x.path for x in model._layer_inputs(8, 8, torch.float32, torch.device("cpu"))} == {"fused"}
+    assert {x.path for x in model._layer_inputs(1, 8, torch.float32, torch.device("cpu"))} == {"sdpa"}
 
 
 def test_flex_agrees_with_eager_forward():
@@ -73,7 +80,7 @@ def test_flex_agrees_with_eager_forward():
 
 
 @pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("path", ["sdpa", "eager"])
+@pytest.mark.parametrize("path", ["auto", "sdpa", "eager"])
 def test_kv_cache_decoding_equals_full_forward(shared, path):
     model = tiny(path, shared=shared).eval()
     idx = torch.randint(0, 50, (2, 20), generator=torch.Generator().manual_seed(3))

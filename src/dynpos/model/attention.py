@@ -1,8 +1,12 @@
 """Causal self-attention with an additive positional bias, and the KV cache.
 
-``softmax(q k^T / sqrt(d) + bias + causal) v`` on one of three paths that compute the same
+``softmax(q k^T / sqrt(d) + bias + causal) v`` on one of several paths that compute the same
 function (tests prove it to float32 rounding):
 
+* ``auto`` (default): ``fused`` when the scheme gives a per-distance table, the queries are the
+  keys (no cache) and the tensors are on the CPU; ``sdpa`` otherwise;
+* ``fused``: :func:`dynpos.model.fused.table_attention`, the CPU flash kernel forward with a
+  hand-written backward that reduces the bias gradient straight into the per-distance table;
 * ``sdpa``: PyTorch's ``scaled_dot_product_attention`` with the bias and the causal mask folded
   into one float mask (bias-free attention uses ``is_causal`` and the flash kernel);
 * ``eager``: explicit matmul, softmax, matmul: the reference;
@@ -20,7 +24,25 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-PATHS = ("sdpa", "eager", "flex")
+from typing import NamedTuple
+
+from dynpos.model.fused import table_attention
+
+PATHS = ("auto", "fused", "sdpa", "eager", "flex")
+
+
+class AttnInputs(NamedTuple):
+    """What one block's attention receives from the positional scheme, for the path chosen.
+
+    ``path``: the resolved path (``fused``, ``sdpa``, ``eager`` or ``flex``); ``mask``: the folded float
+    mask ``(1, H, i, j)`` (sdpa/eager; None: plain causal); ``table``: per-distance bias ``(H, j)``
+    (fused/flex); ``bias``: full bias ``(H, i, j)`` (flex, schemes without a table).
+    """
+
+    path: str
+    mask: Tensor | None = None
+    table: Tensor | None = None
+    bias: Tensor | None = None
 
 
 def flex_available() -> bool:
@@ -131,23 +153,18 @@ class CausalSelfAttention(nn.Module):
         n_embd: model width; n_head: number of heads (``n_embd % n_head == 0``).
         dropout: attention and residual dropout probability.
         bias: whether the Linear layers have biases.
-        path: ``"sdpa"`` (default), ``"eager"`` or ``"flex"``.
     """
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, path: str) -> None:
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool) -> None:
         super().__init__()
-        self.n_head, self.dropout, self.path = n_head, dropout, path
+        self.n_head, self.dropout = n_head, dropout
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, pos, layer: int, mask: Tensor | None, table: Tensor | None,
-                bias: Tensor | None, cache: KVCache | None = None) -> Tensor:
-        """``x (B, t, n_embd) -> (B, t, n_embd)``.
-
-        ``mask`` is the folded float mask ``(1, H, i, j)`` for the sdpa/eager paths (None: plain
-        causal); ``table``/``bias`` feed the flex path. ``pos`` rotates q and k (RoPE).
-        """
+    def forward(self, x: Tensor, pos, layer: int, inputs: AttnInputs, cache: KVCache | None = None) -> Tensor:
+        """``x (B, t, n_embd) -> (B, t, n_embd)``; ``inputs`` carries the path and the bias for it,
+        ``pos`` rotates q and k (RoPE)."""
         q, k, v = rearrange(self.c_attn(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
         # This block's own cache length: cache.length reads block 0, which has already appended.
         offset = cache.keys[layer].shape[-2] if cache is not None and cache.keys[layer] is not None else 0
@@ -156,9 +173,12 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.append(layer, k, v)
         i, j = q.shape[-2], k.shape[-2]
         dropout_p = self.dropout if self.training else 0.0
-        if self.path == "flex":
-            y = flex_attention(q, k, v, table, bias)
-        elif self.path == "eager":
+        path, mask = inputs.path, inputs.mask
+        if path == "fused":
+            y = table_attention(q, k, v, inputs.table, dropout_p)
+        elif path == "flex":
+            y = flex_attention(q, k, v, inputs.table, inputs.bias)
+        elif path == "eager":
             if mask is None:
                 mask = causal_mask(None, i, j, x.device, q.dtype)
             y = eager_attention(q, k, v, mask, dropout_p)

@@ -4,47 +4,85 @@
 
     out = softmax(q kᵀ / sqrt(D) + T + causal) v,        T[h, x, y] = table[h, x - y]  (y <= x)
 
-and its gradients for ``q``, ``k``, ``v`` *and* ``table`` without ever holding a
-``(B, H, n, n)`` tensor, and without the ``(H, n, n)`` bias in the autograd graph.
+and its gradients for ``q``, ``k``, ``v`` *and* ``table`` without ever holding a ``(B, H, n, n)``
+tensor, nor the ``(H, n, n)`` bias in the autograd graph: it saves ``q, k, v, out``, the row
+log-sum-exp and the ``(H, 2n - 1)`` padded table, O(B·H·n·D) memory as in FlashAttention.
 
 Forward
-    The ``(1, H, n, n)`` float bias is built from the detached table (one strided ``unfold`` of the
-    flipped, ``-inf``-padded table plus one contiguous copy) and handed, together with
-    ``is_causal=True``, to PyTorch's CPU flash kernel
-    ``aten::_scaled_dot_product_flash_attention_for_cpu``, which accepts an additive mask with
-    the causal flag, still skips the key blocks above the diagonal, and returns the row
-    log-sum-exp ``lse`` (natural log, of the scaled and biased logits). Only ``q, k, v, out,
-    lse`` and the ``(H, 2n - 1)`` padded table are saved: O(B·H·n·D) memory, as in FlashAttention.
+    PyTorch's CPU flash kernel ``aten::_scaled_dot_product_flash_attention_for_cpu`` takes an
+    additive float mask together with ``is_causal=True`` (and then still skips the key blocks
+    above the diagonal) and returns the natural log-sum-exp ``lse`` of each row's scaled, biased
+    logits; it gives no gradient for the mask. It is called per chunk of ``FWD_CHUNK`` query
+    rows ``x0 .. x1-1``, twice: keys ``x0 .. x1-1`` (a square block, ``is_causal=True``) and keys
+    ``0 .. x0-1`` (all visible, no causal flag), each with its slice of the bias built from the
+    detached table (strided ``unfold`` of the reversed, ``-inf``-padded table, then a contiguous
+    gather). The two partial softmaxes merge exactly: ``out = lerp(o₂, o₁, sigmoid(l₁ - l₂))``,
+    ``lse = logaddexp(l₁, l₂)``. Against one call with the whole ``(1, H, n, n)`` mask this is as
+    fast at n = 1024 and faster at n = 2048 (160 vs 194 ms, 1 thread, B=8 H=4 D=32): the 64 MB
+    mask costs page faults at every allocation, and its memory.
 
-Backward (recompute from the log-sum-exp, FlashAttention, Dao et al. 2022, arXiv:2205.14135)
-    In chunks of ``c`` query rows ``x0 .. x1-1`` against keys ``0 .. x1-1`` only (the blocks above
-    the diagonal are skipped), and in groups of batch elements so a chunk stays cache-sized:
+Backward (recompute from the log-sum-exp: FlashAttention, Dao et al. 2022, arXiv:2205.14135)
+    In chunks of ``ROW_CHUNK`` query rows ``x0 .. x1-1`` against keys ``0 .. x1-1`` only (the
+    blocks above the diagonal are skipped), and in groups of batch elements so that a block of
+    ``(group · H, c, x1)`` stays near ``BLOCK_ELEMS``, all in float32 (float64 for float64 input):
 
-    * ``P  = exp([q·s, -lse] · [k, 1]ᵀ + T)``  — the ``-lse`` rides in an extra GEMM column;
-    * ``dS = P ⊙ ([dO, -Δ] · [v, 1]ᵀ)``, ``Δ = rowsum(dO ⊙ O)``  — likewise for ``-Δ``;
+    * ``P  = exp([q·s, -lse] · [k, 1]ᵀ + T)``: ``-lse`` rides in an extra GEMM column;
+    * ``dS = P ⊙ ([dO, -Δ] · [v, 1]ᵀ)``, ``Δ = rowsum(dO ⊙ O)``: likewise ``-Δ``;
     * ``dV += Pᵀ dO``, ``dQ = dS (k·s)``, ``dK += dSᵀ (q·s)``, ``s = 1/sqrt(D)``;
-    * ``d table[h, r] = Σ_b Σ_{x - y = r} dS[b, h, x, y]``: ``dS`` is summed over the batch into a
-      row-padded ``(H, c, x1 + c)`` buffer whose diagonals are then columns of a strided view
-      (row stride + 1), so one ``sum`` reduces them (the "skew" trick).
+    * ``dtable[h, r] = Σ_b Σ_{x - y = r} dS[b, h, x, y]``: ``dS`` summed over the batch lands in a
+      buffer with ``c`` zero columns on the left; a strided view whose step is the row stride + 1
+      turns its diagonals into columns, and one ``sum`` reduces them ("skew" trick).
 
-    Five GEMMs and four elementwise passes per chunk. Measured on the 2-core CPU this replaced
-    (a) the flash backward kernel plus a separate chunked bias-gradient pass (two extra GEMMs and
-    more passes: slower, see ``scripts/bench_attention.py`` and the module's report), and it is
-    faster than the generic SDPA kernel with a grad-requiring mask and than eager attention.
+    Five GEMMs and four elementwise passes (bias add, exp, product, batch sum) per block.
+
+    Measured alternative, rejected: the flash *backward* kernel
+    (``aten::_scaled_dot_product_flash_attention_for_cpu_backward``, given the whole mask) for
+    dq, dk, dv plus the same chunked pass for the table gradient alone. That pass needs the P
+    and dP GEMMs and all the elementwise work anyway, so the flash backward only stands in for
+    the three cheap GEMMs (dV, dQ, dK) and costs more than they do: fwd + bwd 20-25 % slower
+    (B=8 H=4 D=32, 2 workers, medians of 7 interleaved runs: n=256 288 vs 246 ms, n=1024 1025
+    vs 809 ms, n=2048 2397 vs 1837 ms, on a loaded machine).
+
+Threads
+    Forward and backward split the batch (or, for a batch smaller than the worker count, the
+    heads) into ``WORKERS`` parts (default ``torch.get_num_threads()``), run one part per Python
+    thread with ATen set to one intra-op thread (:func:`_run_parts`), and concatenate (the table
+    gradient: sum over batch parts). The chunked code issues a few hundred ATen ops; with
+    ATen's own threading each is an OpenMP fork/join, and when other processes share the cores
+    every join waits for a descheduled thread. On the 2-core machine at load average 5-6,
+    fwd + bwd at n = 1024 took 1.9 s that way against 0.57 s split (bias-free causal SDPA:
+    0.41 s); ``OMP_WAIT_POLICY=PASSIVE`` narrows the gap but split still won (0.55 vs 0.98 s).
+
+Performance (2-core CPU, torch 2.13; ``scripts/bench_attention.py``, B=8 H=4 D=32, fwd + bwd)
+    Medians over bias-free causal flash SDPA at n = 256 / 1024 / 2048, 2 threads, machine shared
+    (load average 6): this path 1.19 / 1.14 / 1.75x; the generic SDPA kernel with the model's
+    grad-requiring mask 2.7 / 3.9 / 5.7x; eager 2.3 / 4.7 / 6.4x; ``torch.compile`` of eager
+    1.7 / 3.3 / 4.8x. One thread: 1.66 / 1.44 / 1.52x against 2.4 / 5.5 / 5.9x (SDPA with mask)
+    and 3.1 / 7.3 / 6.6x (eager). The others also hold O(B·H·n²) memory.
+
+    Found on the way: a ``flip`` of the overlapping ``unfold`` view comes back column-major for
+    partial rows, and adding such a bias cost about 5x a contiguous one, hence the gather in
+    :func:`_rows`; ``baddbmm_`` into a strided slice falls back to one GEMM call per batch item,
+    hence ``+= bmm``; the augmented ``[q, -lse]`` GEMM column costs about what the separate
+    subtraction pass it replaces did.
 
 Limits
     * ``dropout_p > 0``: the CPU flash kernel refuses dropout ("Currently do not support dropout
-      > 0"), so the call falls back to eager attention with the bias (correct, O(n²) memory, the
-      speed of the eager path). The default training configuration uses dropout 0.
-    * Self-attention only (``i == j``, causal, top-left aligned): no KV cache offset; the model
-      uses its regular path when ``i != j``.
-    * dtypes float32, float64, bfloat16, float16 on CPU; other devices, and empty sizes (the flash
-      kernel crashes on ``n == 0``), fall back to the eager formula. Low-precision inputs get a
-      float32 bias and a float32 backward; gradients are cast back to the input dtypes.
-    * Not twice differentiable.
+      > 0"), so the call falls back to the eager formula with the bias (same function and
+      gradients, O(n²) memory, eager speed). The default training configuration uses dropout 0.
+    * Self-attention only (``i == j``, causal, top-left aligned): no KV-cache offset; the model
+      keeps its regular path when ``i != j``.
+    * float32, float64, bfloat16 and float16 on CPU. Low-precision inputs get a float32 bias and
+      log-sum-exp, a float32 backward, and gradients cast back to their dtypes. Other devices
+      and empty sizes (the flash kernel dies with SIGFPE on ``n == 0``) use the eager formula.
+    * Not twice differentiable (``once_differentiable``).
 """
 
 from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 import torch.nn.functional as F
@@ -55,10 +93,18 @@ __all__ = ["table_attention", "table_mask"]
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
+#: Query rows per forward chunk (two flash calls each: the keys before it, its diagonal block).
+FWD_CHUNK = 256
 #: Query rows per backward chunk (also the inner size of the dV and dK GEMMs).
 ROW_CHUNK = 64
 #: Target size, in elements, of one backward block ``(batch group · H, c, keys)``.
 BLOCK_ELEMS = 1 << 20
+#: Python worker threads (each running single-threaded ATen ops on a slice of the batch or heads):
+#: None uses ``torch.get_num_threads()``; 1 keeps ATen's own intra-op threading.
+WORKERS: int | None = None
+
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, executor)
+_pool_lock = threading.Lock()
 
 
 def _padded(table: Tensor, n: int) -> Tensor:
@@ -95,6 +141,8 @@ def table_mask(table: Tensor, n: int, dtype: torch.dtype | None = None) -> Tenso
         ``-inf`` above the diagonal. Differentiable with respect to ``table``.
     """
     table = table if dtype is None else table.to(dtype)
+    if n == 0:
+        return table.new_zeros(1, table.shape[0], 0, 0)
     padded = _padded(table, n)
     return _rows(padded, n, 0, n, n).unsqueeze(0)
 
@@ -139,14 +187,15 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: T
     dk = torch.zeros_like(k3) if need_k else None
     dv = torch.zeros_like(v3) if need_v else None
     rev = q3.new_zeros(H, n) if need_t else None   # rev[:, n - 1 - r]: gradient at distance r
+    if need_t:
+        # batch-summed dS of a chunk goes to z[:, :c, c:c + L]; the c left columns stay 0
+        z = q3.new_zeros(H, ROW_CHUNK, n + ROW_CHUNK)
+        stride = z.stride(1)
     for x0 in range(0, n, ROW_CHUNK):
         x1 = min(x0 + ROW_CHUNK, n)
         c, L = x1 - x0, x1
         bias = _rows(padded, n, x0, x1, L)                                          # (H, c, L)
         group = max(1, min(B, BLOCK_ELEMS // (H * c * L)))
-        if need_t:
-            # row-padded buffer: diagonals of z[:, :, c:] are columns of a stride (L + c + 1) view
-            z = q3.new_zeros(H, c, L + c)
         for b0 in range(0, B, group):
             b1 = min(b0 + group, B)
             g, nb = slice(b0 * H, b1 * H), b1 - b0
@@ -155,22 +204,111 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: T
             p.exp_()                                                                # P
             ds = torch.bmm(da[g, x0:x1], va[g, :L].transpose(1, 2))                 # dP - Δ
             ds.mul_(p)                                                              # dS
+            # dv/dk: bmm into a fresh tensor, then add: baddbmm_ into the strided slice falls
+            # back to one small GEMM call per batch item
             if need_v:
-                dv[g, :L].baddbmm_(p.transpose(1, 2), do3[g, x0:x1])
+                dv[g, :L] += torch.bmm(p.transpose(1, 2), do3[g, x0:x1])
             if need_q:
                 torch.bmm(ds, ks[g, :L], out=dq[g, x0:x1])
             if need_k:
-                dk[g, :L].baddbmm_(ds.transpose(1, 2), qs[g, x0:x1])
+                dk[g, :L] += torch.bmm(ds.transpose(1, 2), qs[g, x0:x1])
             if need_t:
-                z[:, :, c:] += ds.view(nb, H, c, L).sum(0)
+                zc = z[:, :c, ROW_CHUNK:ROW_CHUNK + L]
+                if b0 == 0:
+                    torch.sum(ds.view(nb, H, c, L), 0, out=zc)
+                else:
+                    zc += ds.view(nb, H, c, L).sum(0)
         if need_t:
-            # view[h, e, i] = z[h, i, 1 + e + i]: key y = 1 + e + i - c of query x0 + i, so
-            # x - y = x1 - 1 - e for every i; left-pad columns (y < 0) hold zeros.
-            diag = z.as_strided((H, L, c), (c * (L + c), 1, L + c + 1), z.storage_offset() + 1)
+            # Skew: diag[h, e, i] = z[h, i, ROW_CHUNK - c + 1 + e + i] (row stride + 1 per i) is
+            # key y = 1 + e + i - c of query x0 + i, so x - y = x1 - 1 - e for every i: summing
+            # over i gives the diagonal sums. Keys y < 0 fall in the zero left columns.
+            diag = z.as_strided((H, L, c), (z.stride(0), 1, stride + 1), ROW_CHUNK - c + 1)
             rev[:, n - L:] += diag.sum(-1)
     shape = (B, H, n, D)
     return (dq.view(shape) if need_q else None, dk.view(shape) if need_k else None,
             dv.view(shape) if need_v else None, rev.flip(-1) if need_t else None)
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, padded: Tensor) -> tuple[Tensor, Tensor]:
+    """Flash forward in query chunks of ``FWD_CHUNK`` rows; see the module docstring.
+
+    Args:
+        q, k, v: ``(B, H, n, D)``; padded: ``(H, 2n - 1)`` from :func:`_padded`.
+
+    Returns:
+        ``out (B, H, n, D)`` in the dtype of ``q`` and ``lse (B, H, n)`` float32 (float64 for
+        float64 inputs): the natural log-sum-exp of each row's scaled, biased logits.
+    """
+    B, H, n, D = q.shape
+    if n <= FWD_CHUNK:
+        return _FLASH(q, k, v, 0.0, True, attn_mask=_rows(padded, n, 0, n, n).unsqueeze(0))
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = q.new_empty((B, H, n), dtype=padded.dtype)
+    merge = padded.dtype  # merge the two partial softmaxes at >= float32
+    for x0 in range(0, n, FWD_CHUNK):
+        x1 = min(x0 + FWD_CHUNK, n)
+        bias = _rows(padded, n, x0, x1, x1).unsqueeze(0)                    # (1, H, c, x1)
+        qc = q[:, :, x0:x1]
+        # keys x0 .. x1-1: a square causal block, top-left aligned as is_causal expects
+        o2, l2 = _FLASH(qc, k[:, :, x0:x1], v[:, :, x0:x1], 0.0, True, attn_mask=bias[..., x0:])
+        if x0 == 0:
+            out[:, :, x0:x1], lse[:, :, x0:x1] = o2, l2
+            continue
+        # keys 0 .. x0-1: all visible, no causal mask
+        o1, l1 = _FLASH(qc, k[:, :, :x0], v[:, :, :x0], 0.0, False, attn_mask=bias[..., :x0])
+        # softmax over both key sets: weights e^l1 / (e^l1 + e^l2) = sigmoid(l1 - l2)
+        w1 = torch.sigmoid(l1 - l2).unsqueeze(-1)
+        out[:, :, x0:x1] = torch.lerp(o2.to(merge), o1.to(merge), w1)
+        torch.logaddexp(l1, l2, out=lse[:, :, x0:x1])
+    return out, lse
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``workers - 1`` threads (the caller is the last worker); rebuilt
+    after a fork, whose child inherits the pool object but not its threads."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid() or _pool[1] != workers:
+            _pool = (os.getpid(), workers, ThreadPoolExecutor(workers - 1, thread_name_prefix="dynpos-fused"))
+        return _pool[2]
+
+
+def _split(n_parts: int, B: int, H: int) -> tuple[int, list[slice]]:
+    """``(dim, slices)``: split the batch (dim 0) into at most ``n_parts`` near-equal slices, or
+    the heads (dim 1) when there are fewer batch items than both parts and heads."""
+    dim, size = (0, B) if B >= n_parts or B >= H else (1, H)
+    n_parts = max(1, min(n_parts, size))
+    bounds = [size * i // n_parts for i in range(n_parts + 1)]
+    return dim, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _run_parts(fn, parts: list[tuple]) -> list:
+    """``[fn(*part) for part in parts]``, one Python thread per part, each ATen op single-threaded.
+
+    ATen parallelises every op with an OpenMP fork/join; the backward runs a few hundred ops,
+    and when other processes share the cores each join waits for a descheduled thread (10x
+    slowdowns measured at load 5 on 2 cores). Independent parts with single-threaded ops only
+    meet once, at the end. ``torch.set_num_threads`` is process-wide: other threads of this
+    process run single-threaded ops meanwhile; it is restored on return.
+    """
+    if len(parts) == 1:
+        return [fn(*parts[0])]
+    previous = torch.get_num_threads()
+    pool = _executor(len(parts))
+
+    def work(part):
+        with torch.no_grad():
+            return fn(*part)
+
+    torch.set_num_threads(1)
+    futures = []
+    try:
+        futures = [pool.submit(work, part) for part in parts[1:]]
+        first = work(parts[0])
+        return [first] + [future.result() for future in futures]
+    finally:
+        wait(futures)  # on an error too: no part may outlive the single-thread setting
+        torch.set_num_threads(previous)
 
 
 class _TableAttention(torch.autograd.Function):
@@ -178,12 +316,19 @@ class _TableAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, table: Tensor) -> Tensor:
-        n = q.shape[-2]
+        B, H, n, _ = q.shape
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         padded = _padded(table.detach().to(compute), n)
-        mask = _rows(padded, n, 0, n, n).unsqueeze(0)                     # (1, H, n, n)
-        out, lse = _FLASH(q, k, v, 0.0, True, attn_mask=mask)
-        del mask
+        workers = WORKERS or torch.get_num_threads()
+        dim, slices = _split(workers, B, H)
+        ctx.split = dim, slices
+        parts = []
+        for part in slices:
+            index = (part,) if dim == 0 else (slice(None), part)
+            parts.append((q[index], k[index], v[index], padded if dim == 0 else padded[part]))
+        results = _run_parts(_forward, parts)
+        out = torch.cat([r[0] for r in results], dim) if len(results) > 1 else results[0][0]
+        lse = torch.cat([r[1] for r in results], dim) if len(results) > 1 else results[0][1]
         ctx.save_for_backward(q, k, v, out, lse, padded)
         ctx.table_dtype = table.dtype
         return out
@@ -192,9 +337,28 @@ class _TableAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout: Tensor):
         q, k, v, out, lse, padded = ctx.saved_tensors
-        dq, dk, dv, dt = _backward(q, k, v, out, dout, lse, padded, tuple(ctx.needs_input_grad[:4]))
-        cast = lambda g, like: None if g is None else g.to(like)  # noqa: E731
-        return cast(dq, q.dtype), cast(dk, k.dtype), cast(dv, v.dtype), cast(dt, ctx.table_dtype)
+        need = tuple(ctx.needs_input_grad[:4])
+        dim, slices = ctx.split
+        parts = []
+        for part in slices:
+            index = (part,) if dim == 0 else (slice(None), part)
+            parts.append((*(t[index] for t in (q, k, v, out, dout, lse)),
+                          padded if dim == 0 else padded[part], need))
+        results = _run_parts(_backward, parts)
+        grads = []
+        for i, like in enumerate((q.dtype, k.dtype, v.dtype, ctx.table_dtype)):
+            pieces = [r[i] for r in results]
+            if pieces[0] is None:
+                grads.append(None)
+                continue
+            if len(pieces) == 1:
+                g = pieces[0]
+            elif i < 3:
+                g = torch.cat(pieces, dim)
+            else:  # table: per-head pieces, or partial sums over batch parts
+                g = torch.cat(pieces, 0) if dim == 1 else torch.stack(pieces).sum(0)
+            grads.append(g.to(like))
+        return tuple(grads)
 
 
 def table_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor, dropout_p: float = 0.0) -> Tensor:

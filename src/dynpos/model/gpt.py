@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynpos.model.attention import PATHS, CausalSelfAttention, KVCache, causal_mask
+from dynpos.model.attention import PATHS, AttnInputs, CausalSelfAttention, KVCache, causal_mask
 from dynpos.positional.base import PositionalScheme
 from dynpos.positional.dpb import DPB
 
@@ -30,7 +30,8 @@ class GPTConfig:
         n_layer, n_head, n_embd: depth, heads per block, width (``n_embd % n_head == 0``).
         dropout: dropout probability (0 for pretraining small models).
         bias: biases in Linear layers and LayerNorms (GPT-2: True).
-        attn: attention path, one of ``sdpa`` (default), ``eager``, ``flex``.
+        attn: attention path: ``auto`` (default: ``fused`` on CPU for schemes with a per-distance
+            table, else ``sdpa``), ``fused``, ``sdpa``, ``eager``, ``flex`` (see ``model/attention.py``).
     """
 
     vocab_size: int
@@ -40,7 +41,7 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True
-    attn: str = "sdpa"
+    attn: str = "auto"
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -78,12 +79,12 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.dropout, config.bias, config.attn)
+        self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.dropout, config.bias)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, pos: PositionalScheme, layer: int, mask, table, bias, cache=None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), pos, layer, mask, table, bias, cache)
+    def forward(self, x: Tensor, pos: PositionalScheme, layer: int, inputs: AttnInputs, cache=None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), pos, layer, inputs, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -141,19 +142,36 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * t
 
-    def _layer_inputs(self, i: int, j: int, dtype: torch.dtype, device: torch.device):
-        """Per block: (mask for sdpa/eager, table and bias for flex). Shared tensors fold once."""
-        if self.config.attn == "flex":
-            tables = [self.pos.table(layer, j) for layer in range(self.config.n_layer)]
-            biases = [None if t is not None else self.pos.bias(layer, i, j) for layer, t in enumerate(tables)]
-            return [(None, t, b) for t, b in zip(tables, biases)]
+    def _tables(self, j: int) -> list[Tensor | None]:
+        """Per-distance tables ``(H, j)`` of every block; a shared scheme's is computed once."""
+        if self.pos.shared:
+            return [self.pos.table(0, j)] * self.config.n_layer
+        return [self.pos.table(layer, j) for layer in range(self.config.n_layer)]
+
+    def _layer_inputs(self, i: int, j: int, dtype: torch.dtype, device: torch.device) -> list[AttnInputs]:
+        """Resolve the attention path for this call and give each block the bias in the form it needs.
+
+        ``auto`` takes ``fused`` for table schemes on the CPU without a cache (``i == j``), else
+        ``sdpa``; ``fused`` with a cache or a scheme without a table also falls back to ``sdpa``.
+        """
+        path = self.config.attn
+        if path in ("auto", "fused"):
+            wanted = i == j and (path == "fused" or device.type == "cpu")
+            tables = self._tables(j) if wanted else [None]
+            if wanted and tables[0] is not None:
+                return [AttnInputs("fused", table=t) for t in tables]
+            path = "sdpa"
+        if path == "flex":
+            tables = self._tables(j)
+            if tables[0] is not None:
+                return [AttnInputs("flex", table=t) for t in tables]
+            return [AttnInputs("flex", bias=b) for b in self.pos.biases(i, j)]
         folded: dict[int, Tensor | None] = {}
         inputs = []
         for bias in self.pos.biases(i, j):
-            key = id(bias)
-            if key not in folded:
-                folded[key] = None if bias is None else causal_mask(bias, i, j, device, dtype)
-            inputs.append((folded[key], None, None))
+            if id(bias) not in folded:  # shared schemes fold their one bias once
+                folded[id(bias)] = None if bias is None else causal_mask(bias, i, j, device, dtype)
+            inputs.append(AttnInputs(path, mask=folded[id(bias)]))
         return inputs
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None):
@@ -185,10 +203,8 @@ class GPT(nn.Module):
         if absolute is not None:
             x = x + absolute
         x = self.drop(x)
-        for layer, (block, (mask, table, bias)) in enumerate(
-            zip(self.h, self._layer_inputs(t, j, x.dtype, x.device))
-        ):
-            x = block(x, self.pos, layer, mask, table, bias, cache)
+        for layer, (block, inputs) in enumerate(zip(self.h, self._layer_inputs(t, j, x.dtype, x.device))):
+            x = block(x, self.pos, layer, inputs, cache)
         logits = self.lm_head(self.ln_f(x))
         loss = None
         if targets is not None:

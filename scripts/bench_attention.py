@@ -1,0 +1,102 @@
+"""Benchmark causal attention with a learnable Toeplitz bias: forward + backward, CPU.
+
+Variants, each timed as one forward and one backward (``out.backward(grad)``) of attention
+alone, all gradients on (q, k, v and, where there is one, the per-distance table):
+
+* ``causal``     bias-free ``F.scaled_dot_product_attention(is_causal=True)`` (flash kernel): the floor;
+* ``table``      :func:`dynpos.model.fused.table_attention`;
+* ``sdpa_mask``  ``F.scaled_dot_product_attention`` with the ``(1, H, n, n)`` bias mask that requires
+  grad, built as the model builds it (the generic kernel: the model's ``sdpa`` path);
+* ``eager``      ``eager_attention`` with ``causal_mask(toeplitz(table))``: the reference;
+* ``compiled``   (``--compile``) ``torch.compile`` of the eager path (one compile per size, not timed).
+
+Repetitions are interleaved (variant A, B, C, A, B, C, ...) so that load from other processes
+falls on every variant alike; the table reports the median and the minimum in ms and the
+median's ratio to the ``causal`` row.
+
+    python scripts/bench_attention.py                      # B=8 H=4 D=32, n = 256 1024 2048
+    python scripts/bench_attention.py --sizes 1024 --reps 9 --threads 2 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from dynpos.model.attention import causal_mask, eager_attention
+from dynpos.model.fused import table_attention
+from dynpos.positional.base import toeplitz
+
+
+def variants(q, k, v, table, compile_eager: bool) -> dict:
+    """Name -> callable returning the attention output ``(B, H, n, D)``, graph attached."""
+    n = q.shape[-2]
+
+    def mask():  # the model's sdpa/eager paths build their mask this way
+        return causal_mask(toeplitz(table, n), n, n, q.device, q.dtype)
+
+    def eager():
+        return eager_attention(q, k, v, mask())
+
+    out = {
+        "causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "table": lambda: table_attention(q, k, v, table),
+        "sdpa_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask()),
+        "eager": eager,
+    }
+    if compile_eager:
+        out["compiled"] = torch.compile(eager)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 2048])
+    parser.add_argument("--reps", type=int, default=7, help="interleaved timed repetitions per variant")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(eager)")
+    parser.add_argument("--skip", nargs="*", default=[], help="variants to leave out, e.g. eager")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, B={args.batch} H={args.heads} "
+          f"D={args.head_dim} {args.dtype}, {args.reps} interleaved reps; fwd+bwd ms; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"{'n':>5} {'variant':<10} {'median':>9} {'min':>9} {'x causal':>9}")
+    torch.manual_seed(0)
+    for n in args.sizes:
+        shape = (args.batch, args.heads, n, args.head_dim)
+        q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
+        table = torch.randn(args.heads, n, requires_grad=True)
+        grad = torch.randn(shape, dtype=dtype)
+        runs = variants(q, k, v, table, args.compile)
+        runs = {name: fn for name, fn in runs.items() if name not in args.skip}
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for rep in range(args.reps + 1):  # the first round warms up (and compiles) and is dropped
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                fn().backward(grad)
+                elapsed = time.perf_counter() - start
+                if rep:
+                    times[name].append(elapsed * 1e3)
+                q.grad = k.grad = v.grad = table.grad = None
+        base = statistics.median(times["causal"]) if "causal" in times else float("nan")
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            print(f"{n:>5} {name:<10} {med:>9.1f} {min(ts):>9.1f} {med / base:>9.2f}", flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.2f} (other processes on these cores skew timings)")
+
+
+if __name__ == "__main__":
+    main()
