@@ -36,7 +36,8 @@ def window_plan(n_tokens: int, length: int, protocol: str, stride: int | None = 
 
     Window ``start .. start + length`` of inputs predicts targets ``start + 1 .. start + length``;
     its last ``scored`` targets count. Every target ``1 .. n`` is scored exactly once, where
-    ``n = n_tokens`` rounded down to whole windows (nonoverlap) or strides (sliding).
+    ``n = n_tokens`` rounded down to whole windows (nonoverlap) or to ``length`` plus whole
+    strides (sliding); ``stride`` defaults to ``length // 2`` and only applies to ``sliding``.
 
     Raises:
         ValueError: for ``length < 1``, an unknown protocol, or a stride outside ``1 .. length``.
@@ -47,7 +48,7 @@ def window_plan(n_tokens: int, length: int, protocol: str, stride: int | None = 
         raise ValueError(f"eval.protocol={protocol!r} is not one of {', '.join(PROTOCOLS)}")
     if protocol == "nonoverlap":
         return [(s, length) for s in range(0, n_tokens - length + 1, length)]
-    stride = stride or max(1, length // 2)
+    stride = max(1, length // 2) if stride is None else stride
     if not 1 <= stride <= length:
         raise ValueError(f"eval.stride={stride} must be in 1..{length} (the evaluation length)")
     if n_tokens < length:
@@ -93,8 +94,9 @@ def evaluate_lengths(model: GPT, tokens: np.ndarray | Tensor, lengths: list[int]
         bytes_per_token: UTF-8 bytes per token of the split, for bits per byte.
 
     Returns:
-        One dict per length: ``length``, ``protocol``, ``stride``, ``loss``, ``ppl``, ``bpb``,
-        ``tokens`` (targets scored) and ``note`` (why a length was skipped).
+        One dict per length: ``length``, ``protocol``, ``stride`` (the sliding step used; None for
+        ``nonoverlap``), ``loss``, ``ppl``, ``bpb``, ``tokens`` (targets scored) and ``note`` (why a
+        length was skipped).
 
     Raises:
         ValueError: for a length < 1, an unknown protocol or bad stride, or a text shorter than
@@ -107,7 +109,8 @@ def evaluate_lengths(model: GPT, tokens: np.ndarray | Tensor, lengths: list[int]
     rows = []
     for length in lengths:
         plan = window_plan(n_targets, int(length), protocol, stride)
-        row = {"length": int(length), "protocol": protocol, "stride": stride if protocol == "sliding" else None,
+        used = (max(1, int(length) // 2) if stride is None else stride) if protocol == "sliding" else None
+        row = {"length": int(length), "protocol": protocol, "stride": used,
                "loss": None, "ppl": None, "bpb": None, "tokens": 0, "note": ""}
         if not plan:
             raise ValueError(

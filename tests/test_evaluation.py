@@ -1,0 +1,337 @@
+"""Train short, test long (dynpos.evaluation.extrapolate, scripts/evaluate.py) and sweep reports
+(dynpos.evaluation.report, scripts/report.py)."""
+
+import json
+import math
+import os
+import runpy
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dynpos import GPT, GPTConfig
+from dynpos.evaluation.extrapolate import evaluate_lengths, run_extrapolation, window_plan
+from dynpos.evaluation.report import compare, length_changes, load_runs, pairs_within_noise, summarize, write_report
+from dynpos.positional import DPB, ALiBi, Learned, NoPE
+
+from conftest import CONFIGS, ROOT
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def run_script(args, tmp_path):
+    """Run a script from the repository root with caches in tmp_path; return the CompletedProcess."""
+    env = {**os.environ, "DYNPOS_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
+def run_in_process(monkeypatch, capsys, script, *args):
+    """Run a script as ``__main__`` in this process (faster than a subprocess; the same code path):
+    ``(exit status, stdout, stderr)``."""
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def scored_targets(plan, length):
+    """The target indices a plan scores: window (s, k) scores targets s + length - k + 1 .. s + length."""
+    return [t for s, k in plan for t in range(s + length - k + 1, s + length + 1)]
+
+
+# ----------------------------------------------------------------------------- window_plan
+
+
+@pytest.mark.parametrize("protocol", ["nonoverlap", "sliding"])
+@pytest.mark.parametrize("n, length, stride", [(10, 4, None), (10, 4, 1), (10, 4, 3), (10, 4, 4), (64, 8, 5),
+                                               (7, 7, None), (100, 1, None), (33, 16, 16)])
+def test_window_plan_scores_every_target_exactly_once(protocol, n, length, stride):
+    plan = window_plan(n, length, protocol, stride)
+    targets = scored_targets(plan, length)
+    assert targets == list(range(1, len(targets) + 1))  # each of 1..m once, in order
+    assert all(s + length <= n for s, _ in plan)  # no window runs past the text
+    m = len(targets)
+    step = length if protocol == "nonoverlap" else (stride or max(1, length // 2))
+    assert n - m < step  # at most one step's worth of text is left unscored
+    if protocol == "sliding":  # every scored target after the first window sees >= length - stride context
+        assert all(k == step for _, k in plan[1:])
+
+
+def test_window_plan_small_cases_by_hand():
+    assert window_plan(10, 4, "nonoverlap") == [(0, 4), (4, 4)]
+    # Windows 0..4, 2..6, 4..8, 6..10: the first scores targets 1-4, each later one its last 2.
+    assert window_plan(10, 4, "sliding", 2) == [(0, 4), (2, 2), (4, 2), (6, 2)]
+    assert window_plan(10, 4, "sliding") == window_plan(10, 4, "sliding", 2)  # default stride: length // 2
+    assert window_plan(12, 4, "sliding", 4) == window_plan(12, 4, "nonoverlap")
+    assert window_plan(3, 4, "nonoverlap") == [] and window_plan(3, 4, "sliding") == []
+
+
+@pytest.mark.parametrize("args, fragment", [
+    ((10, 0, "nonoverlap"), "must be positive"),
+    ((10, 4, "chunked"), "eval.protocol='chunked'"),
+    ((10, 4, "sliding", 5), "eval.stride=5 must be in 1..4"),
+    ((10, 4, "sliding", 0), "eval.stride=0 must be in 1..4"),  # 0 is an error, not "the default"
+])
+def test_window_plan_refuses_bad_settings(args, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        window_plan(*args)
+
+
+# ----------------------------------------------------------------------------- closed-form losses
+
+
+class PositionLoss(nn.Module):
+    """A model whose loss is known in closed form: on a text of zeros, the target at position ``p``
+    of a window (0-based) costs exactly ``0.1 * (p + 1)`` nats, whatever the window's start.
+
+    Logits ``(0, z)`` over two tokens with ``z = log(exp(l) - 1)`` give ``-log softmax[0] = log(1 + e^z) = l``.
+    """
+
+    def __init__(self, max_length=None):
+        super().__init__()
+        self.pos = SimpleNamespace(name="stub", max_length=max_length)
+
+    def forward(self, x):
+        b, t = x.shape
+        z = torch.log(torch.expm1(0.1 * (torch.arange(t, dtype=torch.float64) + 1)))
+        logits = torch.zeros(b, t, 2, dtype=torch.float64)
+        logits[..., 1] = z
+        return logits, None
+
+
+def test_losses_match_the_closed_form_for_both_protocols():
+    tokens = np.zeros(17, dtype=np.uint16)  # 16 targets
+    rows = evaluate_lengths(PositionLoss(), tokens, [4, 16], protocol="nonoverlap", bytes_per_token=2.0)
+    # nonoverlap, length L: every position 0..L-1 once per window -> mean 0.1 (L + 1) / 2.
+    assert rows[0]["loss"] == pytest.approx(0.25) and rows[0]["tokens"] == 16
+    assert rows[1]["loss"] == pytest.approx(0.85) and rows[1]["tokens"] == 16
+    assert rows[0]["bpb"] == pytest.approx(0.25 / math.log(2) / 2.0)
+    assert rows[0]["ppl"] == pytest.approx(math.exp(0.25))
+    rows = evaluate_lengths(PositionLoss(), tokens, [4], protocol="sliding", stride=2, batch_size=3)
+    # First window: positions 0-3 (0.1+0.2+0.3+0.4); six more (starts 2..12): positions 2, 3 each.
+    assert rows[0]["loss"] == pytest.approx((1.0 + 6 * 0.7) / 16) and rows[0]["tokens"] == 16
+    assert rows[0]["stride"] == 2
+    assert evaluate_lengths(PositionLoss(), tokens, [4], protocol="sliding")[0]["stride"] == 2  # the default used
+
+
+@pytest.mark.parametrize("scheme", [DPB, ALiBi, NoPE])
+def test_a_model_with_zero_weights_scores_log_vocab_at_every_length(scheme):
+    # All weights zero -> all logits zero -> uniform prediction: loss ln(V) exactly, even at 4x block_size.
+    vocab = 11
+    model = GPT(GPTConfig(vocab_size=vocab, block_size=8, n_layer=1, n_head=2, n_embd=16), pos=scheme)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    tokens = np.random.default_rng(0).integers(0, vocab, 65).astype(np.uint16)
+    for protocol in ("nonoverlap", "sliding"):
+        rows = evaluate_lengths(model, tokens, [8, 32], protocol=protocol, stride=4)
+        assert [r["loss"] for r in rows] == pytest.approx([math.log(vocab)] * 2, abs=1e-6)
+
+
+def test_learned_positions_beyond_block_size_give_the_documented_n_a_row():
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16), pos=Learned)
+    tokens = np.arange(65, dtype=np.uint16) % 11
+    rows = evaluate_lengths(model, tokens, [8, 16], protocol="sliding", bytes_per_token=1.0)
+    assert rows[0]["loss"] is not None and rows[0]["note"] == ""
+    assert rows[1]["loss"] is None and rows[1]["bpb"] is None and rows[1]["tokens"] == 0
+    assert rows[1]["note"] == "pos=learned encodes at most 8 positions"
+
+
+def test_a_length_beyond_the_evaluated_text_is_refused():
+    with pytest.raises(ValueError, match="raise eval.max_tokens"):
+        evaluate_lengths(PositionLoss(), np.zeros(100, dtype=np.uint16), [64], max_tokens=32)
+
+
+def test_run_extrapolation_writes_csv_and_png_for_both_protocols(tmp_path):
+    rows = run_extrapolation(GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)),
+                             np.arange(200, dtype=np.uint16) % 11, 1.0, tmp_path / "eval",
+                             lengths=[8, 16], protocol="both", max_tokens=64, split="validation")
+    assert [(r["protocol"], r["length"]) for r in rows] == [("nonoverlap", 8), ("nonoverlap", 16),
+                                                           ("sliding", 8), ("sliding", 16)]
+    lines = (tmp_path / "eval" / "extrapolation.csv").read_text().splitlines()
+    assert lines[0].startswith("length,protocol,stride,loss") and len(lines) == 5
+    assert (tmp_path / "eval" / "extrapolation.png").read_bytes()[:8] == PNG
+
+
+# ----------------------------------------------------------------------------- scripts/evaluate.py
+
+
+@pytest.fixture(scope="module")
+def nano_checkpoint(tmp_path_factory):
+    """A few steps of the real train() with the nano preset, evaluated after training at 1x and 2x."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from dynpos.training.run import train
+
+    tmp = tmp_path_factory.mktemp("nano")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose("train", overrides=["model=nano", "trainer=debug", "trainer.max_steps=4",
+                                          "trainer.val_check_interval=2", "batch_size=8", "val_windows=4",
+                                          "callbacks.sample.max_new_tokens=8", "eval.lengths=[32,64]",
+                                          "eval.max_tokens=512"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp / "run")
+        cfg.paths.cache_dir = str(tmp / "cache")
+        del cfg.hydra
+    train(cfg)
+    GlobalHydra.instance().clear()
+    return tmp / "run", tmp / "cache"
+
+
+def test_train_writes_the_extrapolation_rows_into_result_json(nano_checkpoint):
+    run, _ = nano_checkpoint
+    rows = json.loads((run / "result.json").read_text())["extrapolation"]
+    assert [r["length"] for r in rows] == [32, 64] and all(r["loss"] > 0 for r in rows)
+    assert (run / "eval" / "extrapolation.csv").is_file()
+
+
+def test_evaluate_script_end_to_end_on_a_nano_checkpoint(nano_checkpoint, tmp_path):
+    run, cache = nano_checkpoint
+    out = tmp_path / "eval"
+    proc = run_script(["scripts/evaluate.py", f"ckpt={run / 'checkpoints' / 'best.ckpt'}", "eval.lengths=[32,128]",
+                       "eval.protocol=both", "eval.stride=16", "eval.max_tokens=1024", f"out={out}"], cache.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((out / "extrapolation.json").read_text())["rows"]
+    assert [(r["protocol"], r["length"], r["stride"]) for r in rows] == [
+        ("nonoverlap", 32, None), ("nonoverlap", 128, None), ("sliding", 32, 16), ("sliding", 128, 16)]
+    assert all(r["loss"] > 0 and r["tokens"] > 0 and r["bpb"] > 0 for r in rows)
+    assert (out / "extrapolation.csv").is_file() and (out / "extrapolation.png").read_bytes()[:8] == PNG
+    assert "trained at 32 tokens" in proc.stdout and "sliding" in proc.stdout
+
+
+def test_evaluate_script_bad_lengths_are_one_line(nano_checkpoint, tmp_path, monkeypatch, capsys):
+    run, _ = nano_checkpoint
+    code, out, err = run_in_process(monkeypatch, capsys, "scripts/evaluate.py",
+                                    f"ckpt={run / 'checkpoints' / 'best.ckpt'}", "eval.lengths=[0]",
+                                    f"out={tmp_path / 'eval'}")
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("error: eval.lengths=[0]") and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def fake_run(root, num, pos, seed, test_loss, losses, lengths=(64, 128, 256), params=1000, overrides=None,
+             max_steps=300, notes=None):
+    """A run folder as `train.py -m` writes it, with a hand-made result.json."""
+    run = root / f"{num}_{pos}-micro-shakespeare_seed{seed}"
+    (run / ".hydra").mkdir(parents=True)
+    overrides = overrides or [f"pos={pos}"]
+    (run / ".hydra" / "overrides.yaml").write_text(
+        "".join(f"- {o}\n" for o in ["experiment=ablate_pos", *overrides, f"seed={seed}"]))
+    rows = [{"length": n, "protocol": "nonoverlap", "stride": None, "loss": loss, "ppl": None, "bpb": None,
+             "tokens": 0 if loss is None else 1024, "note": (notes or {}).get(n, "")}
+            for n, loss in zip(lengths, losses)]
+    result = {"metrics": {"test/loss": test_loss, "test/bpb": test_loss / math.log(2) / 1.0, "val/loss": test_loss},
+              "num_params": params, "pos": pos, "extrapolation": rows,
+              "config": {"seed": seed, "model": {"block_size": 64}, "trainer": {"max_steps": max_steps},
+                         "pos": {"_target_": pos}, "run_name": f"{pos}-micro", "paths": {"output_dir": str(run)}}}
+    (run / "result.json").write_text(json.dumps(result))
+    return run
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """dpb, alibi and learned, 3 seeds each: alibi ties dpb at 64 and 128 and is far worse at 256."""
+    root = tmp_path / "multirun" / "2026-01-01_00-00-00"
+    num = 0
+    table = {
+        "dpb": ([1.9, 2.0, 2.1], [[1.9, 1.8, 1.81], [2.0, 1.92, 1.9], [2.1, 1.98, 1.99]], 1000),
+        "alibi": ([1.95, 2.05, 2.15], [[1.95, 1.96, 2.49], [2.05, 1.95, 2.6], [2.15, 2.05, 2.71]], 900),
+        "learned": ([2.2, 2.3, 2.4], [[2.2, None, None], [2.3, None, None], [2.4, None, None]], 1064),
+    }
+    for pos, (tests, curves, params) in table.items():
+        for seed, (test, curve) in enumerate(zip(tests, curves)):
+            notes = {128: "pos=learned encodes at most 64 positions", 256: "pos=learned encodes at most 64 positions"}
+            fake_run(root, num, pos, seed, test, curve, params=params, notes=notes if pos == "learned" else None)
+            num += 1
+    return root
+
+
+def test_report_means_stds_and_noise_verdicts_by_hand(sweep):
+    runs = load_runs(sweep)
+    assert [r.label for r in runs] == ["dpb"] * 3 + ["alibi"] * 3 + ["learned"] * 3
+    summaries = {s.label: s for s in summarize(runs)}
+    dpb = summaries["dpb"].stats
+    assert dpb["test/loss"].mean == pytest.approx(2.0) and dpb["test/loss"].std == pytest.approx(0.1)
+    assert dpb["loss@256"].mean == pytest.approx(1.9) and dpb["loss@256"].n == 3
+    assert summaries["learned"].stats["loss@128"].mean is None
+    verdicts = {(c.label, c.column): c for c in compare(list(summaries.values()), "dpb")}
+    tie = verdicts[("alibi", "test/loss")]  # d = 0.05, se = sqrt(0.01/3 + 0.01/3) = 0.0816
+    assert tie.diff == pytest.approx(0.05) and tie.se == pytest.approx(math.sqrt(0.02 / 3)) and tie.noise is True
+    far = verdicts[("alibi", "loss@256")]  # d = 0.7, se = sqrt(0.11²/3 + 0.09²/3)
+    assert far.diff == pytest.approx(0.7) and far.noise is False
+    assert far.t == pytest.approx(0.7 / math.sqrt((0.11**2 + 0.09**2) / 3))
+    assert verdicts[("learned", "loss@128")].noise is None and verdicts[("learned", "loss@128")].diff is None
+    assert pairs_within_noise(list(summaries.values())) == {
+        "test/loss": [("dpb", "alibi")], "test/bpb": [("dpb", "alibi")],
+        "loss@64": [("dpb", "alibi")], "loss@128": [("dpb", "alibi")]}
+
+
+def test_length_changes_are_paired_by_seed(sweep):
+    changes = {(c.label, c.column): c for c in length_changes(load_runs(sweep))}
+    assert set(changes) == {(label, f"loss@{n}") for label in ("dpb", "alibi", "learned") for n in (128, 256)}
+    dpb = changes[("dpb", "loss@128")]  # per seed -0.10, -0.08, -0.12: mean -0.1, se 0.02 / sqrt(3)
+    assert dpb.diff == pytest.approx(-0.1) and dpb.se == pytest.approx(0.02 / math.sqrt(3)) and dpb.noise is False
+    alibi = changes[("alibi", "loss@128")]  # per seed +0.01, -0.10, -0.10: |mean| < 2 se
+    assert alibi.diff == pytest.approx(-0.19 / 3) and alibi.noise is True
+    assert changes[("alibi", "loss@256")].diff == pytest.approx(0.55) and changes[("alibi", "loss@256")].noise is False
+    assert changes[("learned", "loss@128")].diff is None
+
+
+def test_report_writes_markdown_and_png(sweep):
+    markdown, md, png = write_report(sweep)
+    assert md == sweep / "report.md" and md.read_text() == markdown
+    assert png == sweep / "report.png" and png.read_bytes()[:8] == PNG
+    assert "| dpb | 3 | 1,000 | 2.0000 ± 0.1000 |" in markdown
+    assert "| learned | 3 | 1,064 | 2.3000 ± 0.1000 |" in markdown and "n/a" in markdown
+    assert "n/a: pos=learned encodes at most 64 positions." in markdown
+    assert "+0.0500 ≈" in markdown and "**+0.7000**" in markdown
+    assert ("- alibi: within noise of dpb: test loss, loss @64, loss @128; higher loss than dpb: loss @256"
+            in markdown)
+    assert "## Change with evaluation length" in markdown and "minus the loss at 64 tokens" in markdown
+    assert "- loss @128: dpb ≈ alibi" in markdown and "- loss @256: none" in markdown
+    assert "## Notes" not in markdown  # a like-for-like sweep raises no caveat
+    assert "Differences from alibi" in write_report(sweep, baseline="alibi")[0]
+    with pytest.raises(ValueError, match="baseline='rope' is not a scheme of this sweep: choose one of dpb, alibi"):
+        write_report(sweep, baseline="rope")
+
+
+def test_report_labels_by_what_the_sweep_varied_and_flags_unfair_runs(tmp_path):
+    root = tmp_path / "sweep"
+    fake_run(root, 0, "dpb", 0, 2.0, [2.0, 2.0, 2.0], overrides=["pos=dpb", "pos.log_distance=false"])
+    fake_run(root, 1, "dpb", 0, 2.1, [2.1, 2.1, 2.1], overrides=["pos=dpb", "pos.log_distance=true"], max_steps=10)
+    markdown, _, _ = write_report(root)
+    assert [r.label for r in load_runs(root)] == ["dpb, pos.log_distance=false", "dpb, pos.log_distance=true"]
+    assert "the runs differ in trainer.max_steps" in markdown
+    assert "+0.1000 (1 seed)" in markdown  # one seed a side: no noise verdict
+    assert "- loss @64: no verdict (fewer than two seeds)" in markdown
+
+
+def test_report_script_prints_and_writes(sweep, monkeypatch, capsys):
+    code, out, err = run_in_process(monkeypatch, capsys, "scripts/report.py", str(sweep))
+    assert code == 0, err
+    assert "| alibi | 3 | 900 |" in out and (sweep / "report.png").is_file() and "written:" in err
+
+
+@pytest.mark.parametrize("make", [lambda p: p.mkdir(), lambda p: None])  # empty, and missing
+def test_report_script_on_a_folder_without_results_is_one_line(tmp_path, monkeypatch, capsys, make):
+    folder = tmp_path / "sweep"
+    make(folder)
+    code, _, err = run_in_process(monkeypatch, capsys, "scripts/report.py", str(folder))
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith("error: ") and str(folder) in err and "train.py -m" in err
