@@ -33,6 +33,32 @@ from dynpos.model.fused import table_attention
 from dynpos.positional.base import toeplitz
 
 
+def interleaved(runs: dict, reps: int, step=None, after=None, warmup: int = 1) -> dict[str, list[float]]:
+    """Time every callable in ``runs`` in interleaved rounds (A, B, C, A, B, C, ...).
+
+    Each round calls ``step(fn)`` (default: ``fn()``) once per variant, then ``after()`` if given
+    (outside the timing); the first ``warmup`` rounds warm up (and compile) and are dropped.
+    Interleaving makes load from other processes fall on every variant alike.
+
+    Returns:
+        name -> the ``reps`` wall-clock times in ms, in the order measured.
+    """
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for rep in range(warmup + reps):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            if step is None:
+                fn()
+            else:
+                step(fn)
+            elapsed = time.perf_counter() - start
+            if after is not None:
+                after()
+            if rep >= warmup:
+                times[name].append(elapsed * 1e3)
+    return times
+
+
 def variants(q, k, v, table, compile_eager: bool) -> dict:
     """Name -> callable returning the attention output ``(B, H, n, D)``, graph attached."""
     n = q.shape[-2]
@@ -82,15 +108,14 @@ def main() -> None:
         grad = torch.randn(shape, dtype=dtype)
         runs = variants(q, k, v, table, args.compile)
         runs = {name: fn for name, fn in runs.items() if name not in args.skip}
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        for rep in range(args.reps + 1):  # the first round warms up (and compiles) and is dropped
-            for name, fn in runs.items():
-                start = time.perf_counter()
-                fn().backward(grad)
-                elapsed = time.perf_counter() - start
-                if rep:
-                    times[name].append(elapsed * 1e3)
-                q.grad = k.grad = v.grad = table.grad = None
+
+        def step(fn):
+            fn().backward(grad)
+
+        def reset():
+            q.grad = k.grad = v.grad = table.grad = None
+
+        times = interleaved(runs, args.reps, step=step, after=reset)
         base = statistics.median(times["causal"]) if "causal" in times else float("nan")
         for name, ts in times.items():
             med = statistics.median(ts)

@@ -7,7 +7,7 @@ import torch
 
 from dynpos import GPT, GPTConfig, KVCache
 from dynpos.model.attention import flex_available
-from dynpos.positional import DPB
+from dynpos.positional import DPB, ALiBi
 
 SONNET_18 = """Shall I compare thee to a summer's day?
 Thou art more lovely and more temperate:
@@ -62,6 +62,10 @@ def test_auto_picks_fused_for_training_and_sdpa_with_a_cache():
     model = tiny("auto")
     assert {x.path for x in model._layer_inputs(8, 8, torch.float32, torch.device("cpu"))} == {"fused"}
     assert {x.path for x in model._layer_inputs(1, 8, torch.float32, torch.device("cpu"))} == {"sdpa"}
+    alibi = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_embd=32), pos=ALiBi)
+    assert {x.path for x in alibi._layer_inputs(8, 8, torch.float32, torch.device("cpu"))} == {"sdpa"}
+    with torch.no_grad():  # inference: the chunked fused forward keeps memory linear in the length
+        assert {x.path for x in alibi._layer_inputs(8, 8, torch.float32, torch.device("cpu"))} == {"fused"}
 
 
 def test_flex_agrees_with_eager_forward():

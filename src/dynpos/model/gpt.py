@@ -151,14 +151,17 @@ class GPT(nn.Module):
     def _layer_inputs(self, i: int, j: int, dtype: torch.dtype, device: torch.device) -> list[AttnInputs]:
         """Resolve the attention path for this call and give each block the bias in the form it needs.
 
-        ``auto`` takes ``fused`` for table schemes on the CPU without a cache (``i == j``), else
-        ``sdpa``; ``fused`` with a cache or a scheme without a table also falls back to ``sdpa``.
+        ``auto`` takes ``fused`` for table schemes on the CPU without a cache (``i == j``) when the
+        table is learned or no gradient is needed (its chunked forward keeps memory linear in the
+        length); a fixed table in training (ALiBi) is faster as a grad-free ``sdpa`` mask. ``fused``
+        with a cache or a scheme without a table also falls back to ``sdpa``.
         """
         path = self.config.attn
         if path in ("auto", "fused"):
             wanted = i == j and (path == "fused" or device.type == "cpu")
             tables = self._tables(j) if wanted else [None]
-            if wanted and tables[0] is not None:
+            learned = tables[0] is not None and (tables[0].requires_grad or not torch.is_grad_enabled())
+            if tables[0] is not None and (path == "fused" or learned):
                 return [AttnInputs("fused", table=t) for t in tables]
             path = "sdpa"
         if path == "flex":
