@@ -19,6 +19,7 @@ from datasets import Dataset, DatasetDict, IterableDatasetDict
 from dynpos.data import corpora, datamodule, tokenizer
 from dynpos.data.corpora import HubUnavailableError, corpus_fingerprint, load_corpus, shakespeare_works
 from dynpos.data.datamodule import FixedWindows, StepBatches, TextDataModule, step_seed
+from dynpos.training.checkpoint import checkpoint_tokenizer
 from dynpos.data.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer, tokenizer_fingerprint
 
 TEXT = (
@@ -508,7 +509,7 @@ def test_state_dict_carries_the_tokenizer(tmp_path, textfile):
     dm.setup()
     state = dm.state_dict()
     dm.load_state_dict(state)
-    restored = TextDataModule.tokenizer_from_checkpoint({"TextDataModule": state})
+    restored = checkpoint_tokenizer({"TextDataModule": state})
     assert tokenizer_fingerprint(restored) == dm.fingerprint
 
 

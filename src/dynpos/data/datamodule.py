@@ -562,18 +562,6 @@ class TextDataModule(L.LightningDataModule):
         if changed:
             rank_zero_warn(f"resuming with different data settings {changed}: batches differ from the original run")
 
-    @staticmethod
-    def tokenizer_from_checkpoint(checkpoint: Mapping[str, Any]) -> Tokenizer:
-        """The tokenizer saved in a Lightning checkpoint dict (``torch.load(ckpt_path)``).
-
-        Raises:
-            KeyError: the checkpoint has no ``TextDataModule`` state.
-        """
-        state = checkpoint.get(TextDataModule.__qualname__)
-        if not state or "tokenizer" not in state:
-            raise KeyError("checkpoint has no TextDataModule state with a tokenizer: was it saved by a dynpos run?")
-        return Tokenizer.from_str(state["tokenizer"])
-
 
 __all__ = [
     "FixedWindows",

@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 from dynpos.evaluation.plots import plot_bias, save_figure
@@ -30,6 +31,11 @@ def batch_sequences(batch) -> int:
 def batch_tokens(batch) -> int:
     """Tokens in a ``(x, y)`` batch (for Lightning's ``ThroughputMonitor``)."""
     return batch[0].numel()
+
+
+def during_fit(trainer: L.Trainer) -> bool:
+    """Whether a validation belongs to ``fit`` (not the sanity check, nor ``trainer.validate`` after it)."""
+    return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
 
 
 def wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
@@ -53,7 +59,7 @@ class TextSample(L.Callback):
 
     @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if not during_fit(trainer):
             return
         tokenizer = trainer.datamodule.tokenizer
         ids = tokenizer.encode(self.prompt).ids or [0]
@@ -87,7 +93,7 @@ class BiasPlot(L.Callback):
 
     @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if not during_fit(trainer):
             return
         model = pl_module.model
         n = self.length or model.config.block_size

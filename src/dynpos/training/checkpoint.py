@@ -2,13 +2,19 @@
 
 A Lightning checkpoint written by ``train.py`` holds ``state_dict`` (``model.*``), the module's
 ``hyper_parameters`` (``model``, ``pos``, ``optim``, ``vocab_size``), the whole run ``config`` and
-the datamodule's state with the tokenizer (the ``tokenizers`` JSON). Loading uses ``torch.load(weights_only=True)``, so a crafted file cannot
-run code.
+the datamodule's state with the tokenizer (the ``tokenizers`` JSON). Reading uses
+``torch.load(weights_only=True)``, so a crafted file cannot run code: its pickle may only build
+tensors and plain containers. The trainer's own resume path reads through the same function
+(:class:`dynpos.training.checkpoint_io.AtomicCheckpointIO`), which also writes checkpoints atomically.
+
+This module imports neither Lightning nor the data stack, so ``scripts/sample.py`` fails fast on a
+bad checkpoint.
 """
 
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -16,41 +22,97 @@ import torch
 from hydra.utils import instantiate
 from tokenizers import Tokenizer
 
-from dynpos.data.datamodule import TextDataModule
 from dynpos.model.gpt import GPT, GPTConfig
+
+DATA_STATE = "TextDataModule"  # the checkpoint entry with the datamodule's state (TextDataModule.__qualname__)
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable or not a dynpos checkpoint."""
+    """A checkpoint that is missing, unreadable, unsafe or not a dynpos checkpoint."""
 
 
-def load_checkpoint(path: str | Path, key: str = "ckpt") -> dict:
-    """Read a checkpoint file safely.
+def _first_line(error: BaseException, limit: int = 160) -> str:
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def read_checkpoint(path: str | Path, key: str = "ckpt", mmap: bool = False) -> dict:
+    """``torch.load(path, weights_only=True)`` onto the CPU, with errors that name ``key`` and the fix.
 
     Args:
         path: the ``.ckpt`` file.
         key: the config key the path came from, named in error messages.
+        mmap: map the tensors' storage from the file instead of reading it (cheap; for inspecting
+            a checkpoint's config without holding a second copy of its weights in memory).
 
     Raises:
-        CheckpointError: if the file does not exist, is truncated or corrupted, holds objects
-            other than tensors and plain containers, or lacks dynpos's entries.
+        CheckpointError: the path is missing or a directory; the file is truncated or corrupted;
+            or it holds objects other than tensors and plain containers (a pickle that could run
+            code: refused before anything in it is executed).
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        inside = [p for p in (path / "checkpoints" / "last.ckpt", path / "last.ckpt") if p.is_file()]
+        hint = f"e.g. {key}={inside[0]}" if inside else f"e.g. {key}=<run>/checkpoints/last.ckpt"
+        raise CheckpointError(f"{key}={path} is a directory: give the checkpoint file itself, {hint}")
     if not path.is_file():
         raise CheckpointError(f"{key}={path}: no such checkpoint file (look in <run>/checkpoints/last.ckpt)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged or no checkpoint
         raise CheckpointError(
-            f"{key}={path}: refused to load objects other than tensors and plain containers "
-            f"(weights_only=True): {str(error).splitlines()[0]}"
+            f"{key}={path}: not a readable checkpoint (truncated or corrupted, or another kind of file: not the zip "
+            "archive torch.save writes); use another one, e.g. the run's last.ckpt or best.ckpt"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"(?:Unsupported global|Unsupported operand)[^.\n]*", str(error))
+        detail = f" ({found.group(0).strip()})" if found else ""
+        raise CheckpointError(
+            f"{key}={path}: refused to load: the file holds objects other than tensors and plain containers, "
+            f"which could run code when unpickled{detail}; use a checkpoint written by dynpos"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise CheckpointError(f"{key}={path}: not a readable checkpoint (truncated or corrupted?): {error}") from None
-    missing = [k for k in ("state_dict", "hyper_parameters", TextDataModule.__qualname__) if k not in checkpoint]
+    except Exception as error:  # noqa: BLE001 - a damaged file fails in many ways inside torch.load
+        raise CheckpointError(
+            f"{key}={path}: not a readable checkpoint (truncated or corrupted: {_first_line(error)}); "
+            "use another one, e.g. the run's last.ckpt or best.ckpt"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{key}={path}: not a Lightning checkpoint (holds a {type(checkpoint).__name__})")
+    return checkpoint
+
+
+def load_checkpoint(path: str | Path, key: str = "ckpt", mmap: bool = False) -> dict:
+    """Read a dynpos checkpoint safely (:func:`read_checkpoint`) and check it has dynpos's entries.
+
+    Args:
+        path: the ``.ckpt`` file.
+        key: the config key the path came from, named in error messages.
+        mmap: as :func:`read_checkpoint`.
+
+    Raises:
+        CheckpointError: as :func:`read_checkpoint`, or if the file lacks ``state_dict``,
+            ``hyper_parameters`` or the datamodule's state.
+    """
+    checkpoint = read_checkpoint(path, key, mmap=mmap)
+    missing = [k for k in ("state_dict", "hyper_parameters", DATA_STATE) if k not in checkpoint]
     if missing:
         raise CheckpointError(f"{key}={path}: not a dynpos checkpoint (missing {', '.join(missing)})")
     return checkpoint
+
+
+def checkpoint_tokenizer(checkpoint: dict, key: str = "ckpt") -> Tokenizer:
+    """The tokenizer stored in a checkpoint dict.
+
+    Raises:
+        CheckpointError: the checkpoint holds no tokenizer, or one that ``tokenizers`` cannot read.
+    """
+    state = checkpoint.get(DATA_STATE) or {}
+    if not isinstance(state, dict) or not isinstance(state.get("tokenizer"), str):
+        raise CheckpointError(f"{key}: the checkpoint holds no tokenizer: was it saved by a dynpos run?")
+    try:
+        return Tokenizer.from_str(state["tokenizer"])
+    except Exception as error:  # noqa: BLE001 - tokenizers raises its own exception type
+        raise CheckpointError(f"{key}: the checkpoint's tokenizer is unreadable: {_first_line(error)}") from None
 
 
 def load_model(path: str | Path, key: str = "ckpt") -> tuple[GPT, Tokenizer, dict]:
@@ -65,12 +127,16 @@ def load_model(path: str | Path, key: str = "ckpt") -> tuple[GPT, Tokenizer, dic
     """
     checkpoint = load_checkpoint(path, key)
     hp = checkpoint["hyper_parameters"]
-    model = GPT(GPTConfig(vocab_size=hp["vocab_size"], **hp["model"]), pos=instantiate(hp["pos"]))
+    try:
+        model = GPT(GPTConfig(vocab_size=hp["vocab_size"], **hp["model"]), pos=instantiate(hp["pos"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{key}={path}: its model config does not build a dynpos GPT: "
+                              f"{_first_line(error)}") from None
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
         raise CheckpointError(f"{key}={path}: weights do not match the model config stored in it: "
-                              f"{str(error).splitlines()[0]}") from None
-    tokenizer = TextDataModule.tokenizer_from_checkpoint(checkpoint)
+                              f"{_first_line(error)}") from None
+    tokenizer = checkpoint_tokenizer(checkpoint, f"{key}={path}")
     return model.eval(), tokenizer, hp

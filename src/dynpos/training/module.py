@@ -14,7 +14,9 @@ from hydra.utils import instantiate
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from dynpos.data.datamodule import step_seed
 from dynpos.model.gpt import GPT, GPTConfig
+from dynpos.training.preflight import check_optim
 
 
 def lr_lambda(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
@@ -41,6 +43,14 @@ class LitGPT(L.LightningModule):
         vocab_size: from the tokenizer.
         bytes_per_token: UTF-8 bytes per token of each split (``validation``, ``test``), for
             bits per byte: ``bpb = loss / ln 2 / bytes_per_token``.
+        seed: when given, the global RNG (dropout) is re-seeded before every micro-batch from
+            ``step_seed(seed, micro-batch, rank)``, the rule that draws the data windows, so a
+            resumed run makes the same random choices as an uninterrupted one with no RNG state
+            to carry in the checkpoint.
+
+    Training stops with ``FloatingPointError`` (naming the step, learning rate and precision) at
+    the first non-finite training or validation loss, and a checkpoint is never written with
+    non-finite weights, so the last good ``last.ckpt`` survives a divergence.
 
     Logged: ``train/loss`` (nats/token), ``train/tokens``, ``val/loss``, ``val/ppl``, ``val/bpb``
     (and ``test/*`` the same); the learning rate by Lightning's ``LearningRateMonitor``.
@@ -50,23 +60,38 @@ class LitGPT(L.LightningModule):
     """
 
     def __init__(self, model: dict, pos: dict, optim: dict, vocab_size: int,
-                 bytes_per_token: dict[str, float] | None = None) -> None:
+                 bytes_per_token: dict[str, float] | None = None, seed: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        for key in ("lr", "min_lr", "weight_decay", "warmup_steps", "decay_steps"):
-            if optim[key] < 0:
-                raise ValueError(f"optim.{key} must be >= 0, got {optim[key]}")
-        if not optim["lr"] > 0:
-            raise ValueError(f"optim.lr must be > 0, got {optim['lr']}")
+        check_optim(optim)
         self.model = GPT(GPTConfig(vocab_size=vocab_size, **model), pos=instantiate(pos))
         self.bytes_per_token = bytes_per_token or {}
-        self.eval_loss = MeanMetric()  # token-weighted mean over the fixed evaluation windows, synced across ranks
+        self.seed = seed
+        # token-weighted mean over the fixed evaluation windows, synced across ranks; a NaN stays NaN
+        # (torchmetrics would drop it with a warning) so that divergence is caught in _log_eval
+        self.eval_loss = MeanMetric(nan_strategy="disable")
 
     run_config: dict | None = None  # the whole resolved training config, stored in every checkpoint
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse to save non-finite weights; store the run config; flush the loggers, so the logs on
+        disk reach at least the checkpoint's step (a resumed run continues them from there).
+
+        Raises:
+            FloatingPointError: a parameter holds NaN or infinity.
+        """
+        weights = {k: v for k, v in checkpoint.get("state_dict", {}).items()
+                   if torch.is_tensor(v) and v.is_floating_point()}
+        if weights and not torch.stack([torch.isfinite(v).all() for v in weights.values()]).all():
+            bad = next(k for k, v in weights.items() if not torch.isfinite(v).all())
+            raise FloatingPointError(
+                f"parameters became non-finite by step {self.global_step} ({bad}), so no checkpoint was written "
+                f"and the last good one stays {self._diagnosis()}"
+            )
         if self.run_config is not None:
             checkpoint["config"] = self.run_config
+        for logger in self.loggers:
+            logger.save()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.run_config = checkpoint.get("config", self.run_config)
@@ -74,17 +99,34 @@ class LitGPT(L.LightningModule):
     def forward(self, idx: Tensor, targets: Tensor | None = None):
         return self.model(idx, targets)
 
+    def _diagnosis(self) -> str:
+        """``(optim.lr=..., at this step ...; trainer.precision=...): <what to change>`` for error messages."""
+        trainer = self._trainer
+        peak = self.hparams.optim["lr"]
+        precision = str(trainer.precision) if trainer is not None else "32-true"
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer is not None and trainer.optimizers else peak
+        fix = "lower optim.lr (or lengthen optim.warmup_steps)"
+        if not precision.startswith(("32", "64")):
+            fix += " or use trainer.precision=32-true"
+        return f"(optim.lr={peak:g}, at this step {lr:.3g}; trainer.precision={precision}): {fix}"
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.seed is not None:
+            accumulate = self.trainer.accumulate_grad_batches
+            micro_batch = self.global_step * accumulate + batch_idx % accumulate
+            torch.manual_seed(step_seed(self.seed, micro_batch, self.global_rank))
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         _, loss = self.model(x, y)
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"non-finite training loss {loss.item()} at step {self.global_step}: "
-                "lower optim.lr or use trainer.precision=32-true"
+                f"non-finite training loss {loss.item()} at step {self.global_step} {self._diagnosis()}"
             )
         self.flops_per_batch = self.model.flops_per_token(y.shape[1]) * y.numel()  # for ThroughputMonitor
         tokens = (self.global_step + 1) * y.numel() * self.trainer.world_size
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        # sync_dist: under DDP the logged loss is the global batch's, not rank 0's share of it
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, sync_dist=True)
         self.log("train/tokens", float(tokens), on_step=True, on_epoch=False)
         return loss
 
@@ -96,6 +138,11 @@ class LitGPT(L.LightningModule):
     def _log_eval(self, split: str, prefix: str) -> None:
         loss = self.eval_loss.compute()
         self.eval_loss.reset()
+        if not torch.isfinite(loss):  # before any callback samples from, plots or checkpoints the weights
+            raise FloatingPointError(
+                f"non-finite {split} loss {loss.item()} at step {self.global_step}: the weights diverged "
+                f"{self._diagnosis()}"
+            )
         self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val")
         self.log(f"{prefix}/ppl", torch.exp(loss))
         if split in self.bytes_per_token:

@@ -1,0 +1,246 @@
+"""Bad input everywhere a user types: one table of cases, each the real command as a user runs it.
+
+Every case asserts a non-zero exit, a message that names the key or file and the fix (one
+``error: ...`` line for dynpos's own checks; Hydra's own message for config composition errors,
+which names the group and its options or the key and the ``+key=`` fix), no Python traceback on
+stderr, and nothing written where the command pointed: a fresh ``hydra.run.dir`` stays without
+checkpoints, config or result, and an existing run folder stays byte for byte as it was.
+
+The cases share one trained nano checkpoint and run two at a time; all fail before training (one
+case lets a diverging learning rate reach its first step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from conftest import CONFIGS, ROOT
+
+
+@dataclass(frozen=True)
+class Case:
+    """``script`` run with ``args`` (``{name}`` placeholders filled from the fixture's paths).
+
+    ``says``: fragments the message must contain (the key or file, and the fix). ``hydra``: the
+    message is Hydra's own (several lines) rather than one ``error:`` line.
+    """
+
+    id: str
+    script: str
+    args: list[str]
+    says: list[str]
+    hydra: bool = False
+    data: str = "{corpus}"  # train.py only: data.paths
+    run_dir: str = "{out}"  # train.py only: hydra.run.dir
+    trains: bool = False  # train.py only: the run starts (and fails at its first step)
+
+
+T, S, E, R = "train.py", "scripts/sample.py", "scripts/evaluate.py", "scripts/report.py"
+
+CASES = [
+    # --- train.py: wrong types and out-of-range values, refused before any data is read
+    Case("type-n_layer", T, ["model.n_layer=abc"], ["model.n_layer", "positive int", "'abc'"]),
+    Case("type-lr", T, ["optim.lr=abc"], ["optim.lr='abc'", "give a number"]),
+    Case("negative-lr", T, ["optim.lr=-1"], ["optim.lr", ">= 0", "-1"]),
+    Case("zero-batch_size", T, ["batch_size=0"], ["batch_size=0", "whole number >= 1"]),
+    Case("betas", T, ["optim.betas=[0.9]"], ["optim.betas", "two numbers in [0, 1)"]),
+    Case("heads-divide-width", T, ["model.n_embd=31"], ["model.n_embd=31", "model.n_head=2", "multiple"]),
+    Case("eval-lengths-zero", T, ["eval.lengths=[0,64]"], ["eval.lengths=[0, 64]", "positive token counts"]),
+    Case("eval-protocol", T, ["eval.lengths=[64]", "eval.protocol=bogus"], ["eval.protocol='bogus'", "nonoverlap"]),
+    Case("resume-value", T, ["resume=yes"], ["resume='yes'", "resume=auto"]),
+    Case("resume-and-ckpt", T, ["resume=auto", "ckpt_path={ckpt}"], ["resume=auto and ckpt_path=", "one of them"]),
+    # --- train.py: config composition errors (Hydra's own messages)
+    Case("unknown-pos", T, ["pos=foo"], ["pos/foo", "Available options in 'pos'", "alibi", "dpb"], hydra=True),
+    Case("unknown-key", T, ["optim.lrr=1"], ["optim.lrr", "+optim.lrr=1"], hydra=True),
+    # --- train.py: corpus files
+    Case("data-empty-file", T, [], ["data.paths", "empty.txt", "is empty", "fill it"], data="{empty}"),
+    Case("data-binary-file", T, [], ["data.paths", "binary.bin", "not valid UTF-8", "encoding_errors=replace"],
+         data="{binary}"),
+    Case("data-not-utf8", T, [], ["data.paths", "latin1.txt", "not valid UTF-8", "convert it to UTF-8"],
+         data="{latin1}"),
+    Case("data-missing", T, [], ["data.paths", "no file matches", "nope.txt", "check the path"], data="{missing}"),
+    # --- train.py: checkpoints to resume from
+    Case("ckpt-truncated", T, ["ckpt_path={truncated}"], ["ckpt_path=", "truncated.ckpt", "truncated or corrupted",
+                                                          "use another one"]),
+    Case("ckpt-corrupted", T, ["ckpt_path={corrupted}"], ["ckpt_path=", "corrupted.ckpt", "truncated or corrupted"]),
+    Case("ckpt-pickle-payload", T, ["ckpt_path={evil}"],
+         ["ckpt_path=", "evil.ckpt", "refused to load", "could run code"]),
+    Case("ckpt-not-dynpos", T, ["ckpt_path={plain}"], ["ckpt_path=", "plain.ckpt", "not a dynpos checkpoint"]),
+    Case("ckpt-directory", T, ["ckpt_path={run}"], ["ckpt_path=", "is a directory", "checkpoints/last.ckpt"]),
+    Case("ckpt-missing", T, ["ckpt_path={missing_ckpt}"], ["ckpt_path=", "no such checkpoint file", "last.ckpt"]),
+    Case("ckpt-other-tokenizer", T, ["tokenizer=byte", "ckpt_path={ckpt}"],
+         ["ckpt_path=", "different tokenizer", "tokenizer=byte", "resume with the run's own data and tokenizer"]),
+    Case("ckpt-other-model", T, ["model.n_layer=3", "ckpt_path={ckpt}"],
+         ["ckpt_path=", "different model", "model.n_layer", "its run's config.yaml"]),
+    # --- train.py: run folders
+    Case("run-dir-finished", T, [], ["run folder", "already holds a finished run", "hydra.run.dir"], run_dir="{run}"),
+    Case("run-dir-unfinished", T, [], ["holds checkpoints of an unfinished run", "resume=auto"],
+         run_dir="{unfinished}"),
+    Case("run-dir-is-a-file", T, [], ["hydra.run.dir=", "corpus.txt", "is a file", "give a folder"],
+         run_dir="{corpus}"),
+    # --- train.py: divergence (the one case that reaches a training step)
+    Case("diverging-lr", T, ["optim.lr=1e6", "optim.warmup_steps=0"],
+         ["non-finite training loss", "at step", "optim.lr=1e+06", "trainer.precision=32-true", "lower optim.lr"],
+         trains=True),
+    # --- scripts/sample.py
+    Case("sample-temperature-0", S, ["ckpt={ckpt}", "temperature=0"], ["temperature", "> 0", "1e-3"]),
+    Case("sample-top_k-too-big", S, ["ckpt={ckpt}", "top_k=100000"], ["top_k", "vocab_size", "100000"]),
+    Case("sample-type", S, ["ckpt={ckpt}", "max_new_tokens=abc"], ["max_new_tokens=abc", "whole number"]),
+    Case("sample-no-ckpt", S, ["prompt=hi"], ["ckpt is required", "ckpt=<value>"]),
+    Case("sample-unknown-key", S, ["ckpt={ckpt}", "temprature=1"], ["unknown key 'temprature'", "temperature"]),
+    Case("sample-ckpt-directory", S, ["ckpt={run}"], ["ckpt=", "is a directory", "checkpoints/last.ckpt"]),
+    Case("sample-ckpt-text-file", S, ["ckpt={corpus}"], ["ckpt=", "corpus.txt", "not a readable checkpoint"]),
+    Case("sample-pickle-payload", S, ["ckpt={evil}"], ["ckpt=", "evil.ckpt", "refused to load"]),
+    # --- scripts/evaluate.py
+    Case("evaluate-lengths-zero", E, ["ckpt={ckpt}", "eval.lengths=[0]"], ["eval.lengths", "positive"]),
+    Case("evaluate-ckpt-truncated", E, ["ckpt={truncated}", "eval.lengths=[16]"],
+         ["ckpt=", "truncated.ckpt", "truncated or corrupted"]),
+    # --- scripts/report.py
+    Case("report-no-results", R, ["{folder}"], ["holds no result.json", "train.py -m"]),
+    Case("report-broken-result", R, ["{broken_sweep}"], ["result.json", "not valid JSON", "rerun that job"]),
+]
+
+
+def corpus_text(lines: int = 600) -> str:
+    rng = random.Random(1)
+    words = "to be or not that is the question whether tis nobler in mind suffer ROMEO JULIET speak".split()
+    return "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 12))) for _ in range(lines)) + "\n"
+
+
+class WritesAFile:
+    """Unpickling this runs ``open(path, 'w')``."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return exec, (f"open({self.path!r}, 'w').write('pwned')",)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    """The inputs of the cases: a trained nano run (finished), an unfinished copy, damaged files."""
+    from dynpos.training.run import train
+
+    tmp = tmp_path_factory.mktemp("bad_input")
+    p = {"corpus": tmp / "corpus.txt", "empty": tmp / "empty.txt", "binary": tmp / "binary.bin",
+         "latin1": tmp / "latin1.txt", "folder": tmp / "folder", "missing": tmp / "nope.txt",
+         "missing_ckpt": tmp / "nope.ckpt", "run": tmp / "run", "unfinished": tmp / "unfinished",
+         "truncated": tmp / "truncated.ckpt", "corrupted": tmp / "corrupted.ckpt", "evil": tmp / "evil.ckpt",
+         "plain": tmp / "plain.ckpt", "marker": tmp / "pwned.txt", "broken_sweep": tmp / "sweep",
+         "cache": tmp / "cache", "outs": tmp / "outs"}
+    p["corpus"].write_text(corpus_text(), encoding="utf-8")
+    p["empty"].write_bytes(b"")
+    rng = random.Random(2)
+    p["binary"].write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00" + bytes(rng.randrange(256) for _ in range(4096)))
+    p["latin1"].write_bytes("café au lait, naïve façade\n".encode("latin-1") * 100)
+    p["folder"].mkdir()
+    (p["folder"] / "notes.md").write_text("not a sweep\n")
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose("train", overrides=["model=nano", "trainer=debug", "data=textfiles", f"data.paths={p['corpus']}",
+                                          "callbacks.sample.max_new_tokens=4", "~callbacks.bias_plot"],
+                      return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir, cfg.paths.cache_dir = str(p["run"]), str(p["cache"])
+        del cfg.hydra
+    GlobalHydra.instance().clear()
+    train(cfg)
+    p["ckpt"] = p["run"] / "checkpoints" / "best.ckpt"
+
+    (p["unfinished"] / "checkpoints").mkdir(parents=True)
+    shutil.copy(p["run"] / "checkpoints" / "last.ckpt", p["unfinished"] / "checkpoints" / "last.ckpt")
+    data = p["ckpt"].read_bytes()
+    p["truncated"].write_bytes(data[: len(data) // 3])
+    p["corrupted"].write_bytes(data[:400] + b"\x00garbage\xff" * 8 + data[480:])
+    torch.save({"state_dict": {}, "payload": WritesAFile(str(p["marker"]))}, p["evil"])
+    torch.save({"weights": torch.zeros(3)}, p["plain"])
+    (p["broken_sweep"] / "0_dpb-nano_seed0").mkdir(parents=True)
+    (p["broken_sweep"] / "0_dpb-nano_seed0" / "result.json").write_text("{not json")
+    return p
+
+
+def command(case: Case, paths: dict) -> tuple[list[str], Path | None]:
+    """The argv of ``case`` and, for train.py with a fresh folder, that folder."""
+    out = paths["outs"] / case.id
+    fill = {**{k: str(v) for k, v in paths.items()}, "out": str(out)}
+    args = [a.format(**fill) for a in case.args]
+    if case.script == T:
+        args = ["model=nano", "trainer=debug", "data=textfiles", f"data.paths={case.data.format(**fill)}",
+                f"hydra.run.dir={case.run_dir.format(**fill)}", *args]
+    return [sys.executable, case.script, *args], out if case.script == T and case.run_dir == "{out}" else None
+
+
+@pytest.fixture(scope="module")
+def results(paths):
+    """Run every case (two at a time); ``{case id: CompletedProcess or None (script absent)}``."""
+    env = {**os.environ, "DYNPOS_CACHE": str(paths["cache"]), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.pop("DYNPOS_DEBUG", None)
+    protected = {name: snapshot(paths[name]) for name in ("run", "unfinished")}
+
+    def run(case: Case):
+        if not (ROOT / case.script).is_file():
+            return None
+        argv, _ = command(case, paths)
+        return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done = dict(zip([c.id for c in CASES], pool.map(run, CASES)))
+    done["_protected"] = protected
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_fails_with_one_clear_line(case, results, paths):
+    proc = results[case.id]
+    if proc is None:
+        print(f"{case.script} is absent: case {case.id} not run")
+        pytest.skip(f"{case.script} is absent")
+    err = proc.stderr
+    assert proc.returncode != 0, f"exit 0\nstdout: {proc.stdout[-1000:]}\nstderr: {err[-2000:]}"
+    assert "Traceback" not in err, err[-3000:]
+    if case.hydra:
+        message = err
+    else:
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1, err[-3000:]
+        message = lines[0]
+        assert proc.returncode == 2
+    for fragment in case.says:
+        assert fragment.format(**{k: str(v) for k, v in paths.items()}) in message, (fragment, message)
+    _, out = command(case, paths)
+    if out is not None and case.trains:  # it started, and left no result
+        assert not (out / "result.json").exists()
+    elif out is not None:  # nothing of a run was written into the fresh folder
+        assert not any((out / name).exists() for name in ("checkpoints", "config.yaml", "result.json", "csv"))
+
+
+@pytest.mark.slow
+def test_no_case_touched_existing_runs_or_ran_a_payload(results, paths):
+    assert not paths["marker"].exists()
+    for name, before in results["_protected"].items():
+        assert snapshot(paths[name]) == before, name
