@@ -95,6 +95,9 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 #: Query rows per forward chunk (two flash calls each: the keys before it, its diagonal block).
 FWD_CHUNK = 256
+#: Largest bias block, in elements, that one forward chunk builds: long sequences use fewer rows
+#: per chunk (down to 32), so evaluation memory stays close to bias-free attention.
+FWD_BIAS_ELEMS = 1 << 21
 #: Query rows per backward chunk (also the inner size of the dV and dK GEMMs).
 ROW_CHUNK = 64
 #: Target size, in elements, of one backward block ``(batch group · H, c, keys)``.
@@ -242,11 +245,12 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, padded: Tensor) -> tuple[Tensor, T
     B, H, n, D = q.shape
     if n <= FWD_CHUNK:
         return _FLASH(q, k, v, 0.0, True, attn_mask=_rows(padded, n, 0, n, n).unsqueeze(0))
+    chunk = max(min(32, FWD_CHUNK), min(FWD_CHUNK, FWD_BIAS_ELEMS // (H * n)))
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = q.new_empty((B, H, n), dtype=padded.dtype)
     merge = padded.dtype  # merge the two partial softmaxes at >= float32
-    for x0 in range(0, n, FWD_CHUNK):
-        x1 = min(x0 + FWD_CHUNK, n)
+    for x0 in range(0, n, chunk):
+        x1 = min(x0 + chunk, n)
         bias = _rows(padded, n, x0, x1, x1).unsqueeze(0)                    # (1, H, c, x1)
         qc = q[:, :, x0:x1]
         # keys x0 .. x1-1: a square causal block, top-left aligned as is_causal expects
