@@ -33,6 +33,16 @@ def grads(out, tensors, grad_out):
     return torch.autograd.grad(out, tensors, grad_out, allow_unused=True)
 
 
+def assert_matches_reference(q, k, v, table):
+    """table_attention equals the eager reference in the output and the gradients of q, k, v, table."""
+    out = table_attention(q, k, v, table)
+    ref = reference(q, k, v, table)
+    torch.testing.assert_close(out, ref, **TOL)
+    g = torch.randn_like(out)
+    for got, want in zip(grads(out, (q, k, v, table), g), grads(ref, (q, k, v, table), g)):
+        torch.testing.assert_close(got, want, **TOL)
+
+
 @pytest.fixture(params=["default", "tiny_chunks"])
 def chunking(request, monkeypatch):
     """Default chunk sizes, and tiny ones that split every test size into many chunks and
@@ -47,12 +57,7 @@ def chunking(request, monkeypatch):
 @pytest.mark.parametrize("n", [1, 7, 64, 130])
 def test_matches_eager_outputs_and_gradients(n, chunking):
     q, k, v, table = inputs(n)
-    out = table_attention(q, k, v, table)
-    ref = reference(q, k, v, table)
-    torch.testing.assert_close(out, ref, **TOL)
-    g = torch.randn_like(out)
-    for got, want in zip(grads(out, (q, k, v, table), g), grads(ref, (q, k, v, table), g)):
-        torch.testing.assert_close(got, want, **TOL)
+    assert_matches_reference(q, k, v, table)
 
 
 @pytest.mark.parametrize("workers, batch", [(1, 2), (2, 3), (3, 1), (4, 2)])
@@ -62,12 +67,7 @@ def test_worker_splits(workers, batch, monkeypatch):
     monkeypatch.setattr(fused, "FWD_CHUNK", 16)
     threads = torch.get_num_threads()
     q, k, v, table = inputs(37, batch=batch)
-    out = table_attention(q, k, v, table)
-    ref = reference(q, k, v, table)
-    torch.testing.assert_close(out, ref, **TOL)
-    g = torch.randn_like(out)
-    for got, want in zip(grads(out, (q, k, v, table), g), grads(ref, (q, k, v, table), g)):
-        torch.testing.assert_close(got, want, **TOL)
+    assert_matches_reference(q, k, v, table)
     assert torch.get_num_threads() == threads
 
 
