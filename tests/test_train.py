@@ -16,10 +16,10 @@ from dynpos.training.run import train
 from conftest import ROOT
 
 
-def run(args, tmp_path, **env):
-    """Run a command from the repository root with caches in tmp_path; return the CompletedProcess."""
+def run(args, tmp_path, cwd=ROOT, **env):
+    """Run a command (from the repository root by default) with caches in tmp_path; return the CompletedProcess."""
     environment = {**os.environ, "DYNPOS_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled", **env}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=environment, timeout=600)
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=environment, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +83,10 @@ def test_sample_script_generates_from_the_checkpoint(trained, tmp_path):
 
 
 def test_train_py_runs_end_to_end_on_the_nano_preset(tmp_path):
-    out = tmp_path / "cli"
-    proc = run(["train.py", "model=nano", "trainer=debug", f"hydra.run.dir={out}"], tmp_path)
+    # No hydra.run.dir: the default timestamped run folder, as a user's first command gets it.
+    proc = run([str(ROOT / "train.py"), "model=nano", "trainer=debug"], tmp_path, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    (out,) = (tmp_path / "runs").glob("*_dpb-nano-shakespeare")
     assert "val/loss" in proc.stdout and (out / "result.json").is_file()
     assert "parameters" in proc.stdout
 

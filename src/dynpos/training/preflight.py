@@ -220,7 +220,11 @@ class RunFolderGuard(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
         from dynpos.training.cli import guard
+
+        HydraConfig.instance().set_config(config)  # so ${hydra:...} in the default run dir resolves this early
 
         def check() -> None:
             out = Path(str(config.hydra.run.dir))
