@@ -47,6 +47,7 @@ import sys
 import time
 from pathlib import Path
 
+import dynpos  # noqa: F401  (before torch: sets GOMP_SPINCOUNT, see dynpos/__init__.py)
 import torch
 import torch.nn.functional as F
 

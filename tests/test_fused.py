@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -243,3 +247,17 @@ def test_mixed_dtypes_raise():
     q = torch.randn(B, H, 5, D)
     with pytest.raises(ValueError, match="share a dtype"):
         table_attention(q, q.double(), q, torch.randn(H, 5))
+
+
+def test_import_sets_gomp_spincount_unless_set():
+    """``import dynpos`` shortens libgomp's spin before torch loads; a user's value wins."""
+    code = "import os, dynpos; print(os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+
+    def run() -> str:
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert run() == "10000"
+    env["GOMP_SPINCOUNT"] = "5"
+    assert run() == "5"

@@ -26,14 +26,22 @@ Backward (recompute from the log-sum-exp: FlashAttention, Dao et al. 2022, arXiv
     blocks above the diagonal are skipped), and in groups of batch elements so that a block of
     ``(group · H, c, x1)`` stays near ``BLOCK_ELEMS``, all in float32 (float64 for float64 input):
 
-    * ``P  = exp([q·s, -lse] · [k, 1]ᵀ + T)``: ``-lse`` rides in an extra GEMM column;
+    * ``P  = exp(max([q·s, -lse] · [k, 1]ᵀ + T, log(tiny)))``: ``-lse`` rides in an extra GEMM
+      column; the clamp at the log of the smallest normal float (-87 in float32) keeps ``exp``
+      on its fast path: ATen's vectorised ``exp`` took 31 ns per element for arguments below
+      that (masked ``-inf`` entries, rows whose bias spans more than 87 nats, as ALiBi's does
+      over long distances) against 0.45 ns in range; the clamp costs 0.2 ns and gives masked
+      entries a weight of 1.6e-38 instead of 0, whose products flush to zero (see Threads);
     * ``dS = P ⊙ ([dO, -Δ] · [v, 1]ᵀ)``, ``Δ = rowsum(dO ⊙ O)``: likewise ``-Δ``;
     * ``dV += Pᵀ dO``, ``dQ = dS (k·s)``, ``dK += dSᵀ (q·s)``, ``s = 1/sqrt(D)``;
     * ``dtable[h, r] = Σ_b Σ_{x - y = r} dS[b, h, x, y]``: ``dS`` summed over the batch lands in a
       buffer with ``c`` zero columns on the left; a strided view whose step is the row stride + 1
       turns its diagonals into columns, and one ``sum`` reduces them ("skew" trick).
 
-    Five GEMMs and four elementwise passes (bias add, exp, product, batch sum) per block.
+    Five GEMMs and five elementwise passes (bias add, clamp, exp, product, batch sum) per block.
+    ``[q·s, -lse]``, ``[k, 1]``, ``[dO, -Δ]`` and ``[v, 1]`` are each written in one pass; the
+    GEMMs read ``q·s``, ``k`` and ``dO`` as their first ``D`` columns, and ``dQ`` is scaled by
+    ``s`` once at the end.
 
     Measured alternative, rejected: the flash *backward* kernel
     (``aten::_scaled_dot_product_flash_attention_for_cpu_backward``, given the whole mask) for
@@ -41,7 +49,9 @@ Backward (recompute from the log-sum-exp: FlashAttention, Dao et al. 2022, arXiv
     and dP GEMMs and all the elementwise work anyway, so the flash backward only stands in for
     the three cheap GEMMs (dV, dQ, dK) and costs more than they do: fwd + bwd 20-25 % slower
     (B=8 H=4 D=32, 2 workers, medians of 7 interleaved runs: n=256 288 vs 246 ms, n=1024 1025
-    vs 809 ms, n=2048 2397 vs 1837 ms, on a loaded machine).
+    vs 809 ms, n=2048 2397 vs 1837 ms, on a loaded machine). Checked again after the clamp:
+    the flash backward with the mask alone takes 61 % of this whole backward at n = 256
+    (3.86 vs 6.31 ms) and 94 % at n = 1024 (55.5 vs 58.8 ms), B=4 H=4 D=32, 1 thread, idle.
 
 Threads
     Forward and backward split the batch (or, for a batch smaller than the worker count, the
@@ -52,6 +62,20 @@ Threads
     every join waits for a descheduled thread. On the 2-core machine at load average 5-6,
     fwd + bwd at n = 1024 took 1.9 s that way against 0.57 s split (bias-free causal SDPA:
     0.41 s); ``OMP_WAIT_POLICY=PASSIVE`` narrows the gap but split still won (0.55 vs 0.98 s).
+
+    The parts run on a pool of ``WORKERS`` threads that flush denormal floats to zero
+    (``torch.set_flush_denormal``, per thread), never on the caller's thread, whose flag torch
+    cannot read back to restore. On a freshly initialised micro DPB model at block 1024 the
+    products of tiny weights and gradients were denormal, and one layer's backward took up to
+    4x another's; with the flag and the clamp above the whole backward went from 934 to 316 ms
+    per step (4 layers, 2 threads) and the step from 2.38x to 1.19x NoPE.
+
+    libgomp, torch's OpenMP runtime, lets an idle team thread spin ``GOMP_SPINCOUNT`` times
+    (default 300,000, milliseconds) before it sleeps; the caller's team spins right after the
+    model's previous op while this op's workers run, and on 2 cores took one of them: the
+    fused forward and backward ran 2x slower inside a block-256 training step than alone.
+    ``import dynpos`` sets ``GOMP_SPINCOUNT=10000`` unless set (it must come before torch
+    loads): the block-256 step went from 1.6x to 1.2x NoPE, NoPE's own step unchanged.
 
 Performance (2-core CPU, torch 2.13; ``scripts/bench_attention.py``, B=8 H=4 D=32, fwd + bwd)
     Medians over bias-free causal flash SDPA at n = 256 / 1024 / 2048, 2 threads, machine shared
@@ -180,21 +204,26 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: T
     scale = D ** -0.5
     floor = math.ceil(math.log(torch.finfo(f).tiny))  # exp(floor) is the smallest normal float
     need_q, need_k, need_v, need_t = need
-    q3, k3, v3, o3, do3 = (t.to(f).reshape(BH, n, D) for t in (q, k, v, out, dout))
-    ones = q3.new_ones(BH, n, 1)
-    qs = q3 * scale
-    qa = torch.cat([qs, -lse.to(f).reshape(BH, n, 1)], dim=-1)                 # (BH, n, D+1)
-    ka = torch.cat([k3, ones], dim=-1)
-    da = torch.cat([do3, -(do3 * o3).sum(-1, keepdim=True)], dim=-1)
-    va = torch.cat([v3, ones], dim=-1)
-    ks = k3 * scale if need_q else None
-    dq = torch.empty_like(q3) if need_q else None
-    dk = torch.zeros_like(k3) if need_k else None
-    dv = torch.zeros_like(v3) if need_v else None
-    rev = q3.new_zeros(H, n) if need_t else None   # rev[:, n - 1 - r]: gradient at distance r
+    def augmented(t: Tensor, last: Tensor | float, mul: float = 1.0) -> Tensor:
+        """``(BH, n, D + 1)`` in the compute dtype: ``[t · mul, last]``, one pass over ``t``."""
+        a = q.new_empty((B, H, n, D + 1), dtype=f)
+        torch.mul(t, mul, out=a[..., :D])
+        a[..., D] = last
+        return a.view(BH, n, D + 1)
+
+    delta = (dout.to(f) * out.to(f)).sum(-1)                                       # Δ (B, H, n)
+    qa = augmented(q, -lse.to(f), scale)                                           # [q·s, -lse]
+    ka = augmented(k, 1.0)                                                         # [k, 1]
+    da = augmented(dout, -delta)                                                   # [dO, -Δ]
+    va = augmented(v, 1.0)                                                         # [v, 1]
+    qs, k3, do3 = qa[..., :D], ka[..., :D], da[..., :D]
+    dq = q.new_empty((BH, n, D), dtype=f) if need_q else None
+    dk = q.new_zeros((BH, n, D), dtype=f) if need_k else None
+    dv = q.new_zeros((BH, n, D), dtype=f) if need_v else None
+    rev = q.new_zeros((H, n), dtype=f) if need_t else None   # rev[:, n - 1 - r]: gradient at distance r
     if need_t:
         # batch-summed dS of a chunk goes to z[:, :c, c:c + L]; the c left columns stay 0
-        z = q3.new_zeros(H, ROW_CHUNK, n + ROW_CHUNK)
+        z = q.new_zeros((H, ROW_CHUNK, n + ROW_CHUNK), dtype=f)
         stride = z.stride(1)
     for x0 in range(0, n, ROW_CHUNK):
         x1 = min(x0 + ROW_CHUNK, n)
@@ -214,7 +243,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: T
             if need_v:
                 dv[g, :L] += torch.bmm(p.transpose(1, 2), do3[g, x0:x1])
             if need_q:
-                torch.bmm(ds, ks[g, :L], out=dq[g, x0:x1])
+                torch.bmm(ds, k3[g, :L], out=dq[g, x0:x1])                      # dQ / s
             if need_k:
                 dk[g, :L] += torch.bmm(ds.transpose(1, 2), qs[g, x0:x1])
             if need_t:
@@ -230,7 +259,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: T
             diag = z.as_strided((H, L, c), (z.stride(0), 1, stride + 1), ROW_CHUNK - c + 1)
             rev[:, n - L:] += diag.sum(-1)
     shape = (B, H, n, D)
-    return (dq.view(shape) if need_q else None, dk.view(shape) if need_k else None,
+    return (dq.mul_(scale).view(shape) if need_q else None, dk.view(shape) if need_k else None,
             dv.view(shape) if need_v else None, rev.flip(-1) if need_t else None)
 
 
