@@ -15,7 +15,8 @@ Modes (any combination; the training grid runs unless ``--no-train``):
   ``auto`` is shown with the path it resolves to; a (scheme, path) that resolves to a row already
   in the grid is measured once. Training memory is not measured (see ``--eval-memory``).
 * ``--nanogpt``: nanoGPT's CPU settings (batch 12, block 64, 4 layers, 4 heads, n_embd 128,
-  dropout 0), DPB on the auto path, fp32: ms per iteration and the load average.
+  dropout 0, no biases), fp32: ms per iteration of DPB on the auto path and of nanoGPT's own
+  architecture built in dynpos (``learned/sdpa``), interleaved, and their ratio.
 * ``--eval-memory``: peak memory of a no-grad forward (batch 1) at ``--eval-sizes`` on the preset
   (trained block 128), DPB vs NoPE on the auto path. Each (scheme, n) runs in a fresh subprocess
   that, after building the model and the input, resets the kernel's peak-RSS mark
@@ -47,7 +48,6 @@ import sys
 import time
 from pathlib import Path
 
-import dynpos  # noqa: F401  (before torch: sets GOMP_SPINCOUNT, see dynpos/__init__.py)
 import torch
 import torch.nn.functional as F
 
@@ -165,18 +165,31 @@ def print_training(rows: list[dict]) -> None:
 
 
 def nanogpt(args) -> dict:
-    sizes = dict(n_layer=4, n_head=4, n_embd=128)
-    model, resolved = build("dpb", "auto", 64, sizes)
+    """nanoGPT's CPU settings: DPB on the auto path against nanoGPT's own architecture
+    (learned absolute positions, bias-free causal SDPA, no Linear/LayerNorm biases) built in
+    dynpos, interleaved in one run."""
+    sizes = dict(n_layer=4, n_head=4, n_embd=128, bias=False)
     g = torch.Generator().manual_seed(1)
     x, y = (torch.randint(VOCAB, (12, 64), generator=g) for _ in range(2))
-    step = train_step(model.train(), x, y, False, False)
+    steps, resolved = {}, {}
+    for scheme, path in (("dpb", "auto"), ("learned", "sdpa")):
+        model, resolved[scheme] = build(scheme, path, 64, sizes)
+        steps[scheme] = train_step(model.train(), x, y, False, False)
     start_load = load()
-    times = interleaved({"dpb": step}, args.nanogpt_iters, warmup=3)["dpb"]
-    med = statistics.median(times)
-    row = dict(batch=12, block=64, resolved=resolved, ms_per_iter=med, min_ms=min(times),
-               tokens_per_s=12 * 64 / med * 1e3, load_start=start_load, load_end=load())
-    print(f"\n[nanogpt] batch 12 block 64 4x4x128, dpb auto->{resolved}: {med:.1f} ms/iter median "
-          f"(min {min(times):.1f}), {row['tokens_per_s']:.0f} tok/s, load {start_load:.2f} -> {row['load_end']:.2f}")
+    times = interleaved(steps, args.nanogpt_iters, warmup=3)
+    rows = {}
+    for scheme, ts in times.items():
+        med = statistics.median(ts)
+        rows[scheme] = dict(resolved=resolved[scheme], ms_per_iter=med, min_ms=min(ts),
+                            tokens_per_s=12 * 64 / med * 1e3)
+    ratio = rows["dpb"]["ms_per_iter"] / rows["learned"]["ms_per_iter"]
+    row = dict(batch=12, block=64, **rows, dpb_over_learned=ratio, load_start=start_load, load_end=load())
+    print(f"\n[nanogpt] batch 12 block 64 4x4x128 bias=False, {args.nanogpt_iters} interleaved iters, "
+          f"load {start_load:.2f} -> {row['load_end']:.2f}")
+    for scheme, r in rows.items():
+        print(f"  {scheme}/{r['resolved']}: {r['ms_per_iter']:.1f} ms/iter median (min {r['min_ms']:.1f}), "
+              f"{r['tokens_per_s']:.0f} tok/s")
+    print(f"  dpb / learned (nanoGPT's design): {ratio:.3f}")
     return row
 
 
@@ -281,7 +294,7 @@ def main() -> None:
     parser.add_argument("--no-train", action="store_true", help="skip the training grid")
     parser.add_argument("--no-xt", action="store_true", help="skip the x-transformers row")
     parser.add_argument("--nanogpt", action="store_true")
-    parser.add_argument("--nanogpt-iters", type=int, default=20)
+    parser.add_argument("--nanogpt-iters", type=int, default=30)
     parser.add_argument("--eval-memory", action="store_true")
     parser.add_argument("--eval-sizes", type=int, nargs="+", default=[4096, 8192, 16384])
     parser.add_argument("--generate", action="store_true")

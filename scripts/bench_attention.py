@@ -25,7 +25,6 @@ import os
 import statistics
 import time
 
-import dynpos  # noqa: F401  (before torch: sets GOMP_SPINCOUNT, see dynpos/__init__.py)
 import torch
 import torch.nn.functional as F
 

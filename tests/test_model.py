@@ -58,10 +58,17 @@ def test_paths_agree_with_eager_in_outputs_and_gradients(shared, path):
         assert torch.allclose(ga[name], gb[name], atol=1e-5, rtol=1e-4), name
 
 
-def test_auto_picks_fused_for_training_and_sdpa_with_a_cache():
-    model = tiny("auto")
-    assert {x.path for x in model._layer_inputs(8, 8, torch.float32, torch.device("cpu"))} == {"fused"}
-    assert {x.path for x in model._layer_inputs(1, 8, torch.float32, torch.device("cpu"))} == {"sdpa"}
+@pytest.mark.parametrize("shared", [False, True])
+def test_auto_picks_fused_for_training_and_sdpa_with_a_cache(shared):
+    model = tiny("auto", shared=shared)
+    cpu = torch.device("cpu")
+    assert {x.path for x in model._layer_inputs(65, 65, torch.float32, cpu)} == {"fused"}
+    # short sequences train faster on eager; a shared table still gives one mask
+    short = model._layer_inputs(64, 64, torch.float32, cpu)
+    assert {x.path for x in short} == {"eager"} and len({id(x.mask) for x in short}) == (1 if shared else 2)
+    with torch.no_grad():
+        assert {x.path for x in model._layer_inputs(8, 8, torch.float32, cpu)} == {"fused"}
+    assert {x.path for x in model._layer_inputs(1, 8, torch.float32, cpu)} == {"sdpa"}
     alibi = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_embd=32), pos=ALiBi)
     assert {x.path for x in alibi._layer_inputs(8, 8, torch.float32, torch.device("cpu"))} == {"sdpa"}
     with torch.no_grad():  # inference: the chunked fused forward keeps memory linear in the length

@@ -4,7 +4,9 @@
 function (tests prove it to float32 rounding):
 
 * ``auto`` (default): ``fused`` when the scheme gives a per-distance table, the queries are the
-  keys (no cache) and the tensors are on the CPU; ``sdpa`` otherwise;
+  keys (no cache) and the tensors are on the CPU, except ``eager`` to train a learned table on
+  up to ``AUTO_EAGER_MAX`` (64) positions, where it is faster; ``sdpa`` otherwise (the rules in
+  ``GPT._layer_inputs``);
 * ``fused``: :func:`dynpos.model.fused.table_attention`, the CPU flash kernel forward with a
   hand-written backward that reduces the bias gradient straight into the per-distance table;
 * ``sdpa``: PyTorch's ``scaled_dot_product_attention`` with the bias and the causal mask folded

@@ -127,9 +127,14 @@ FWD_BIAS_ELEMS = 1 << 21
 ROW_CHUNK = 64
 #: Target size, in elements, of one backward block ``(batch group · H, c, keys)``.
 BLOCK_ELEMS = 1 << 20
-#: Python worker threads (each running single-threaded ATen ops on a slice of the batch or heads):
-#: None uses ``torch.get_num_threads()``; 1 keeps ATen's own intra-op threading.
-WORKERS: int | None = None
+#: Parts the batch (or the heads) is split into, each run on its own Python thread with
+#: single-threaded ATen ops. 1 (default): one part on the caller's thread, ATen's own threading;
+#: faster on an idle machine. ``torch.get_num_threads()``: faster when other processes load the
+#: cores (see the module docstring, Threads).
+WORKERS = 1
+#: The backward's attention weights below ``eps ** EXP_FLOOR_POWER`` of the compute dtype
+#: (4.9e-18 in float32) become exactly 0 (module docstring, Backward).
+EXP_FLOOR_POWER = 2.5
 
 _pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, executor)
 _pool_lock = threading.Lock()
@@ -202,7 +207,8 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: T
     BH = B * H
     f = padded.dtype
     scale = D ** -0.5
-    floor = math.ceil(math.log(torch.finfo(f).tiny))  # exp(floor) is the smallest normal float
+    floor = EXP_FLOOR_POWER * math.log(torch.finfo(f).eps)  # -39.8 in float32, -90.1 in float64
+    cutoff = math.exp(floor) * (1 + 1e-4)  # above exp(floor) and its rounding: those become 0
     need_q, need_k, need_v, need_t = need
     def augmented(t: Tensor, last: Tensor | float, mul: float = 1.0) -> Tensor:
         """``(BH, n, D + 1)`` in the compute dtype: ``[t · mul, last]``, one pass over ``t``."""
@@ -235,7 +241,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: T
             g, nb = slice(b0 * H, b1 * H), b1 - b0
             p = torch.bmm(qa[g, x0:x1], ka[g, :L].transpose(1, 2))                  # S·s - lse
             p.view(nb, H, c, L).add_(bias)
-            p.clamp_min_(floor).exp_()                                              # P
+            F.threshold_(p.clamp_min_(floor).exp_(), cutoff, 0.0)                      # P
             ds = torch.bmm(da[g, x0:x1], va[g, :L].transpose(1, 2))                 # dP - Δ
             ds.mul_(p)                                                              # dS
             # dv/dk: bmm into a fresh tensor, then add: baddbmm_ into the strided slice falls
@@ -298,19 +304,13 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, padded: Tensor) -> tuple[Tensor, T
     return out, lse
 
 
-def _flush_denormals() -> None:
-    """Pool-thread initializer: flush denormal floats to zero in this thread (see ``_run_parts``)."""
-    torch.set_flush_denormal(True)
-
-
 def _executor(workers: int) -> ThreadPoolExecutor:
-    """A process-wide pool of ``workers`` threads that flush denormals to zero; rebuilt after a
-    fork, whose child inherits the pool object but not its threads."""
+    """A process-wide pool of ``workers - 1`` threads (the caller is the last worker); rebuilt
+    after a fork, whose child inherits the pool object but not its threads."""
     global _pool
     with _pool_lock:
         if _pool is None or _pool[0] != os.getpid() or _pool[1] != workers:
-            _pool = (os.getpid(), workers, ThreadPoolExecutor(
-                workers, thread_name_prefix="dynpos-fused", initializer=_flush_denormals))
+            _pool = (os.getpid(), workers, ThreadPoolExecutor(workers - 1, thread_name_prefix="dynpos-fused"))
         return _pool[2]
 
 
@@ -324,39 +324,31 @@ def _split(n_parts: int, B: int, H: int) -> tuple[int, list[slice]]:
 
 
 def _run_parts(fn, parts: list[tuple]) -> list:
-    """``[fn(*part) for part in parts]``, one pool thread per part, each ATen op single-threaded.
+    """``[fn(*part) for part in parts]``: one part on the caller's thread with ATen's own
+    threading, or one Python thread per part with single-threaded ATen ops (see ``WORKERS``).
 
-    ATen parallelises every op with an OpenMP fork/join; the backward runs a few hundred ops,
-    and when other processes share the cores each join waits for a descheduled thread (10x
-    slowdowns measured at load 5 on 2 cores). Independent parts with single-threaded ops only
-    meet once, at the end. ``torch.set_num_threads`` sets the calling thread's OpenMP count and
-    the count that threads started later inherit; the caller's is set again on return. One part
-    keeps ATen's threading (the caller's thread count).
-
-    The parts run on the pool's threads, never the caller's, because those threads flush
-    denormals to zero (``torch.set_flush_denormal``, a per-thread CPU flag that torch cannot read
-    back, so the caller's is left alone): rows whose logits span more than ~87 nats make
-    ``exp`` and the products after it denormal, and denormal arithmetic is slow. On a
-    freshly initialised micro DPB model at block 1024 that made one layer's backward up to 4x
-    slower than another's. Values below 1.2e-38 become 0, far below float32 rounding of the
-    sums they enter.
+    ``torch.set_num_threads`` sets the calling thread's OpenMP thread count and the count that
+    threads started later inherit; both are set back on return.
     """
-    pool = _executor(len(parts))
+    if len(parts) == 1:
+        with torch.no_grad():
+            return [fn(*parts[0])]
     previous = torch.get_num_threads()
-    threads = 1 if len(parts) > 1 else previous
+    pool = _executor(len(parts))
 
     def work(part):
-        torch.set_num_threads(threads)  # OpenMP's thread count is per thread
+        torch.set_num_threads(1)
         with torch.no_grad():
             return fn(*part)
 
     futures = []
     try:
-        futures = [pool.submit(work, part) for part in parts]
-        return [future.result() for future in futures]
+        futures = [pool.submit(work, part) for part in parts[1:]]
+        first = work(parts[0])
+        return [first] + [future.result() for future in futures]
     finally:
         wait(futures)  # on an error too: no part may outlive the single-thread setting
-        torch.set_num_threads(previous)  # also the count that threads started later inherit
+        torch.set_num_threads(previous)
 
 
 class _TableAttention(torch.autograd.Function):
@@ -367,7 +359,7 @@ class _TableAttention(torch.autograd.Function):
         B, H, n, _ = q.shape
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         padded = _padded(table.detach().to(compute), n)
-        workers = WORKERS or torch.get_num_threads()
+        workers = WORKERS
         dim, slices = _split(workers, B, H)
         ctx.split = dim, slices
         parts = []

@@ -16,8 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynpos.model.attention import PATHS, AttnInputs, CausalSelfAttention, KVCache, causal_mask
-from dynpos.positional.base import PositionalScheme
+from dynpos.positional.base import PositionalScheme, toeplitz
 from dynpos.positional.dpb import DPB
+
+#: Longest sequence for which ``attn=auto`` trains a learned table (DPB) on the ``eager`` path
+#: rather than ``fused``: attention alone, fwd + bwd, B=12 H=4 D=32, 2 threads, medians of 30:
+#: n = 64 eager 1.9 ms vs fused 3.3 (bias-free causal SDPA 1.3), n = 96 5.8 vs 6.0,
+#: n = 128 8.7 vs 7.5 (``scripts/bench_attention.py``).
+AUTO_EAGER_MAX = 64
 
 
 @dataclass
@@ -31,7 +37,8 @@ class GPTConfig:
         dropout: dropout probability (0 for pretraining small models).
         bias: biases in Linear layers and LayerNorms (GPT-2: True).
         attn: attention path: ``auto`` (default: ``fused`` on CPU for schemes with a per-distance
-            table, else ``sdpa``), ``fused``, ``sdpa``, ``eager``, ``flex`` (see ``model/attention.py``).
+            table, ``eager`` to train one on up to 64 positions, else ``sdpa``), ``fused``,
+            ``sdpa``, ``eager``, ``flex`` (see ``model/attention.py``).
     """
 
     vocab_size: int
@@ -153,8 +160,9 @@ class GPT(nn.Module):
 
         ``auto`` takes ``fused`` for table schemes on the CPU without a cache (``i == j``) when the
         table is learned or no gradient is needed (its chunked forward keeps memory linear in the
-        length); a fixed table in training (ALiBi) is faster as a grad-free ``sdpa`` mask. ``fused``
-        with a cache or a scheme without a table also falls back to ``sdpa``.
+        length), except in training at ``j <= AUTO_EAGER_MAX``, where ``eager`` is faster; a
+        fixed table in training (ALiBi) is faster as a grad-free ``sdpa`` mask. ``fused`` with a
+        cache or a scheme without a table also falls back to ``sdpa``.
         """
         path = self.config.attn
         if path in ("auto", "fused"):
@@ -162,6 +170,9 @@ class GPT(nn.Module):
             tables = self._tables(j) if wanted else [None]
             learned = tables[0] is not None and (tables[0].requires_grad or not torch.is_grad_enabled())
             if tables[0] is not None and (path == "fused" or learned):
+                if path == "auto" and tables[0].requires_grad and j <= AUTO_EAGER_MAX:
+                    grids = {id(t): toeplitz(t, i) for t in tables}  # a shared table once
+                    return self._masked("eager", [grids[id(t)] for t in tables], i, j, dtype, device)
                 return [AttnInputs("fused", table=t) for t in tables]
             path = "sdpa"
         if path == "flex":
@@ -169,10 +180,17 @@ class GPT(nn.Module):
             if tables[0] is not None:
                 return [AttnInputs("flex", table=t) for t in tables]
             return [AttnInputs("flex", bias=b) for b in self.pos.biases(i, j)]
+        return self._masked(path, self.pos.biases(i, j), i, j, dtype, device)
+
+    @staticmethod
+    def _masked(path: str, biases: list[Tensor | None], i: int, j: int, dtype: torch.dtype,
+                device: torch.device) -> list[AttnInputs]:
+        """Each block's bias ``(H, i, j)`` (or None) folded with the causal mask, once per distinct
+        tensor (a shared scheme repeats one)."""
         folded: dict[int, Tensor | None] = {}
         inputs = []
-        for bias in self.pos.biases(i, j):
-            if id(bias) not in folded:  # shared schemes fold their one bias once
+        for bias in biases:
+            if id(bias) not in folded:
                 folded[id(bias)] = None if bias is None else causal_mask(bias, i, j, device, dtype)
             inputs.append(AttnInputs(path, mask=folded[id(bias)]))
         return inputs
