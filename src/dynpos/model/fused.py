@@ -26,19 +26,24 @@ Backward (recompute from the log-sum-exp: FlashAttention, Dao et al. 2022, arXiv
     blocks above the diagonal are skipped), and in groups of batch elements so that a block of
     ``(group · H, c, x1)`` stays near ``BLOCK_ELEMS``, all in float32 (float64 for float64 input):
 
-    * ``P  = exp(max([q·s, -lse] · [k, 1]ᵀ + T, log(tiny)))``: ``-lse`` rides in an extra GEMM
-      column; the clamp at the log of the smallest normal float (-87 in float32) keeps ``exp``
-      on its fast path: ATen's vectorised ``exp`` took 31 ns per element for arguments below
-      that (masked ``-inf`` entries, rows whose bias spans more than 87 nats, as ALiBi's does
-      over long distances) against 0.45 ns in range; the clamp costs 0.2 ns and gives masked
-      entries a weight of 1.6e-38 instead of 0, whose products flush to zero (see Threads);
+    * ``P  = exp([q·s, -lse] · [k, 1]ᵀ + T)``: ``-lse`` rides in an extra GEMM column. The
+      arguments are clamped at ``floor = 2.5 · ln(eps)`` (-39.8 in float32) and weights at or
+      just above ``exp(floor)`` (4.9e-18) set to exactly 0 (``F.threshold_``), far below the
+      rounding of a row of weights that sums to 1. ATen's vectorised ``exp`` took 31 ns per
+      element for arguments below -87 (masked ``-inf`` entries; biases that fall by more than
+      87 nats, as ALiBi's steep heads do over long distances) against 0.45 ns in range, and
+      the tiny weights it returns make the products after it denormal, also slow: on a freshly
+      initialised micro DPB model at block 1024 one layer's backward took 4x another's. With
+      the floor the backward of a whole step went from 934 to about 320 ms (4 layers, 2
+      threads), the step from 2.38x to 1.2-1.3x NoPE; masked keys keep exactly zero gradient;
     * ``dS = P ⊙ ([dO, -Δ] · [v, 1]ᵀ)``, ``Δ = rowsum(dO ⊙ O)``: likewise ``-Δ``;
     * ``dV += Pᵀ dO``, ``dQ = dS (k·s)``, ``dK += dSᵀ (q·s)``, ``s = 1/sqrt(D)``;
     * ``dtable[h, r] = Σ_b Σ_{x - y = r} dS[b, h, x, y]``: ``dS`` summed over the batch lands in a
       buffer with ``c`` zero columns on the left; a strided view whose step is the row stride + 1
       turns its diagonals into columns, and one ``sum`` reduces them ("skew" trick).
 
-    Five GEMMs and five elementwise passes (bias add, clamp, exp, product, batch sum) per block.
+    Five GEMMs and six elementwise passes (bias add, clamp, exp, threshold, product, batch sum)
+    per block.
     ``[q·s, -lse]``, ``[k, 1]``, ``[dO, -Δ]`` and ``[v, 1]`` are each written in one pass; the
     GEMMs read ``q·s``, ``k`` and ``dO`` as their first ``D`` columns, and ``dQ`` is scaled by
     ``s`` once at the end.
@@ -49,33 +54,23 @@ Backward (recompute from the log-sum-exp: FlashAttention, Dao et al. 2022, arXiv
     and dP GEMMs and all the elementwise work anyway, so the flash backward only stands in for
     the three cheap GEMMs (dV, dQ, dK) and costs more than they do: fwd + bwd 20-25 % slower
     (B=8 H=4 D=32, 2 workers, medians of 7 interleaved runs: n=256 288 vs 246 ms, n=1024 1025
-    vs 809 ms, n=2048 2397 vs 1837 ms, on a loaded machine). Checked again after the clamp:
+    vs 809 ms, n=2048 2397 vs 1837 ms, on a loaded machine). Checked again with the floor:
     the flash backward with the mask alone takes 61 % of this whole backward at n = 256
     (3.86 vs 6.31 ms) and 94 % at n = 1024 (55.5 vs 58.8 ms), B=4 H=4 D=32, 1 thread, idle.
 
 Threads
-    Forward and backward split the batch (or, for a batch smaller than the worker count, the
-    heads) into ``WORKERS`` parts (default ``torch.get_num_threads()``), run one part per Python
-    thread with ATen set to one intra-op thread (:func:`_run_parts`), and concatenate (the table
-    gradient: sum over batch parts). The chunked code issues a few hundred ATen ops; with
-    ATen's own threading each is an OpenMP fork/join, and when other processes share the cores
-    every join waits for a descheduled thread. On the 2-core machine at load average 5-6,
-    fwd + bwd at n = 1024 took 1.9 s that way against 0.57 s split (bias-free causal SDPA:
-    0.41 s); ``OMP_WAIT_POLICY=PASSIVE`` narrows the gap but split still won (0.55 vs 0.98 s).
-
-    The parts run on a pool of ``WORKERS`` threads that flush denormal floats to zero
-    (``torch.set_flush_denormal``, per thread), never on the caller's thread, whose flag torch
-    cannot read back to restore. On a freshly initialised micro DPB model at block 1024 the
-    products of tiny weights and gradients were denormal, and one layer's backward took up to
-    4x another's; with the flag and the clamp above the whole backward went from 934 to 316 ms
-    per step (4 layers, 2 threads) and the step from 2.38x to 1.19x NoPE.
-
-    libgomp, torch's OpenMP runtime, lets an idle team thread spin ``GOMP_SPINCOUNT`` times
-    (default 300,000, milliseconds) before it sleeps; the caller's team spins right after the
-    model's previous op while this op's workers run, and on 2 cores took one of them: the
-    fused forward and backward ran 2x slower inside a block-256 training step than alone.
-    ``import dynpos`` sets ``GOMP_SPINCOUNT=10000`` unless set (it must come before torch
-    loads): the block-256 step went from 1.6x to 1.2x NoPE, NoPE's own step unchanged.
+    ``WORKERS = 1`` (default) runs forward and backward on the caller's thread, each ATen op
+    with ATen's own OpenMP threads. ``WORKERS = k`` splits the batch (or, for a batch smaller
+    than ``k``, the heads) into ``k`` parts, runs one part per Python thread with ATen set to
+    one intra-op thread (:func:`_run_parts`), and concatenates (the table gradient: sum over
+    batch parts). The chunked code issues a few hundred ATen ops, each an OpenMP fork/join:
+    when other processes share the cores every join waits for a descheduled thread, and the
+    split is faster; on an idle machine the split loses, as the idle OpenMP team of the
+    caller spins (libgomp: ``GOMP_SPINCOUNT``, 300,000 by default) on the cores its workers
+    need. Training steps of the micro model, DPB over NoPE, block 256, batch 8, 2 threads,
+    medians of 16 interleaved steps: idle, 1.06 (``WORKERS=1``) vs 1.46 (``WORKERS=2``); with
+    two busy processes on the 2 cores, 11.8 vs 1.9 (NoPE 3x slower itself). With one thread
+    (``torch.set_num_threads(1)``, the advice for a shared machine) the two are the same.
 
 Performance (2-core CPU, torch 2.13; ``scripts/bench_attention.py``, B=8 H=4 D=32, fwd + bwd)
     Medians over bias-free causal flash SDPA at n = 256 / 1024 / 2048, 2 threads, machine shared
