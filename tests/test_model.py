@@ -104,6 +104,24 @@ def test_kv_cache_decoding_equals_full_forward(shared, path):
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_decoding_computes_the_dpb_tables_once(shared):
+    """Through a cache, the DPB MLP runs for the prompt and once more for the tables kept in the
+    cache (block_size distances), not at every token; past block_size the tables grow once."""
+    model = tiny("auto", shared=shared).eval()
+    calls = []
+    for dpb in model.pos.dpbs:
+        dpb.mlp.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    per_pass = 1 if shared else model.config.n_layer
+    with torch.no_grad():
+        cache = KVCache(model.config.n_layer)
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+        for _ in range(40):  # 5 + 40 tokens: past block_size 32 the kept tables double to 64
+            model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+    assert calls == [5] * per_pass + [32] * per_pass + [64] * per_pass
+    assert cache.tables[0].shape == (4, 64)
+
+
 def test_shared_dpb_is_one_module_computed_once():
     model = tiny(shared=True, n_layer=3)
     assert len(model.pos.dpbs) == 1

@@ -77,11 +77,15 @@ class KVCache:
     """Keys and values of every block, for decoding one token at a time.
 
     ``keys[layer]``/``values[layer]``: ``(B, n_head, length, head_dim)`` or None before the first step.
+    ``tables``: the per-distance bias tables ``(n_head, m)`` of every block, for table schemes
+    decoding without gradients: computed once for ``m >= block_size`` distances and sliced at
+    each step, instead of running the positional MLP on ``0 .. length-1`` at every token.
     """
 
     n_layer: int
     keys: list[Tensor | None] = field(default_factory=list)
     values: list[Tensor | None] = field(default_factory=list)
+    tables: list[Tensor] | None = None
 
     def __post_init__(self) -> None:
         self.keys = [None] * self.n_layer

@@ -155,14 +155,16 @@ class GPT(nn.Module):
             return [self.pos.table(0, j)] * self.config.n_layer
         return [self.pos.table(layer, j) for layer in range(self.config.n_layer)]
 
-    def _layer_inputs(self, i: int, j: int, dtype: torch.dtype, device: torch.device) -> list[AttnInputs]:
+    def _layer_inputs(self, i: int, j: int, dtype: torch.dtype, device: torch.device,
+                      cache: KVCache | None = None) -> list[AttnInputs]:
         """Resolve the attention path for this call and give each block the bias in the form it needs.
 
         ``auto`` takes ``fused`` for table schemes on the CPU without a cache (``i == j``) when the
         table is learned or no gradient is needed (its chunked forward keeps memory linear in the
         length), except in training at ``j <= AUTO_EAGER_MAX``, where ``eager`` is faster; a
         fixed table in training (ALiBi) is faster as a grad-free ``sdpa`` mask. ``fused`` with a
-        cache or a scheme without a table also falls back to ``sdpa``.
+        cache or a scheme without a table also falls back to ``sdpa``; decoding through a
+        ``cache`` without gradients reads the tables kept in it.
         """
         path = self.config.attn
         if path in ("auto", "fused"):
@@ -180,7 +182,24 @@ class GPT(nn.Module):
             if tables[0] is not None:
                 return [AttnInputs("flex", table=t) for t in tables]
             return [AttnInputs("flex", bias=b) for b in self.pos.biases(i, j)]
+        if cache is not None and i != j and not torch.is_grad_enabled():
+            tables = self._decoding_tables(cache, j)
+            if tables is not None:
+                grids = {id(t): toeplitz(t[:, :j], i) for t in tables}  # a shared table once
+                return self._masked(path, [grids[id(t)] for t in tables], i, j, dtype, device)
         return self._masked(path, self.pos.biases(i, j), i, j, dtype, device)
+
+    def _decoding_tables(self, cache: KVCache, j: int) -> list[Tensor] | None:
+        """The blocks' per-distance tables for at least ``j`` distances, kept in ``cache`` (no
+        gradient): computed for ``max(block_size, j, twice the last)`` distances when too short.
+        None for schemes without a table."""
+        if cache.tables is None or cache.tables[0].shape[1] < j:
+            have = 0 if cache.tables is None else cache.tables[0].shape[1]
+            tables = self._tables(max(self.config.block_size, j, 2 * have))
+            if tables[0] is None:
+                return None
+            cache.tables = tables
+        return cache.tables
 
     @staticmethod
     def _masked(path: str, biases: list[Tensor | None], i: int, j: int, dtype: torch.dtype,
@@ -224,7 +243,7 @@ class GPT(nn.Module):
         if absolute is not None:
             x = x + absolute
         x = self.drop(x)
-        for layer, (block, inputs) in enumerate(zip(self.h, self._layer_inputs(t, j, x.dtype, x.device))):
+        for layer, (block, inputs) in enumerate(zip(self.h, self._layer_inputs(t, j, x.dtype, x.device, cache))):
             x = block(x, self.pos, layer, inputs, cache)
         logits = self.lm_head(self.ln_f(x))
         loss = None
