@@ -73,11 +73,11 @@ Threads
     (``torch.set_num_threads(1)``, the advice for a shared machine) the two are the same.
 
 Performance (2-core CPU, torch 2.13; ``scripts/bench_attention.py``, B=8 H=4 D=32, fwd + bwd)
-    Medians over bias-free causal flash SDPA at n = 256 / 1024 / 2048, 2 threads, machine shared
-    (load average 6): this path 1.19 / 1.14 / 1.75x; the generic SDPA kernel with the model's
-    grad-requiring mask 2.7 / 3.9 / 5.7x; eager 2.3 / 4.7 / 6.4x; ``torch.compile`` of eager
-    1.7 / 3.3 / 4.8x. One thread: 1.66 / 1.44 / 1.52x against 2.4 / 5.5 / 5.9x (SDPA with mask)
-    and 3.1 / 7.3 / 6.6x (eager). The others also hold O(B·H·n²) memory.
+    Medians of 5 interleaved runs over bias-free causal flash SDPA at n = 256 / 1024 / 2048,
+    2 threads, idle machine: this path 1.30 / 1.30 / 1.97x; the generic SDPA kernel with the
+    model's grad-requiring mask 1.67 / 3.64 / 6.25x; eager 1.61 / 4.41 / 7.68x. The others also
+    hold O(B·H·n²) memory. (``torch.compile`` of eager, measured earlier under load: 1.7 / 3.3 /
+    4.8x.)
 
     Found on the way: a ``flip`` of the overlapping ``unfold`` view comes back column-major for
     partial rows, and adding such a bias cost about 5x a contiguous one, hence the gather in
