@@ -14,15 +14,18 @@ DEFAULTS = {"ckpt": "???", "prompt": "\n", "max_new_tokens": 500, "temperature":
 
 def main() -> None:
     cfg = script_config(DEFAULTS)
+    if cfg.top_k is not None and (isinstance(cfg.top_k, bool) or not isinstance(cfg.top_k, int)):
+        raise ValueError(f"top_k must be a whole number or null, got top_k={cfg.top_k}")
+    if cfg.num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got num_samples={cfg.num_samples}")
     model, tokenizer, _ = load_model(cfg.ckpt, "ckpt")
     ids = tokenizer.encode(str(cfg.prompt)).ids
     if not ids:
         raise ValueError(f"prompt={cfg.prompt!r} encodes to no tokens: give a non-empty prompt")
-    top_k = None if cfg.top_k is None else int(cfg.top_k)
     generator = torch.Generator().manual_seed(int(cfg.seed))
     for n in range(int(cfg.num_samples)):
         out = model.generate(torch.tensor([ids]), int(cfg.max_new_tokens), temperature=float(cfg.temperature),
-                             top_k=top_k, generator=generator)
+                             top_k=cfg.top_k, generator=generator)
         print(tokenizer.decode(out[0].tolist(), skip_special_tokens=False))
         if n + 1 < cfg.num_samples:
             print("-" * 40)

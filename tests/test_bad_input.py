@@ -101,6 +101,8 @@ CASES = [
     Case("sample-temperature-0", S, ["ckpt={ckpt}", "temperature=0"], ["temperature", "> 0", "1e-3"]),
     Case("sample-top_k-too-big", S, ["ckpt={ckpt}", "top_k=100000"], ["top_k", "vocab_size", "100000"]),
     Case("sample-type", S, ["ckpt={ckpt}", "max_new_tokens=abc"], ["max_new_tokens=abc", "whole number"]),
+    Case("sample-top_k-text", S, ["ckpt={ckpt}", "top_k=abc"], ["top_k must be a whole number or null", "top_k=abc"]),
+    Case("sample-num_samples-0", S, ["ckpt={ckpt}", "num_samples=0"], ["num_samples must be >= 1", "num_samples=0"]),
     Case("sample-no-ckpt", S, ["prompt=hi"], ["ckpt is required", "ckpt=<value>"]),
     Case("sample-unknown-key", S, ["ckpt={ckpt}", "temprature=1"], ["unknown key 'temprature'", "temperature"]),
     Case("sample-ckpt-directory", S, ["ckpt={run}"], ["ckpt=", "is a directory", "checkpoints/last.ckpt"]),
