@@ -48,6 +48,10 @@ Backward (recompute from the log-sum-exp: FlashAttention, Dao et al. 2022, arXiv
     GEMMs read ``q·s``, ``k`` and ``dO`` as their first ``D`` columns, and ``dQ`` is scaled by
     ``s`` once at the end.
 
+    Also measured and rejected: ``softmax`` of the block in place of clamp, ``exp`` and threshold
+    (slower), and ``torch.compile(dynamic=True)`` of the block's elementwise steps (16.7 s to
+    compile, then 145 against 129 ms at n = 1024, B=8, 2 threads).
+
     Measured alternative, rejected: the flash *backward* kernel
     (``aten::_scaled_dot_product_flash_attention_for_cpu_backward``, given the whole mask) for
     dq, dk, dv plus the same chunked pass for the table gradient alone. That pass needs the P
@@ -205,6 +209,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: T
     floor = EXP_FLOOR_POWER * math.log(torch.finfo(f).eps)  # -39.8 in float32, -90.1 in float64
     cutoff = math.exp(floor) * (1 + 1e-4)  # above exp(floor) and its rounding: those become 0
     need_q, need_k, need_v, need_t = need
+
     def augmented(t: Tensor, last: Tensor | float, mul: float = 1.0) -> Tensor:
         """``(BH, n, D + 1)`` in the compute dtype: ``[t · mul, last]``, one pass over ``t``."""
         a = q.new_empty((B, H, n, D + 1), dtype=f)
@@ -236,7 +241,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: T
             g, nb = slice(b0 * H, b1 * H), b1 - b0
             p = torch.bmm(qa[g, x0:x1], ka[g, :L].transpose(1, 2))                  # S·s - lse
             p.view(nb, H, c, L).add_(bias)
-            F.threshold_(p.clamp_min_(floor).exp_(), cutoff, 0.0)                      # P
+            F.threshold_(p.clamp_min_(floor).exp_(), cutoff, 0.0)                   # P
             ds = torch.bmm(da[g, x0:x1], va[g, :L].transpose(1, 2))                 # dP - Δ
             ds.mul_(p)                                                              # dS
             # dv/dk: bmm into a fresh tensor, then add: baddbmm_ into the strided slice falls
@@ -244,7 +249,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: T
             if need_v:
                 dv[g, :L] += torch.bmm(p.transpose(1, 2), do3[g, x0:x1])
             if need_q:
-                torch.bmm(ds, k3[g, :L], out=dq[g, x0:x1])                      # dQ / s
+                torch.bmm(ds, k3[g, :L], out=dq[g, x0:x1])                          # dQ / s
             if need_k:
                 dk[g, :L] += torch.bmm(ds.transpose(1, 2), qs[g, x0:x1])
             if need_t:
