@@ -17,9 +17,10 @@ Forward
     ``0 .. x0-1`` (all visible, no causal flag), each with its slice of the bias built from the
     detached table (strided ``unfold`` of the reversed, ``-inf``-padded table, then a contiguous
     gather). The two partial softmaxes merge exactly: ``out = lerp(o₂, o₁, sigmoid(l₁ - l₂))``,
-    ``lse = logaddexp(l₁, l₂)``. Against one call with the whole ``(1, H, n, n)`` mask this is as
-    fast at n = 1024 and faster at n = 2048 (160 vs 194 ms, 1 thread, B=8 H=4 D=32): the 64 MB
-    mask costs page faults at every allocation, and its memory.
+    ``lse = logaddexp(l₁, l₂)``. Against one call with the whole ``(1, H, n, n)`` mask this is
+    faster at every length (B=8 H=4 D=32, 2 threads, idle: 4.4 vs 4.8 ms at n = 256, 37.5 vs
+    47.9 at 1024, 134 vs 182 at 2048): the whole mask costs page faults at every allocation,
+    and its memory. Bias-free causal flash attention: 3.4, 28.6, 81 ms.
 
 Backward (recompute from the log-sum-exp: FlashAttention, Dao et al. 2022, arXiv:2205.14135)
     In chunks of ``ROW_CHUNK`` query rows ``x0 .. x1-1`` against keys ``0 .. x1-1`` only (the
@@ -43,14 +44,9 @@ Backward (recompute from the log-sum-exp: FlashAttention, Dao et al. 2022, arXiv
       turns its diagonals into columns, and one ``sum`` reduces them ("skew" trick).
 
     Five GEMMs and six elementwise passes (bias add, clamp, exp, threshold, product, batch sum)
-    per block.
-    ``[q·s, -lse]``, ``[k, 1]``, ``[dO, -Δ]`` and ``[v, 1]`` are each written in one pass; the
-    GEMMs read ``q·s``, ``k`` and ``dO`` as their first ``D`` columns, and ``dQ`` is scaled by
-    ``s`` once at the end.
-
-    Also measured and rejected: ``softmax`` of the block in place of clamp, ``exp`` and threshold
-    (slower), and ``torch.compile(dynamic=True)`` of the block's elementwise steps (16.7 s to
-    compile, then 145 against 129 ms at n = 1024, B=8, 2 threads).
+    per block. ``[q·s, -lse]``, ``[k, 1]``, ``[dO, -Δ]`` and ``[v, 1]`` are each written in
+    one pass; the GEMMs read ``q·s``, ``k`` and ``dO`` as their first ``D`` columns, and ``dQ``
+    is scaled by ``s`` once at the end.
 
     Measured alternative, rejected: the flash *backward* kernel
     (``aten::_scaled_dot_product_flash_attention_for_cpu_backward``, given the whole mask) for
@@ -61,6 +57,10 @@ Backward (recompute from the log-sum-exp: FlashAttention, Dao et al. 2022, arXiv
     vs 809 ms, n=2048 2397 vs 1837 ms, on a loaded machine). Checked again with the floor:
     the flash backward with the mask alone takes 61 % of this whole backward at n = 256
     (3.86 vs 6.31 ms) and 94 % at n = 1024 (55.5 vs 58.8 ms), B=4 H=4 D=32, 1 thread, idle.
+
+    Also measured and rejected: ``softmax`` of the block in place of clamp, ``exp`` and threshold
+    (slower), and ``torch.compile(dynamic=True)`` of the block's elementwise steps (16.7 s to
+    compile, then 145 against 129 ms at n = 1024, B=8, 2 threads).
 
 Threads
     ``WORKERS = 1`` (default) runs forward and backward on the caller's thread, each ATen op
