@@ -213,7 +213,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: T
     def augmented(t: Tensor, last: Tensor | float, mul: float = 1.0) -> Tensor:
         """``(BH, n, D + 1)`` in the compute dtype: ``[t · mul, last]``, one pass over ``t``."""
         a = q.new_empty((B, H, n, D + 1), dtype=f)
-        torch.mul(t, mul, out=a[..., :D])
+        torch.mul(t.to(f), mul, out=a[..., :D])  # widen first: q·s rounded to bf16 is not q·s
         a[..., D] = last
         return a.view(BH, n, D + 1)
 
