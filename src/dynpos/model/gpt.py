@@ -173,8 +173,7 @@ class GPT(nn.Module):
             learned = tables[0] is not None and (tables[0].requires_grad or not torch.is_grad_enabled())
             if tables[0] is not None and (path == "fused" or learned):
                 if path == "auto" and tables[0].requires_grad and j <= AUTO_EAGER_MAX:
-                    grids = {id(t): toeplitz(t, i) for t in tables}  # a shared table once
-                    return self._masked("eager", [grids[id(t)] for t in tables], i, j, dtype, device)
+                    return self._masked("eager", self._grids(tables, i, j), i, j, dtype, device)
                 return [AttnInputs("fused", table=t) for t in tables]
             path = "sdpa"
         if path == "flex":
@@ -185,8 +184,7 @@ class GPT(nn.Module):
         if cache is not None and i != j and not torch.is_grad_enabled():
             tables = self._decoding_tables(cache, j)
             if tables is not None:
-                grids = {id(t): toeplitz(t[:, :j], i) for t in tables}  # a shared table once
-                return self._masked(path, [grids[id(t)] for t in tables], i, j, dtype, device)
+                return self._masked(path, self._grids(tables, i, j), i, j, dtype, device)
         return self._masked(path, self.pos.biases(i, j), i, j, dtype, device)
 
     def _decoding_tables(self, cache: KVCache, j: int) -> list[Tensor] | None:
@@ -200,6 +198,13 @@ class GPT(nn.Module):
                 return None
             cache.tables = tables
         return cache.tables
+
+    @staticmethod
+    def _grids(tables: list[Tensor], i: int, j: int) -> list[Tensor]:
+        """Each block's ``(H, i, j)`` bias from its per-distance table (the first ``j`` distances),
+        expanded once per distinct table (a shared scheme repeats one)."""
+        grids = {id(t): toeplitz(t[:, :j], i) for t in tables}
+        return [grids[id(t)] for t in tables]
 
     @staticmethod
     def _masked(path: str, biases: list[Tensor | None], i: int, j: int, dtype: torch.dtype,
