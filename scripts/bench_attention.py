@@ -5,14 +5,16 @@ alone, all gradients on (q, k, v and, where there is one, the per-distance table
 
 * ``causal``     bias-free ``F.scaled_dot_product_attention(is_causal=True)`` (flash kernel): the floor;
 * ``table``      :func:`dynpos.model.fused.table_attention`;
+* ``table_split`` the same with the batch split over one Python thread per torch thread
+  (``fused.WORKERS = torch.get_num_threads()``; faster only when other processes load the cores);
 * ``sdpa_mask``  ``F.scaled_dot_product_attention`` with the ``(1, H, n, n)`` bias mask that requires
   grad, built as the model builds it (the generic kernel: the model's ``sdpa`` path);
 * ``eager``      ``eager_attention`` with ``causal_mask(toeplitz(table))``: the reference;
 * ``compiled``   (``--compile``) ``torch.compile`` of the eager path (one compile per size, not timed).
 
 Repetitions are interleaved (variant A, B, C, A, B, C, ...) so that load from other processes
-falls on every variant alike; the table reports the median and the minimum in ms and the
-median's ratio to the ``causal`` row.
+falls on every variant alike; the table reports the medians of the forward and of the backward
+alone, the median and minimum of their sum in ms, and that median's ratio to the ``causal`` row.
 
     python scripts/bench_attention.py                      # B=8 H=4 D=32, n = 256 1024 2048
     python scripts/bench_attention.py --sizes 1024 --reps 9 --threads 2 --compile
@@ -29,14 +31,15 @@ import torch
 import torch.nn.functional as F
 
 from dynpos.model.attention import causal_mask, eager_attention
+from dynpos.model import fused
 from dynpos.model.fused import table_attention
 from dynpos.positional.base import toeplitz
 
 
-def interleaved(runs: dict, reps: int, step=None, after=None, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved(runs: dict, reps: int, after=None, warmup: int = 1) -> dict[str, list[float]]:
     """Time every callable in ``runs`` in interleaved rounds (A, B, C, A, B, C, ...).
 
-    Each round calls ``step(fn)`` (default: ``fn()``) once per variant, then ``after()`` if given
+    Each round calls every ``fn()`` once, each followed by ``after()`` if given
     (outside the timing); the first ``warmup`` rounds warm up (and compile) and are dropped.
     Interleaving makes load from other processes fall on every variant alike.
 
@@ -47,10 +50,7 @@ def interleaved(runs: dict, reps: int, step=None, after=None, warmup: int = 1) -
     for rep in range(warmup + reps):
         for name, fn in runs.items():
             start = time.perf_counter()
-            if step is None:
-                fn()
-            else:
-                step(fn)
+            fn()
             elapsed = time.perf_counter() - start
             if after is not None:
                 after()
@@ -69,9 +69,17 @@ def variants(q, k, v, table, compile_eager: bool) -> dict:
     def eager():
         return eager_attention(q, k, v, mask())
 
+    def split():  # fused with the batch split over Python threads (fused.WORKERS, module docstring)
+        workers, fused.WORKERS = fused.WORKERS, torch.get_num_threads()
+        try:
+            return table_attention(q, k, v, table)  # the backward reuses the forward's split
+        finally:
+            fused.WORKERS = workers
+
     out = {
         "causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         "table": lambda: table_attention(q, k, v, table),
+        "table_split": split,
         "sdpa_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask()),
         "eager": eager,
     }
@@ -97,9 +105,9 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, B={args.batch} H={args.heads} "
-          f"D={args.head_dim} {args.dtype}, {args.reps} interleaved reps; fwd+bwd ms; "
+          f"D={args.head_dim} {args.dtype}, {args.reps} interleaved reps; ms (median, min: fwd + bwd); "
           f"load average {os.getloadavg()[0]:.2f}")
-    print(f"{'n':>5} {'variant':<10} {'median':>9} {'min':>9} {'x causal':>9}")
+    print(f"{'n':>5} {'variant':<12} {'fwd':>8} {'bwd':>8} {'median':>9} {'min':>9} {'x causal':>9}")
     torch.manual_seed(0)
     for n in args.sizes:
         shape = (args.batch, args.heads, n, args.head_dim)
@@ -107,19 +115,28 @@ def main() -> None:
         table = torch.randn(args.heads, n, requires_grad=True)
         grad = torch.randn(shape, dtype=dtype)
         runs = variants(q, k, v, table, args.compile)
-        runs = {name: fn for name, fn in runs.items() if name not in args.skip}
+        phases = {name: ([], []) for name in runs if name not in args.skip}  # fwd ms, bwd ms
 
-        def step(fn):
-            fn().backward(grad)
+        def timed(name, fn):
+            def run():
+                start = time.perf_counter()
+                out = fn()
+                mid = time.perf_counter()
+                out.backward(grad)
+                phases[name][0].append((mid - start) * 1e3)
+                phases[name][1].append((time.perf_counter() - mid) * 1e3)
+            return run
 
         def reset():
             q.grad = k.grad = v.grad = table.grad = None
 
-        times = interleaved(runs, args.reps, step=step, after=reset)
+        times = interleaved({name: timed(name, runs[name]) for name in phases}, args.reps, after=reset)
         base = statistics.median(times["causal"]) if "causal" in times else float("nan")
         for name, ts in times.items():
+            fwd, bwd = (statistics.median(p[-args.reps:]) for p in phases[name])  # warm-up dropped
             med = statistics.median(ts)
-            print(f"{n:>5} {name:<10} {med:>9.1f} {min(ts):>9.1f} {med / base:>9.2f}", flush=True)
+            print(f"{n:>5} {name:<12} {fwd:>8.1f} {bwd:>8.1f} {med:>9.1f} {min(ts):>9.1f} {med / base:>9.2f}",
+                  flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.2f} (other processes on these cores skew timings)")
 
 

@@ -71,17 +71,20 @@ Threads
     when other processes share the cores every join waits for a descheduled thread, and the
     split is faster; on an idle machine the split loses, as the idle OpenMP team of the
     caller spins (libgomp: ``GOMP_SPINCOUNT``, 300,000 by default) on the cores its workers
-    need. Training steps of the micro model, DPB over NoPE, block 256, batch 8, 2 threads,
-    medians of 16 interleaved steps: idle, 1.06 (``WORKERS=1``) vs 1.46 (``WORKERS=2``); with
-    two busy processes on the 2 cores, 11.8 vs 1.9 (NoPE 3x slower itself). With one thread
+    need. One-off measurement, training steps of the micro model, DPB over NoPE, block 256,
+    batch 8, 2 threads, medians of 16 interleaved steps: idle, 1.06 (``WORKERS=1``) vs 1.46
+    (``WORKERS=2``); with two busy processes on the 2 cores, 11.8 vs 1.9 (NoPE 3x slower
+    itself). With one thread
     (``torch.set_num_threads(1)``, the advice for a shared machine) the two are the same.
 
 Performance (2-core CPU, torch 2.13; ``scripts/bench_attention.py``, B=8 H=4 D=32, fwd + bwd)
-    Medians of 5 interleaved runs over bias-free causal flash SDPA at n = 256 / 1024 / 2048,
-    2 threads, idle machine: this path 1.30 / 1.30 / 1.97x; the generic SDPA kernel with the
-    model's grad-requiring mask 1.67 / 3.64 / 6.25x; eager 1.61 / 4.41 / 7.68x. The others also
-    hold O(B·H·n²) memory. (``torch.compile`` of eager, measured earlier under load: 1.7 / 3.3 /
-    4.8x.)
+    Medians of 7 interleaved runs over bias-free causal flash SDPA at n = 64 / 256 / 1024 / 2048,
+    2 threads, idle machine: this path 2.34 / 1.60 / 1.46 / 1.65x (with the Python-thread split
+    5.27 / 2.73 / 1.45 / 1.45x); the generic SDPA kernel with the model's grad-requiring mask
+    2.30 / 2.35 / 5.08 / 7.08x; eager 1.67 / 2.11 / 5.89 / 8.25x. The others also hold
+    O(B·H·n²) memory. The script also prints forward and backward apart. The other figures in
+    this docstring are one-off measurements made while choosing the design (method stated with
+    each); these and ``scripts/bench.py`` are the comparisons to rerun.
 
     Found on the way: a ``flip`` of the overlapping ``unfold`` view comes back column-major for
     partial rows, and adding such a bias cost about 5x a contiguous one, hence the gather in
