@@ -89,6 +89,9 @@ def test_train_py_runs_end_to_end_on_the_nano_preset(tmp_path):
     (out,) = (tmp_path / "runs").glob("*_dpb-nano-shakespeare")
     assert "val/loss" in proc.stdout and (out / "result.json").is_file()
     assert "parameters" in proc.stdout
+    # the printed paths are whole lines (not wrapped at 80 columns), ready to copy
+    assert f"checkpoint: {out.resolve() / 'checkpoints' / 'best.ckpt'}" in proc.stdout.splitlines()
+    assert f"result: {out.resolve() / 'result.json'}" in proc.stdout.splitlines()
 
 
 @pytest.mark.parametrize("override, fragment", [

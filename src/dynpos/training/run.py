@@ -33,7 +33,7 @@ from dynpos.training.module import LitGPT
 from dynpos.training.preflight import preflight, resume_source
 from dynpos.training.run_folder import RunRecord, package_versions
 
-console = Console(stderr=False, highlight=False)
+console = Console(stderr=False, highlight=False, soft_wrap=True)  # paths stay whole for copy-paste
 
 
 def write_json(path: Path, payload: dict) -> None:
