@@ -60,7 +60,7 @@ def main() -> None:
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
         table.add_row(str(r["length"]), r["protocol"], fmt(r["loss"]), fmt(r["ppl"]), fmt(r["bpb"]),
                       str(r["tokens"]), r["note"])
-    console = Console()
+    console = Console(soft_wrap=True)  # the written paths stay whole
     console.print(table)
     console.print(f"written: {out / 'extrapolation.csv'}, {out / 'extrapolation.png'}, {out / 'extrapolation.json'}")
 

@@ -23,7 +23,7 @@ def main() -> None:
     args = parser.parse_args()
     markdown, md, png = write_report(args.sweep_dir, args.baseline)
     print(markdown)
-    Console(stderr=True, highlight=False).print(f"written: {md}" + (f", {png}" if png else ""))
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"written: {md}" + (f", {png}" if png else ""))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def wandb_logger(**kwargs) -> WandbLogger:
     offline = mode in ("offline", "disabled") or not has_api_key()
     if offline and mode != "disabled":
         os.environ["WANDB_MODE"] = "offline"
-        Console(stderr=True).print(
+        Console(stderr=True, soft_wrap=True).print(
             f"wandb: no API key, logging offline under {kwargs.get('save_dir', '.')}/wandb; "
             "upload later with `wandb sync <that folder>/offline-run-*`"
         )
