@@ -30,8 +30,12 @@ AUTO_EAGER_MAX = 64
 class GPTConfig:
     """Model sizes.
 
+    Also the schema of the ``model`` config group (Hydra's ConfigStore, ``dynpos.config``): Hydra
+    checks the types and refuses unknown keys at composition, ``__post_init__`` the ranges.
+
     Attributes:
-        vocab_size: number of token ids.
+        vocab_size: number of token ids; None (the config default) = the tokenizer's, set by the
+            training pipeline. A larger number pads the embedding (nanoGPT's 50304 for GPT-2).
         block_size: the training context length, in tokens.
         n_layer, n_head, n_embd: depth, heads per block, width (``n_embd % n_head == 0``).
         dropout: dropout probability (0 for pretraining small models).
@@ -39,20 +43,24 @@ class GPTConfig:
         attn: attention path: ``auto`` (default: ``fused`` on CPU for schemes with a per-distance
             table, ``eager`` to train one on up to 64 positions, else ``sdpa``), ``fused``,
             ``sdpa``, ``eager``, ``flex`` (see ``model/attention.py``).
+        compile: compile the model with ``torch.compile`` for training and evaluation.
     """
 
-    vocab_size: int
-    block_size: int
+    vocab_size: int | None = None
+    block_size: int = 128
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True
     attn: str = "auto"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, key)
+            if key == "vocab_size" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"model.{key} must be a positive int, got {value!r}")
         if self.n_embd % self.n_head:
@@ -109,6 +117,8 @@ class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig, pos: Callable[..., PositionalScheme] | None = None) -> None:
         super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("GPTConfig.vocab_size is None: give the tokenizer's vocabulary size")
         self.config = config
         factory = pos if pos is not None else DPB
         self.pos = factory(
