@@ -51,6 +51,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from dynpos.atomic import atomic_path, write_json
 from dynpos.data.corpora import SPLITS, corpus_fingerprint, load_corpus
 from dynpos.data.tokenizer import (
     build_tokenizer,
@@ -148,16 +149,15 @@ def tokenize_split(split_ds, tok: Tokenizer, path: str, desc: str = "tokenizing"
             f.write(flat.tobytes())
             n_tokens += flat.size
             n_bytes += int(pc.sum(table["n_bytes"]).as_py() or 0)
-    tmp = f"{path}.tmp{os.getpid()}.npy"
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n_tokens,))
-    if n_tokens:
-        src = np.memmap(raw, dtype=dtype, mode="r", shape=(n_tokens,))
-        for start in range(0, n_tokens, _COPY_CHUNK):
-            out[start : start + _COPY_CHUNK] = src[start : start + _COPY_CHUNK]
-        del src
-    out.flush()
-    del out
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n_tokens,))
+        if n_tokens:
+            src = np.memmap(raw, dtype=dtype, mode="r", shape=(n_tokens,))
+            for start in range(0, n_tokens, _COPY_CHUNK):
+                out[start : start + _COPY_CHUNK] = src[start : start + _COPY_CHUNK]
+            del src
+        out.flush()
+        del out
     os.remove(raw)
     return {"tokens": n_tokens, "bytes": n_bytes}
 
@@ -431,10 +431,7 @@ class TextDataModule(L.LightningDataModule):
                 "tokenizer": fp,
                 "vocab_size": tok.get_vocab_size(),
             }
-            tmp = f"{meta}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(info, f, indent=1, default=str)
-            os.replace(tmp, meta)
+            write_json(meta, info)
         self._corpus_ds = None  # the token arrays hold what later steps need
         return root, tok, tok_file, fp
 

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from dynpos.atomic import write_text
 from dynpos.data.corpora import HubUnavailableError
 
 TOKENIZER_KINDS = ("char", "byte", "bpe", "gpt2")
@@ -138,12 +139,7 @@ def build_tokenizer(kind: str, train_texts: Iterable[str] = (), vocab_size: int 
 
 def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
     """Write ``tok`` as ``tokenizer.json`` text to ``path`` (parent folders are created; atomic)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(tok.to_str())
-    os.replace(tmp, path)
+    write_text(path, tok.to_str())
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

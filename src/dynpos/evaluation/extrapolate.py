@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from dynpos.atomic import atomic_path
 from dynpos.model.gpt import GPT
 
 PROTOCOLS = ("nonoverlap", "sliding")
@@ -131,12 +131,10 @@ def evaluate_lengths(model: GPT, tokens: np.ndarray | Tensor, lengths: list[int]
 
 def write_csv(rows: list[dict], path: Path) -> None:
     """Write the evaluation rows as CSV, atomically (temporary file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def run_extrapolation(model: GPT, tokens: np.ndarray, bytes_per_token: float | None, out_dir: Path, *,

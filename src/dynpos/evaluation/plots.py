@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from dynpos.atomic import atomic_path  # noqa: E402
 from dynpos.positional.base import PositionalScheme  # noqa: E402
 
 
@@ -95,11 +96,8 @@ def plot_lengths(curves: dict[str, list[dict]], train_length: int | None = None,
 
 def save_figure(fig: Figure, path) -> None:
     """Save a figure as PNG atomically (temporary file, then rename) and close it."""
-    import os
-    from pathlib import Path
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
