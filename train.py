@@ -3,12 +3,15 @@
 import hydra
 from omegaconf import DictConfig
 
-from dynpos.training.cli import run_cli
+from dynpos.config import register
+from dynpos.training.run import main as run
+
+register()  # the typed schema that configs/train.yaml starts from
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = run_cli(cfg)
+    metrics = run(cfg)
     return metrics.get("val/loss")  # what a Hydra sweeper optimises
 
 

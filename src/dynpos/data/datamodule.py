@@ -1,15 +1,9 @@
 """The LightningDataModule: corpus -> tokenizer -> cached flat token arrays -> batches.
 
-Wiring (Hydra): ``configs/data/<corpus>.yaml`` and ``configs/tokenizer/<kind>.yaml`` are plain
-dicts, passed whole::
-
-    TextDataModule(corpus=cfg.data, tokenizer=cfg.tokenizer, block_size=cfg.model.block_size,
-                   batch_size=cfg.batch_size, seed=cfg.seed, cache_dir=..., val_windows=...)
-
-``corpus`` holds only the corpus's name and options (``load_corpus``), so the datamodule's own
-settings (``val_windows``, ``cache_dir``, ``tokenizer_path``, ...) belong elsewhere in the config.
-Call ``prepare_data()`` and ``setup()`` before building the model to read ``vocab_size``; the
-second ``setup()``, Lightning's, does nothing.
+Built by Hydra from the ``data`` config group (``_target_: dynpos.data.TextDataModule``): the
+corpus name and options, ``batch_size``, ``val_windows`` and the ``tokenizer`` group. Call
+``prepare_data()`` and ``setup()`` before building the model to read ``vocab_size``; the second
+``setup()``, Lightning's, does nothing.
 
 Cache (``cache_dir``, default ``~/.cache/dynpos``)::
 
@@ -47,7 +41,6 @@ import lightning as L
 import numpy as np
 import pyarrow.compute as pc
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
@@ -55,7 +48,6 @@ from dynpos.atomic import atomic_path, write_json
 from dynpos.data.corpora import SPLITS, corpus_fingerprint, load_corpus
 from dynpos.data.tokenizer import (
     build_tokenizer,
-    check_tokenizer_config,
     load_tokenizer,
     save_tokenizer,
     tokenizer_fingerprint,
@@ -291,20 +283,24 @@ class FixedWindows(_Tokens, Dataset):
 class TextDataModule(L.LightningDataModule):
     """Corpus, tokenizer, cached token arrays and the train/validation/test dataloaders.
 
+    Built from the ``data`` config group (``_target_``); the training pipeline adds the keys that
+    come from elsewhere in the config (``block_size``, ``seed``, ``cache_dir``, ``max_steps``).
+
     Args:
-        corpus: ``{"name": ..., **options}`` for ``load_corpus`` (the ``data`` config group).
+        name: the corpus (``data.name``, a key of ``dynpos.data.corpora.CORPORA``).
         tokenizer: ``{"kind": ..., "vocab_size": ..., "max_train_chars": ...}`` (the ``tokenizer``
-            group); ``max_train_chars`` caps the training text a ``char``/``bpe`` tokenizer reads.
-        block_size: tokens per training window (the model's context length).
+            group, checked by ``dynpos.config.TokenizerConfig``).
         batch_size: windows per training batch, and per evaluation batch unless ``eval_batch_size``.
+        val_windows: evaluation windows per validation/test split (``FixedWindows``); None = all.
+        block_size: tokens per training window (the model's context length).
         seed: seed of the training windows (``step_seed``).
         cache_dir: where tokenizers and token arrays are cached (``~`` expands).
-        val_windows: evaluation windows per validation/test split (``FixedWindows``); None = all.
-        num_workers: DataLoader worker processes.
-        tokenizer_path: a ``tokenizer.json`` to use instead of building one (resuming, evaluating).
         max_steps: the run's optimizer steps: the train loader stops after step
             ``max_steps * accumulate_grad_batches``; default ``trainer.max_steps``, endless without.
+        num_workers: DataLoader worker processes.
         eval_batch_size: windows per evaluation batch (default ``batch_size``).
+        tokenizer_json: a tokenizer's JSON to use instead of building one (a checkpoint's, to evaluate it).
+        **options: the corpus's options (``data.paths`` for textfiles, ...).
 
     After ``setup()``: ``tokenizer`` (``tokenizers.Tokenizer``), ``vocab_size``, ``tokens``
     (``{split: np.ndarray}``, flat ids, memory-mapped), ``bytes_per_token`` (``{split: float}``,
@@ -312,50 +308,41 @@ class TextDataModule(L.LightningDataModule):
     bytes_per_token), ``tokenizer_file`` (its cached JSON) and ``fingerprint``.
 
     Raises:
-        ValueError: bad settings (the message names the key), or ``block_size`` beyond a split's
-            tokens (at ``setup``).
+        ValueError: bad settings or corpus options (the message names the ``data.<key>``), or
+            ``block_size`` beyond a split's tokens (at ``setup``).
+        FileNotFoundError: textfiles paths that match nothing.
     """
 
     def __init__(
         self,
-        corpus: Mapping[str, Any] | None = None,
+        name: str = "shakespeare",
         tokenizer: Mapping[str, Any] | None = None,
-        block_size: int = 256,
         batch_size: int = 32,
+        val_windows: int | None = 128,
+        block_size: int = 256,
         seed: int = 0,
         cache_dir: str = "~/.cache/dynpos",
-        val_windows: int | None = 128,
-        num_workers: int = 0,
-        tokenizer_path: str | None = None,
         max_steps: int | None = None,
+        num_workers: int = 0,
         eval_batch_size: int | None = None,
+        tokenizer_json: str | None = None,
+        **options: Any,
     ):
         super().__init__()
-        self.save_hyperparameters()
-        self.corpus = _plain(corpus) if corpus is not None else {"name": "shakespeare"}
-        self.tokenizer_cfg = _plain(tokenizer) if tokenizer is not None else {"kind": "char"}
-        if not isinstance(self.corpus, dict) or "name" not in self.corpus:
-            raise ValueError(f"data={self.corpus!r} needs a name: use data=shakespeare (or another configs/data file)")
-        if not isinstance(self.tokenizer_cfg, dict) or "kind" not in self.tokenizer_cfg:
-            raise ValueError(f"tokenizer={self.tokenizer_cfg!r} needs a kind: use tokenizer=char, byte, bpe or gpt2")
-        for key in self.tokenizer_cfg:
-            if key not in _TOKENIZER_KEYS:
-                raise ValueError(f"tokenizer.{key} is not a tokenizer option: use {', '.join(_TOKENIZER_KEYS)}")
-        check_tokenizer_config(self.tokenizer_cfg["kind"], self.tokenizer_cfg.get("vocab_size"))
-        max_chars = self.tokenizer_cfg.get("max_train_chars")
-        if max_chars is not None and (isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1):
-            raise ValueError(
-                f"tokenizer.max_train_chars={max_chars!r}: give a positive integer, or null for the whole train split"
-            )
-        for key, value in (("block_size", block_size), ("batch_size", batch_size)):
+        self.corpus = {"name": name, **_plain(options)}
+        self.tokenizer_cfg = {k: None for k in _TOKENIZER_KEYS} | (_plain(tokenizer) if tokenizer else {"kind": "char"})
+        for key, value in (("data.batch_size", batch_size), ("model.block_size", block_size),
+                           ("data.num_workers", num_workers + 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key}={value!r}: give a positive integer")
-        if val_windows is not None and (not isinstance(val_windows, int) or val_windows < 1):
-            raise ValueError(f"val_windows={val_windows!r}: give a positive integer (or null for every window)")
+        if val_windows is not None and (isinstance(val_windows, bool) or not isinstance(val_windows, int)
+                                        or val_windows < 1):
+            raise ValueError(f"data.val_windows={val_windows!r}: give a positive integer (or null for every window)")
+        self.corpus_key = corpus_fingerprint(name, **self.corpus_options)  # checks name and options, early
         self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
         self.cache_dir = os.path.expanduser(os.fspath(cache_dir))
         self.val_windows, self.num_workers = val_windows, num_workers
-        self.tokenizer_path, self.max_steps = tokenizer_path, max_steps
+        self.tokenizer_json, self.max_steps = tokenizer_json, max_steps
         self.eval_batch_size = eval_batch_size or batch_size
         self.tokenizer: Tokenizer | None = None
         self.tokens: dict[str, np.ndarray] = {}
@@ -377,22 +364,26 @@ class TextDataModule(L.LightningDataModule):
             raise RuntimeError("TextDataModule.vocab_size is known after prepare_data() and setup()")
         return self.tokenizer.get_vocab_size()
 
-    def _options(self) -> dict[str, Any]:
+    @property
+    def corpus_options(self) -> dict[str, Any]:
         return {k: v for k, v in self.corpus.items() if k != "name"}
 
     def _corpus_dir(self) -> str:
-        fp = corpus_fingerprint(self.corpus_name, **self._options())
-        return os.path.join(self.cache_dir, f"{self.corpus_name}-{fp[:12]}")
+        return os.path.join(self.cache_dir, f"{self.corpus_name}-{self.corpus_key[:12]}")
 
     def _load_corpus(self):
         if self._corpus_ds is None:
-            self._corpus_ds = load_corpus(self.corpus_name, **self._options())
+            self._corpus_ds = load_corpus(self.corpus_name, **self.corpus_options)
         return self._corpus_ds
 
     def _get_tokenizer(self, root: str) -> tuple[Tokenizer, str]:
-        if self.tokenizer_path is not None:
-            return load_tokenizer(self.tokenizer_path), os.path.abspath(os.fspath(self.tokenizer_path))
         cfg = {k: self.tokenizer_cfg.get(k) for k in _TOKENIZER_KEYS}
+        if self.tokenizer_json is not None:
+            tok = Tokenizer.from_str(self.tokenizer_json)
+            path = os.path.join(root, f"tokenizer-{tokenizer_fingerprint(tok)[:12]}.json")
+            if not os.path.isfile(path):
+                save_tokenizer(tok, path)
+            return tok, path
         path = os.path.join(root, f"tokenizer-{cfg['kind']}-{_digest(cfg)[:12]}.json")
         if os.path.isfile(path):
             return load_tokenizer(path), path
@@ -535,29 +526,15 @@ class TextDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the data: the tokenizer (JSON) and its fingerprint, the corpus
-        config, seed, block and batch sizes. The step comes from the trainer (``train_steps``)."""
+        """What a checkpoint keeps of the data: the tokenizer (JSON), so that a checkpoint can be
+        used with no other file. The data config is in the module's hyperparameters; the step
+        comes from the trainer (``train_steps``)."""
         self._require_setup()
-        return {
-            "tokenizer": self.tokenizer.to_str(),
-            "tokenizer_fingerprint": self.fingerprint,
-            "corpus": self.corpus,
-            "seed": self.seed,
-            "block_size": self.block_size,
-            "batch_size": self.batch_size,
-        }
+        return {"tokenizer": self.tokenizer.to_str()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Compare a checkpoint's data state with this datamodule (Lightning calls it on resume) and
-        warn when the batches will differ. ``dynpos.training.run.train`` refuses a checkpoint whose
-        tokenizer differs before training starts."""
-        if self.tokenizer is None:
-            self.setup()
-        changed = [
-            k for k in ("corpus", "seed", "block_size", "batch_size") if k in state and state[k] != getattr(self, k)
-        ]
-        if changed:
-            rank_zero_warn(f"resuming with different data settings {changed}: batches differ from the original run")
+        """Nothing to restore: the batches are a function of the step, and a resumed run's data
+        config is compared with the checkpoint's before training (``dynpos.training.run_folder``)."""
 
 
 __all__ = [

@@ -1,20 +1,25 @@
-"""dynpos's own callbacks: a text sample and a picture of the learned bias at each validation.
+"""dynpos's own callbacks: a text sample and a picture of the learned bias at each validation, and
+the run's records.
 
-Everything else (checkpoints, learning-rate monitor, progress bar, throughput) is Lightning's own.
-Both callbacks write only on global rank 0.
+Everything else (checkpoints, progress bar, throughput) is Lightning's own. All of them write only
+on global rank 0.
 """
 
 from __future__ import annotations
 
+import csv
 import shutil
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
+from tokenizers import Tokenizer
+
+from dynpos.atomic import write_json, write_text
 from dynpos.evaluation.plots import plot_bias, save_figure
 
 
@@ -40,6 +45,19 @@ def during_fit(trainer: L.Trainer) -> bool:
 
 def wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
     return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+
+class ValidateAtEnd(L.Callback):
+    """Validate after the last training step too, so every run ends with a validation (and so a
+    best checkpoint, a bias plot and a sample) whatever ``max_steps`` and ``val_check_interval``.
+
+    Asks Lightning to stop at ``max_steps``: its loop then validates before it exits
+    (``_should_check_val_fx``: a requested stop validates), once even where an interval falls there.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
 
 
 class TextSample(L.Callback):
@@ -109,3 +127,55 @@ class BiasPlot(L.Callback):
         self.path = folder / "bias.png"
         for logger in wandb_loggers(trainer):
             logger.log_image(key="bias", images=[str(stepped)], step=step)
+
+
+def csv_history(logger: CSVLogger, resume_step: int) -> list[tuple[int, dict[str, float]]]:
+    """The rows of ``logger``'s existing ``metrics.csv`` logged before ``resume_step`` (the resumed
+    checkpoint's global step), as ``(step, metrics)``; the later rows are left out, since the
+    resumed run logs those steps again. Read before ``trainer.fit``: Lightning's CSV writer deletes
+    an existing ``metrics.csv`` when the trainer sets up.
+    """
+    path = Path(logger.log_dir) / "metrics.csv"
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row.get("step") in (None, "") or float(row["step"]) >= resume_step:
+                continue
+            rows.append((int(float(row["step"])), {k: float(v) for k, v in row.items() if k != "step" and v}))
+    return rows
+
+
+class RunRecord(L.Callback):
+    """Write the run's records into the run folder on global rank 0 only, at ``setup("fit")``,
+    when the strategy has set the ranks (before that, a DDP child process cannot tell it is not
+    rank 0): ``tokenizer.json``, ``versions.json``, and on resume the CSV log of the steps before
+    the checkpoint (:func:`csv_history`), so ``metrics.csv`` reads as one uninterrupted run. (The
+    config is Hydra's ``.hydra/config.yaml``; the loggers get it as the module's hyperparameters.)
+
+    Args:
+        out: the run folder.
+        tokenizer: the datamodule's tokenizer.
+        versions: ``dynpos.training.run_folder.package_versions()``.
+        resume_step: the global step of the checkpoint being resumed, or None.
+        loggers: the trainer's loggers; on resume their CSV history is read here, before ``fit``.
+    """
+
+    def __init__(self, out: Path, tokenizer: Tokenizer, versions: dict, resume_step: int | None = None,
+                 loggers: list | None = None) -> None:
+        self.out, self.tokenizer, self.versions = Path(out), tokenizer, versions
+        self.history = {}
+        if resume_step is not None:
+            self.history = {id(lg): csv_history(lg, resume_step) for lg in loggers or [] if isinstance(lg, CSVLogger)}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or not trainer.is_global_zero:
+            return
+        write_text(self.out / "tokenizer.json", self.tokenizer.to_str(pretty=True))
+        write_json(self.out / "versions.json", self.versions)
+        for logger in trainer.loggers:
+            if self.history.get(id(logger)):
+                for step, metrics in self.history[id(logger)]:
+                    logger.experiment.log_metrics(metrics, step)
+                logger.save()

@@ -1,8 +1,8 @@
 """Checkpoints that carry everything needed to use them again: weights, model and scheme config, tokenizer.
 
 A Lightning checkpoint written by ``train.py`` holds ``state_dict`` (``model.*``), the module's
-``hyper_parameters`` (``model``, ``pos``, ``optim``, ``vocab_size``), the whole run ``config`` and
-the datamodule's state with the tokenizer (the ``tokenizers`` JSON). Reading uses
+``hyper_parameters`` (``config``: the whole resolved run config, stored once; ``vocab_size``;
+``bytes_per_token``) and the datamodule's state with the tokenizer (the ``tokenizers`` JSON). Reading uses
 ``torch.load(weights_only=True)``, so a crafted file cannot run code: its pickle may only build
 tensors and plain containers. The trainer's own resume path reads through the same function
 (:class:`dynpos.training.checkpoint_io.AtomicCheckpointIO`), which also writes checkpoints atomically.
@@ -24,7 +24,6 @@ from tokenizers import Tokenizer
 
 from dynpos.model.gpt import GPT, GPTConfig
 
-DATA_STATE = "TextDataModule"  # the checkpoint entry with the datamodule's state (TextDataModule.__qualname__)
 
 
 class CheckpointError(ValueError):
@@ -91,10 +90,12 @@ def load_checkpoint(path: str | Path, key: str = "ckpt", mmap: bool = False) -> 
 
     Raises:
         CheckpointError: as :func:`read_checkpoint`, or if the file lacks ``state_dict``,
-            ``hyper_parameters`` or the datamodule's state.
+            ``hyper_parameters`` or the run config.
     """
     checkpoint = read_checkpoint(path, key, mmap=mmap)
-    missing = [k for k in ("state_dict", "hyper_parameters", DATA_STATE) if k not in checkpoint]
+    missing = [k for k in ("state_dict", "hyper_parameters") if k not in checkpoint]
+    if "config" not in checkpoint.get("hyper_parameters", {}):
+        missing.append("hyper_parameters.config")
     if missing:
         raise CheckpointError(f"{key}={path}: not a dynpos checkpoint (missing {', '.join(missing)})")
     return checkpoint
@@ -106,8 +107,9 @@ def checkpoint_tokenizer(checkpoint: dict, key: str = "ckpt") -> Tokenizer:
     Raises:
         CheckpointError: the checkpoint holds no tokenizer, or one that ``tokenizers`` cannot read.
     """
-    state = checkpoint.get(DATA_STATE) or {}
-    if not isinstance(state, dict) or not isinstance(state.get("tokenizer"), str):
+    # Lightning stores the datamodule's state under its class name (TextDataModule, TaskDataModule...)
+    state = next((v for v in checkpoint.values() if isinstance(v, dict) and isinstance(v.get("tokenizer"), str)), {})
+    if not state:
         raise CheckpointError(f"{key}: the checkpoint holds no tokenizer: was it saved by a dynpos run?")
     try:
         return Tokenizer.from_str(state["tokenizer"])
@@ -119,7 +121,8 @@ def load_model(path: str | Path, key: str = "ckpt") -> tuple[GPT, Tokenizer, dic
     """Rebuild the trained model and its tokenizer from a checkpoint alone.
 
     Returns:
-        ``(model, tokenizer, hyper_parameters)``; the model is in eval mode on the CPU.
+        ``(model, tokenizer, hyper_parameters)``; the model is in eval mode on the CPU, not compiled;
+        ``hyper_parameters["config"]`` is the run's whole config.
 
     Raises:
         CheckpointError: as :func:`load_checkpoint`, or if the weights do not fit the model
@@ -127,8 +130,11 @@ def load_model(path: str | Path, key: str = "ckpt") -> tuple[GPT, Tokenizer, dic
     """
     checkpoint = load_checkpoint(path, key)
     hp = checkpoint["hyper_parameters"]
+    config = hp["config"]
     try:
-        model = GPT(GPTConfig(vocab_size=hp["vocab_size"], **hp["model"]), pos=instantiate(hp["pos"]))
+        model_cfg = {**config["model"], "vocab_size": config["model"].get("vocab_size") or hp["vocab_size"],
+                     "compile": False}
+        model = GPT(GPTConfig(**model_cfg), pos=instantiate(config["pos"]))
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{key}={path}: its model config does not build a dynpos GPT: "
                               f"{_first_line(error)}") from None

@@ -1,4 +1,5 @@
-"""wandb without an account: offline when no API key is configured, online with one."""
+"""wandb without an account: offline when no API key is configured, online with one; one wandb
+run per run folder, continued on resume."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
 from rich.console import Console
+
+from dynpos.atomic import write_text
 
 
 def has_api_key() -> bool:
@@ -17,12 +20,27 @@ def has_api_key() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+def run_id(save_dir: str | os.PathLike) -> str:
+    """The wandb run id of a run folder: read from ``<save_dir>/wandb_id``, or made and written
+    there the first time, so a resumed run (``resume=auto``) logs into the same wandb run instead
+    of a second one (the failure of lightning-hydra-template issue #128)."""
+    from wandb.util import generate_id
+
+    path = Path(save_dir) / "wandb_id"
+    if path.is_file():
+        return path.read_text().strip()
+    new = generate_id()
+    write_text(path, new)
+    return new
+
+
 def wandb_logger(**kwargs) -> WandbLogger:
     """A Lightning ``WandbLogger`` that never asks for an account.
 
     Offline when ``WANDB_MODE`` is ``offline``/``disabled`` or no API key is found (``WANDB_API_KEY``
     or ``wandb login``); it then prints where the run is kept and the ``wandb sync`` command that
-    uploads it later. Keyword arguments go to ``WandbLogger`` (project, name, group, tags, save_dir).
+    uploads it later. Keyword arguments go to ``WandbLogger`` (project, name, group, tags, save_dir);
+    the run id comes from :func:`run_id` and the run resumes when it exists (``resume="allow"``).
     """
     mode = os.environ.get("WANDB_MODE", "")
     offline = mode in ("offline", "disabled") or not has_api_key()
@@ -32,4 +50,4 @@ def wandb_logger(**kwargs) -> WandbLogger:
             f"wandb: no API key, logging offline under {kwargs.get('save_dir', '.')}/wandb; "
             "upload later with `wandb sync <that folder>/offline-run-*`"
         )
-    return WandbLogger(offline=offline, **kwargs)
+    return WandbLogger(offline=offline, id=run_id(kwargs.get("save_dir", ".")), resume="allow", **kwargs)

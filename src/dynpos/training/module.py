@@ -12,11 +12,11 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from torch import Tensor
-from torchmetrics import MeanMetric
+from torchmetrics import SumMetric
 
+from dynpos.config import build_pos
 from dynpos.data.datamodule import step_seed
 from dynpos.model.gpt import GPT, GPTConfig
-from dynpos.training.preflight import check_optim
 
 
 def lr_lambda(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
@@ -37,45 +37,45 @@ class LitGPT(L.LightningModule):
     """A :class:`~dynpos.model.gpt.GPT` trained with next-token cross-entropy.
 
     Args:
-        model: ``GPTConfig`` fields except ``vocab_size`` (the ``model`` config group).
-        pos: the positional scheme's config, a Hydra ``_target_`` with ``_partial_: true``.
-        optim: ``lr``, ``min_lr``, ``weight_decay``, ``betas``, ``warmup_steps``, ``decay_steps``.
-        vocab_size: from the tokenizer.
+        config: the whole resolved training config (``configs/train.yaml``), saved once, as the
+            module's hyperparameters, in every checkpoint: ``model`` (``GPTConfig`` fields),
+            ``pos`` (a Hydra ``_target_`` with ``_partial_: true``), ``optim``, ``seed``, ``data``...
+        vocab_size: from the tokenizer (``model.vocab_size`` when that is set instead).
         bytes_per_token: UTF-8 bytes per token of each split (``validation``, ``test``), for
             bits per byte: ``bpb = loss / ln 2 / bytes_per_token``.
-        seed: when given, the global RNG (dropout) is re-seeded before every micro-batch from
-            ``step_seed(seed, micro-batch, rank)``, the rule that draws the data windows, so a
-            resumed run makes the same random choices as an uninterrupted one with no RNG state
-            to carry in the checkpoint.
+
+    The global RNG (dropout) is re-seeded before every micro-batch from
+    ``step_seed(seed, micro-batch, rank)``, the rule that draws the data windows, so a resumed run
+    makes the same random choices as an uninterrupted one with no RNG state to carry in the checkpoint.
 
     Training stops with ``FloatingPointError`` (naming the step, learning rate and precision) at
     the first non-finite training or validation loss, and a checkpoint is never written with
     non-finite weights, so the last good ``last.ckpt`` survives a divergence.
 
-    Logged: ``train/loss`` (nats/token), ``train/tokens``, ``val/loss``, ``val/ppl``, ``val/bpb``
-    (and ``test/*`` the same); the learning rate by Lightning's ``LearningRateMonitor``.
-
-    Raises:
-        ValueError: for an out-of-range optimiser setting (the message names the ``optim.`` key).
+    Logged: ``train/loss`` (nats/token), ``train/lr``, ``train/tokens``, ``val/loss``, ``val/ppl``,
+    ``val/bpb`` (and ``test/*`` the same). Evaluation losses are exact token-weighted means over
+    every scored target (sum of nats / number of targets, summed across ranks), not means of
+    batch means.
     """
 
-    def __init__(self, model: dict, pos: dict, optim: dict, vocab_size: int,
-                 bytes_per_token: dict[str, float] | None = None, seed: int | None = None) -> None:
+    def __init__(self, config: dict, vocab_size: int, bytes_per_token: dict[str, float] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        check_optim(optim)
-        self.model = GPT(GPTConfig(vocab_size=vocab_size, **model), pos=instantiate(pos))
+        model = {**config["model"], "vocab_size": config["model"].get("vocab_size") or vocab_size}
+        self.model = GPT(GPTConfig(**model), pos=build_pos(config["pos"]))
+        if self.model.config.compile:
+            self.model.compile()  # in place: the state dict keeps its keys (no ``_orig_mod.``)
+        self.optim = config["optim"]
         self.bytes_per_token = bytes_per_token or {}
-        self.seed = seed
-        # token-weighted mean over the fixed evaluation windows, synced across ranks; a NaN stays NaN
-        # (torchmetrics would drop it with a warning) so that divergence is caught in _log_eval
-        self.eval_loss = MeanMetric(nan_strategy="disable")
-
-    run_config: dict | None = None  # the whole resolved training config, stored in every checkpoint
+        self.seed = config["seed"]
+        # sums over the evaluation windows, synced across ranks; a NaN stays NaN (torchmetrics would
+        # drop it with a warning) so that divergence is caught in _log_eval
+        self.eval_nats = SumMetric(nan_strategy="disable")
+        self.eval_targets = SumMetric(nan_strategy="disable")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse to save non-finite weights; store the run config; flush the loggers, so the logs on
-        disk reach at least the checkpoint's step (a resumed run continues them from there).
+        """Refuse to save non-finite weights; flush the loggers, so the logs on disk reach at least
+        the checkpoint's step (a resumed run continues them from there).
 
         Raises:
             FloatingPointError: a parameter holds NaN or infinity.
@@ -88,13 +88,8 @@ class LitGPT(L.LightningModule):
                 f"parameters became non-finite by step {self.global_step} ({bad}), so no checkpoint was written "
                 f"and the last good one stays {self._diagnosis()}"
             )
-        if self.run_config is not None:
-            checkpoint["config"] = self.run_config
         for logger in self.loggers:
             logger.save()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.run_config = checkpoint.get("config", self.run_config)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None):
         return self.model(idx, targets)
@@ -102,7 +97,7 @@ class LitGPT(L.LightningModule):
     def _diagnosis(self) -> str:
         """``(optim.lr=..., at this step ...; trainer.precision=...): <what to change>`` for error messages."""
         trainer = self._trainer
-        peak = self.hparams.optim["lr"]
+        peak = self.optim["lr"]
         precision = str(trainer.precision) if trainer is not None else "32-true"
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer is not None and trainer.optimizers else peak
         fix = "lower optim.lr (or lengthen optim.warmup_steps)"
@@ -111,10 +106,9 @@ class LitGPT(L.LightningModule):
         return f"(optim.lr={peak:g}, at this step {lr:.3g}; trainer.precision={precision}): {fix}"
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        if self.seed is not None:
-            accumulate = self.trainer.accumulate_grad_batches
-            micro_batch = self.global_step * accumulate + batch_idx % accumulate
-            torch.manual_seed(step_seed(self.seed, micro_batch, self.global_rank))
+        accumulate = self.trainer.accumulate_grad_batches
+        micro_batch = self.global_step * accumulate + batch_idx % accumulate
+        torch.manual_seed(step_seed(self.seed, micro_batch, self.global_rank))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -128,16 +122,20 @@ class LitGPT(L.LightningModule):
         # sync_dist: under DDP the logged loss is the global batch's, not rank 0's share of it
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, sync_dist=True)
         self.log("train/tokens", float(tokens), on_step=True, on_epoch=False)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True, on_epoch=False)
         return loss
 
     def _evaluate(self, batch: tuple[Tensor, Tensor]) -> None:
         x, y = batch
         _, loss = self.model(x, y)
-        self.eval_loss.update(loss, weight=y.numel())
+        targets = (y != -1).sum()
+        self.eval_nats.update(loss.double() * targets)
+        self.eval_targets.update(targets.double())
 
     def _log_eval(self, split: str, prefix: str) -> None:
-        loss = self.eval_loss.compute()
-        self.eval_loss.reset()
+        loss = (self.eval_nats.compute() / self.eval_targets.compute()).float()
+        self.eval_nats.reset()
+        self.eval_targets.reset()
         if not torch.isfinite(loss):  # before any callback samples from, plots or checkpoints the weights
             raise FloatingPointError(
                 f"non-finite {split} loss {loss.item()} at step {self.global_step}: the weights diverged "
@@ -161,7 +159,7 @@ class LitGPT(L.LightningModule):
         self._log_eval("test", "test")
 
     def configure_optimizers(self):
-        o = self.hparams.optim
+        o = self.optim
         optimizer = torch.optim.AdamW(
             self.model.optimizer_groups(o["weight_decay"]), lr=o["lr"], betas=tuple(o["betas"])
         )

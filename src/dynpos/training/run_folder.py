@@ -1,33 +1,170 @@
-"""What a run records in its run folder, and on which rank.
+"""The run folder and resume policy: where a run writes, what it continues from, what it records.
 
-The run folder (``paths.output_dir``; see :mod:`dynpos.training.preflight` for when a run may
-write there) holds ``config.yaml``, ``tokenizer.json``, ``versions.json``,
+The run folder is ``paths.output_dir``, i.e. Hydra's ``hydra.run.dir`` (``runs/<date>_<time>_<name>``
+unless given) or in a sweep ``hydra.sweep.dir/hydra.sweep.subdir``. It holds Hydra's ``.hydra/``
+record, ``tokenizer.json``, ``versions.json``, ``wandb_id`` (with logger=wandb),
 ``checkpoints/{best,last}.ckpt``, the logs, plots, samples and, once the run has finished,
 ``result.json``.
 
-- :func:`package_versions`: the versions of the packages a result depends on and the git commit.
-- :class:`RunRecord`: writes the records on global rank 0 once the strategy has set the ranks, and
-  carries a resumed run's CSV log over so ``metrics.csv`` reads as one uninterrupted run.
+- A finished run (``result.json``) is never written again, and an unfinished run's checkpoints
+  only by ``resume=auto``: :class:`RunFolderGuard`, a Hydra callback (``hydra.callbacks`` in
+  ``configs/train.yaml``), checks ``hydra.run.dir`` before Hydra writes its ``.hydra/`` record
+  there; :func:`open_run` checks again in the job (sweep folders are known only then).
+- ``resume=auto`` continues ``<run folder>/checkpoints/last.ckpt``, so a job script (a SLURM
+  requeue, a preempted job) can always pass it together with an explicit ``hydra.run.dir``.
+- A resumed checkpoint must come from the same model, scheme, corpus and tokenizer
+  (:func:`check_resumable`, before any data is read).
+- A command refused before training leaves no folder behind (:func:`remove_if_empty`).
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import platform
+import shutil
 import subprocess
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-from lightning.pytorch.loggers import CSVLogger
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
-from tokenizers import Tokenizer
+
+from dynpos.training.checkpoint import CheckpointError, load_checkpoint
 
 PACKAGES = ("dynpos", "torch", "lightning", "torchmetrics", "hydra-core", "omegaconf", "datasets", "tokenizers",
-            "numpy", "wandb")
+            "numpy", "pandas", "wandb")
+# Keys that may change when a run is continued: they leave the weights' and the data's meaning alone.
+FREE_ON_RESUME = {"model": ("dropout", "attn", "compile"), "pos": (), "tokenizer": (),
+                  "data": ("batch_size", "val_windows", "num_workers", "eval_batch_size")}
+# What a run folder refused before training may hold; anything else means it is not empty.
+_EMPTY_RUN = {".hydra", "train.log"}
+
+
+def last_checkpoint(out: Path) -> Path:
+    """Where ``resume=auto`` looks: ``<run folder>/checkpoints/last.ckpt``."""
+    return Path(out) / "checkpoints" / "last.ckpt"
+
+
+def resolve_resume(cfg: DictConfig, out: Path) -> str | None:
+    """The checkpoint a run continues from: ``ckpt_path``, or with ``resume=auto`` the run folder's
+    ``last.ckpt`` if it exists; None for a fresh start. (The two keys are checked in
+    ``dynpos.config.TrainConfig``.)"""
+    if cfg.get("resume") == "auto":
+        last = last_checkpoint(out)
+        return str(last) if last.is_file() else None
+    return str(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+
+
+def check_run_folder(out: Path, resume: str | None) -> None:
+    """Refuse to write into a run folder whose contents the run would overwrite.
+
+    Raises:
+        FileExistsError: ``out`` holds a finished run (``result.json``), or the checkpoints of an
+            unfinished run that ``resume`` does not continue; the message says what to pass instead.
+        NotADirectoryError: ``out`` exists and is a file.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"hydra.run.dir={out} is a file: give a folder for the run")
+    if (out / "result.json").is_file():
+        raise FileExistsError(
+            f"run folder {out} already holds a finished run (result.json): leave hydra.run.dir out for a new "
+            f"timestamped folder or give another one; to train on from it, use ckpt_path={last_checkpoint(out)} "
+            "with a new folder"
+        )
+    folder = out / "checkpoints"
+    existing = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+    resuming_here = resume is not None and Path(resume).resolve().parent == folder.resolve()
+    if existing and not resuming_here:
+        raise FileExistsError(
+            f"run folder {out} holds checkpoints of an unfinished run ({existing[0].name}): continue it with "
+            f"resume=auto hydra.run.dir={out}, or give another hydra.run.dir"
+        )
+
+
+def check_resumable(checkpoint: dict, cfg: DictConfig, source: str) -> None:
+    """Refuse a checkpoint whose model, scheme, corpus or tokenizer differs from the config's
+    (the keys of :data:`FREE_ON_RESUME` may change).
+
+    Raises:
+        CheckpointError: naming the keys that differ and what to do instead.
+    """
+    saved = checkpoint["hyper_parameters"]["config"]
+    for group, free in FREE_ON_RESUME.items():
+        ours, theirs = OmegaConf.to_container(cfg[group], resolve=True), saved.get(group) or {}
+        changed = sorted(k for k in set(ours) | set(theirs) if k not in free and ours.get(k) != theirs.get(k))
+        if changed:
+            raise CheckpointError(
+                f"{source} holds a different {group} ({', '.join(f'{group}.{k}' for k in changed)} differ): "
+                f"continue with the {group} it was trained with (its run's .hydra/config.yaml), or start a new run"
+            )
+
+
+@dataclass
+class RunStart:
+    """What :func:`open_run` found: the run folder, the checkpoint to continue (None: fresh) and
+    that checkpoint's global step."""
+
+    out: Path
+    resume: str | None = None
+    resume_step: int | None = None
+
+
+def open_run(cfg: DictConfig) -> RunStart:
+    """Check the run folder, then open the checkpoint to continue from once (memory-mapped) and
+    :func:`check_resumable` it.
+
+    Raises:
+        ValueError: ``resume=auto`` without ``hydra.run.dir`` (it would start a new folder).
+        FileExistsError, NotADirectoryError: as :func:`check_run_folder`.
+        CheckpointError: a missing, unreadable, unsafe or incompatible checkpoint.
+    """
+    out = Path(cfg.paths.output_dir)
+    resume = resolve_resume(cfg, out)
+    check_run_folder(out, resume)
+    if resume is None:
+        return RunStart(out)
+    key = f"ckpt_path={resume}" if cfg.get("ckpt_path") else f"resume=auto ({resume})"
+    checkpoint = load_checkpoint(resume, "ckpt_path" if cfg.get("ckpt_path") else "resume=auto", mmap=True)
+    check_resumable(checkpoint, cfg, key)
+    return RunStart(out, resume, int(checkpoint["global_step"]))
+
+
+def remove_if_empty(out: Path) -> None:
+    """Remove a run folder that holds nothing but what Hydra wrote at its start (a refused command)."""
+    out = Path(out)
+    if out.is_dir() and {p.name for p in out.iterdir()} <= _EMPTY_RUN:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+class RunFolderGuard(Callback):
+    """Hydra callback: check ``hydra.run.dir`` with :func:`check_run_folder` before Hydra creates it
+    and writes ``.hydra/`` and the log into it, so a refused command leaves a finished run's
+    folder byte for byte as it was. ``resume=auto`` without ``hydra.run.dir`` is refused here too:
+    it would quietly start a new timestamped folder.
+
+    A refusal prints one ``error:`` line and exits with status 2 (:func:`dynpos.training.cli.guard`).
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        from dynpos.training.cli import guard
+
+        HydraConfig.instance().set_config(config)  # so ${hydra:...} in the default run dir resolves this early
+
+        def check() -> None:
+            given = any(o.split("=", 1)[0] in ("hydra.run.dir", "+hydra.run.dir")
+                        for o in config.hydra.overrides.task)
+            if config.get("resume") == "auto" and not given:
+                raise ValueError("resume=auto needs the run folder to continue: add hydra.run.dir=<run folder> "
+                                 "(e.g. hydra.run.dir=runs/<date>_<time>_<name>)")
+            out = Path(str(config.hydra.run.dir))
+            check_run_folder(out, resolve_resume(config, out))
+
+        guard(check)
 
 
 def _git(args: list[str], cwd: Path) -> str | None:
@@ -61,66 +198,3 @@ def package_versions() -> dict[str, Any]:
         git = {"commit": commit, "dirty": bool(status) if status is not None else None}
     return {"python": platform.python_version(), "platform": platform.platform(), "packages": packages,
             "cuda": torch.version.cuda, "git": git}
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def csv_history(logger: CSVLogger, resume_step: int) -> list[tuple[int, dict[str, float]]]:
-    """The rows of ``logger``'s existing ``metrics.csv`` logged before ``resume_step`` (the resumed
-    checkpoint's global step), as ``(step, metrics)``; the later rows are left out, since the
-    resumed run logs those steps again. Read before ``trainer.fit``: Lightning's CSV writer deletes
-    an existing ``metrics.csv`` when the trainer sets up.
-    """
-    path = Path(logger.log_dir) / "metrics.csv"
-    if not path.is_file():
-        return []
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            if row.get("step") in (None, "") or float(row["step"]) >= resume_step:
-                continue
-            rows.append((int(float(row["step"])), {k: float(v) for k, v in row.items() if k != "step" and v}))
-    return rows
-
-
-class RunRecord(L.Callback):
-    """Write the run's records into the run folder on global rank 0 only, at ``setup("fit")``,
-    when the strategy has set the ranks (before that, a DDP child process cannot tell it is not
-    rank 0): ``config.yaml``, ``tokenizer.json``, ``versions.json``, the loggers' hyperparameters,
-    and on resume the CSV log of the steps before the checkpoint (:func:`csv_history`), so
-    ``metrics.csv`` reads as one uninterrupted run.
-
-    Args:
-        out: the run folder.
-        config: the resolved run config.
-        tokenizer: the datamodule's tokenizer.
-        versions: :func:`package_versions`.
-        resume_step: the global step of the checkpoint being resumed, or None.
-        loggers: the trainer's loggers; on resume their CSV history is read here, before ``fit``.
-    """
-
-    def __init__(self, out: Path, config: DictConfig, tokenizer: Tokenizer, versions: dict,
-                 resume_step: int | None = None, loggers: list | None = None) -> None:
-        self.out, self.config, self.tokenizer, self.versions = Path(out), config, tokenizer, versions
-        self.history = {}
-        if resume_step is not None:
-            self.history = {id(lg): csv_history(lg, resume_step) for lg in loggers or [] if isinstance(lg, CSVLogger)}
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or not trainer.is_global_zero:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.out / "config.yaml", OmegaConf.to_yaml(self.config, resolve=True))
-        write_text_atomic(self.out / "tokenizer.json", self.tokenizer.to_str(pretty=True))
-        write_text_atomic(self.out / "versions.json", json.dumps(self.versions, indent=2))
-        for logger in trainer.loggers:
-            if self.history.get(id(logger)):
-                for step, metrics in self.history[id(logger)]:
-                    logger.experiment.log_metrics(metrics, step)
-                logger.save()
-            logger.log_hyperparams(OmegaConf.to_container(self.config, resolve=True))
