@@ -145,6 +145,19 @@ def test_t5_buckets_of_hand_computed_distances():
     assert t5_bucket(torch.tensor([3, 4, 8, 15, 16]), 8, 16).tolist() == [3, 4, 6, 7, 7]
 
 
+def test_t5_buckets_around_twice_the_ablation_length():
+    # 16 + floor(16 * ln(d / 16) / ln 8): 10.04 at d = 59, 10.90 at d = 66, 11.02 at d = 67, 11.36 at d = 70.
+    # Bucket 26 holds 59..66, so a model trained on 64 tokens (distances 0..63) has trained the
+    # bucket of 64..66 too; distances from 67 on (bucket 27 up) read untrained buckets.
+    distances = list(range(59, 71))
+    expected = [26] * 8 + [27] * 4  # 59..66, then 67..70
+    assert t5_bucket(torch.tensor(distances)).tolist() == expected
+    trained = set(t5_bucket(torch.arange(64)).tolist())
+    assert trained == set(range(27))
+    # The last bucket begins at ceil(16 * 8 ** (15 / 16)) = ceil(112.42) = 113, before max_distance.
+    assert t5_bucket(torch.tensor([112, 113, 128, 10_000])).tolist() == [30, 31, 31, 31]
+
+
 def test_t5_table_reads_the_embedding_of_each_bucket():
     t5 = T5(n_layer=2, n_head=3, n_embd=16, block_size=8, num_buckets=8, max_distance=16)
     table = t5.table(0, 20)
@@ -223,9 +236,26 @@ def test_fire_inputs_are_normalised_distances_in_unit_interval():
     assert x[causal].min().item() >= 0.0 and x[causal].max().item() < 1.0
     # Query 0 sits at x' = 4; key 1 is 3 away; L = 512 > x' + 1.
     assert x[0, 1].item() == pytest.approx(math.log(1 + 0.1 * 3) / math.log(1 + 0.1 * 512), rel=1e-5)
-    # A small threshold: the normaliser is the query's own length x' + 1 = 9 for the last query.
+    # A small threshold: the normaliser is psi of the query's own position x' = 8 (counted from 0,
+    # as in the paper's listing), so the farthest key reads psi(8) / (psi(8) + eps), just below 1.
     short = FIRE(n_layer=1, n_head=2, n_embd=16, block_size=8, init_L=2.0)
-    assert short.inputs(0, i, j)[4, 0].item() == pytest.approx(math.log(1 + 0.8) / math.log(1 + 0.9), rel=1e-5)
+    psi8 = math.log(1 + 0.1 * 8)
+    assert short.inputs(0, i, j)[4, 0].item() == pytest.approx(psi8 / (psi8 + 1e-6), rel=1e-6)
+    assert short.inputs(0, i, j)[4, 3].item() == pytest.approx(math.log(1 + 0.1 * 5) / psi8, rel=1e-5)
+
+
+def test_fire_bias_beyond_the_threshold_counts_positions_from_zero():
+    # L = 4; query x' = 9 (the last of j = 10 positions) lies beyond L, so its normaliser is
+    # psi(9) = log(1.9), not psi(10) = log(2.0); within L (x' = 3) it is psi(L) = log(1.4) either way.
+    fire = FIRE(n_layer=1, n_head=2, n_embd=16, block_size=8, init_L=4.0)
+    j = 10
+    x = fire.inputs(0, j, j)
+    assert x[9, 2].item() == pytest.approx(math.log(1.7) / (math.log(1.9) + 1e-6), rel=1e-6)  # distance 7
+    assert x[3, 0].item() == pytest.approx(math.log(1.3) / (math.log(1.4) + 1e-6), rel=1e-6)  # distance 3
+    assert x[4, 0].item() == pytest.approx(math.log(1.4) / (math.log(1.4) + 1e-6), rel=1e-6)  # x' = L
+    # The bias is the MLP at that input: f(log 1.7 / log 1.9) for every head.
+    expected = fire.mlps[0](torch.tensor([[math.log(1.7) / (math.log(1.9) + 1e-6)]]))[0]
+    torch.testing.assert_close(fire.bias(0, j, j)[:, 9, 2], expected)
 
 
 def test_fire_bias_at_distance_zero_is_the_mlp_at_zero():
@@ -244,28 +274,71 @@ def test_fire_bias_at_distance_zero_is_the_mlp_at_zero():
 # ---------------------------------------------------------------------------------------- KERPLE
 
 def test_kerple_log_kernel_values():
-    kerple = KERPLE(n_layer=2, n_head=3, n_embd=16, block_size=8)
+    kerple = KERPLE(n_layer=2, n_head=3, n_embd=16, block_size=8, init="ones")
     table = kerple.table(1, 6)
-    expected = torch.tensor([-math.log1p(r) for r in range(6)]).expand(3, 6)  # r1 = r2 = 1 at init
+    expected = torch.tensor([-math.log1p(r) for r in range(6)]).expand(3, 6)  # r1 = r2 = 1
     torch.testing.assert_close(table, expected)
     with torch.no_grad():
-        kerple.r1_raw[0].normal_(generator=torch.Generator().manual_seed(5))
-        kerple.r2_raw[0].normal_(generator=torch.Generator().manual_seed(6))
+        kerple.r1[0].copy_(torch.tensor([0.5, 1.0, 2.0]))
+        kerple.r2[0].copy_(torch.tensor([0.1, 1.0, 3.0]))
     table = kerple.table(0, 50)
-    r1, r2 = F.softplus(kerple.r1_raw[0]), F.softplus(kerple.r2_raw[0])
-    torch.testing.assert_close(table[:, 7], -r1 * torch.log1p(7 * r2))
+    torch.testing.assert_close(table[:, 7], torch.tensor([-0.5 * math.log(1.7), -math.log(8.0), -2 * math.log(22.0)]))
     assert torch.equal(table[:, 0], torch.zeros(3))
     assert (table[:, 1:] < table[:, :-1]).all()  # strictly decreasing in distance
+
+
+def test_kerple_init_is_the_authors_uniform_draw():
+    # chijames/KERPLE: bias_p (r1) = 2 * torch.rand(heads), bias_a (r2) = torch.rand(heads), per layer,
+    # clamped at 0.01. Replaying the same generator gives the same values, layer by layer, r1 first.
+    torch.manual_seed(7)
+    kerple = KERPLE(n_layer=3, n_head=512, n_embd=16, block_size=8)
+    torch.manual_seed(7)
+    draws = [(2 * torch.rand(512), torch.rand(512)) for _ in range(3)]
+    clamped = 0
+    for layer, (r1, r2) in enumerate(draws):
+        assert torch.equal(kerple.r1[layer].data, r1.clamp(min=0.01))
+        assert torch.equal(kerple.r2[layer].data, r2.clamp(min=0.01))
+        clamped += int((r1 < 0.01).sum() + (r2 < 0.01).sum())
+    r1 = torch.cat(list(kerple.r1)).detach()
+    r2 = torch.cat(list(kerple.r2)).detach()
+    assert (r1 >= 0.01).all() and (r1 < 2.0).all()  # float32 comparisons: the floor is float32(0.01)
+    assert (r2 >= 0.01).all() and (r2 < 1.0).all()
+    assert clamped > 0 and int((r1 == 0.01).sum() + (r2 == 0.01).sum()) == clamped  # some draws hit the floor
+    assert r1.mean().item() == pytest.approx(1.0, abs=0.05) and r2.mean().item() == pytest.approx(0.5, abs=0.03)
+    assert len(set(kerple.r1[0].tolist())) == 512  # per head, not one value for all
+
+
+def test_kerple_floor_keeps_the_gradient_and_project_clamps_in_place():
+    kerple = KERPLE(n_layer=1, n_head=2, n_embd=16, block_size=8, init="ones")
+    with torch.no_grad():
+        kerple.r1[0].copy_(torch.tensor([0.001, 1.5]))  # below the floor, as an optimizer step may leave it
+        kerple.r2[0].copy_(torch.tensor([2.0, -0.3]))
+    r1, r2 = kerple.coefficients(0)
+    torch.testing.assert_close(r1, torch.tensor([0.01, 1.5]))
+    torch.testing.assert_close(r2, torch.tensor([2.0, 0.01]))
+    kerple.table(0, 4).sum().backward()
+    # d/dr1 of -r1 * sum_r log(1 + r2 r) = -(log 3 + log 5 + log 7) for head 0: passed straight through.
+    assert kerple.r1[0].grad[0].item() == pytest.approx(-math.log(105.0), rel=1e-6)
+    assert kerple.r2[0].grad[1].item() != 0.0
+    kerple.project_()
+    assert kerple.r1[0].tolist() == pytest.approx([0.01, 1.5]) and kerple.r2[0].tolist() == pytest.approx([2.0, 0.01])
+
+
+def test_kerple_loads_checkpoints_of_the_softplus_parameterisation():
+    raw = torch.tensor([-1.0, 0.0, 2.0])
+    old = {"r1_raw.0": raw, "r2_raw.0": 2 * raw}
+    kerple = KERPLE(n_layer=1, n_head=3, n_embd=16, block_size=8)
+    kerple.load_state_dict(old)
+    torch.testing.assert_close(kerple.r1[0].data, F.softplus(raw))
+    torch.testing.assert_close(kerple.r2[0].data, F.softplus(2 * raw))
 
 
 # --------------------------------------------------------------------------- every scheme, in GPT
 
 @pytest.mark.parametrize("name", ALL)
 def test_cached_decoding_matches_full_forward(name):
-    scheme = SCHEMES[name]
-    assert scheme.supports_cache
     torch.manual_seed(0)
-    model = GPT(tiny(), pos=scheme).eval()
+    model = GPT(tiny(), pos=SCHEMES[name]).eval()
     idx = tokens(12)
     with torch.no_grad():
         full, _ = model(idx)
@@ -329,6 +402,7 @@ def test_every_scheme_has_a_config_and_every_config_builds_a_gpt():
         (lambda: Learned(1, 1, 8, 0), r"model\.block_size"),
         (lambda: ALiBi(1, 0, 8, 8), r"model\.n_head"),
         (lambda: KERPLE(1, -2, 8, 8), r"model\.n_head"),
+        (lambda: KERPLE(1, 2, 8, 8, init="zeros"), r"pos\.init='zeros' is invalid for pos=kerple: use uniform"),
         (lambda: FIRE(1, 1, 8, 8, dim=0), r"pos\.dim"),
         (lambda: FIRE(1, 1, 8, 8, init_c=0.0), r"pos\.init_c"),
         (lambda: Sinusoidal(1, 1, 8, 8, base=0.5), r"pos\.base"),

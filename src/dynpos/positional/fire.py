@@ -4,13 +4,17 @@ Source: Li et al. (2024), "Functional Interpolation for Relative Positions Impro
 Transformers" (ICLR). The bias of query position ``x'`` and key ``y`` is a learned function of the
 *normalised* distance,
 
-    bias[h, x, y] = f_h( psi(x' - y) / psi(max(L, x' + 1)) ),    psi(r) = log(c * r + 1),
+    bias[h, x, y] = f_h( psi(x' - y) / psi(max(L, x')) ),    psi(r) = log(c * r + 1),
 
 with ``f`` a small MLP (one hidden layer of ``dim`` ReLU units, ``dim = 32`` in the paper) to one
 output per head, ``c > 0`` and the threshold ``L`` learned. Dividing by the query's own position
-(``x' + 1`` counts the keys it sees; the paper's ``max{L, i}`` with 1-based ``i``) interpolates
-every sequence length into ``[0, 1)``, which is what lets the bias generalise beyond the training
-length; ``L`` stops short sequences from being stretched to the whole interval.
+``x'`` interpolates every sequence length into ``[0, 1)``, which is what lets the bias generalise
+beyond the training length; ``L`` stops short sequences from being stretched to the whole
+interval. Positions count from 0, as in the paper's reference listing (its
+``torch.max(positions, threshold)`` with ``positions = torch.arange(seq_length)``): for a query
+within ``L`` the normaliser is ``psi(L)`` whichever way positions are counted; beyond ``L`` it is
+``psi(x')``, so the farthest key (``y = 0``) sits at ``psi(x') / (psi(x') + eps)``, just below 1.
+(dynpos before issue 12 used ``x' + 1`` there.)
 
 Parameterisation (after the paper's reference listing): ``c`` is used as ``|c|``; the threshold is
 ``L = |init_L * s|`` with a learned multiplier ``s`` initialised to 1, so that its gradient has a
@@ -73,7 +77,7 @@ class FIRE(PositionalScheme):
         return f"dim={self.dim}, init_L={self.init_L:g}, shared={self.shared}"
 
     def inputs(self, layer: int, i: int, j: int) -> Tensor:
-        """The MLP's inputs ``(i, j)``: ``psi(x' - y) / psi(max(L, x' + 1))`` with ``x' = j - i + x``.
+        """The MLP's inputs ``(i, j)``: ``psi(x' - y) / (psi(max(L, x')) + eps)`` with ``x' = j - i + x``.
 
         In ``[0, 1)`` wherever ``y <= x'``; entries above the causal diagonal use distance 0
         (the causal mask removes them).
@@ -89,7 +93,7 @@ class FIRE(PositionalScheme):
         distance = (rearrange(query, "i -> i 1") - rearrange(key, "j -> 1 j")).clamp(min=0)
         c = self.c[k].float().abs()
         threshold = (self.L_scale[k].float() * self.init_L).abs()
-        normaliser = torch.log1p(c * torch.maximum(query + 1, threshold)) + self.eps  # (i,)
+        normaliser = torch.log1p(c * torch.maximum(query, threshold)) + self.eps  # (i,), positions from 0
         return torch.log1p(c * distance) / rearrange(normaliser, "i -> i 1")
 
     def bias(self, layer: int, i: int, j: int) -> Tensor:

@@ -2,10 +2,17 @@
 
 Source: Raffel et al. (2020), "Exploring the Limits of Transfer Learning with a Unified Text-to-Text
 Transformer" (JMLR), section 2.1. Distances are bucketed: the first half of the buckets hold one
-distance each, the rest are log-spaced up to ``max_distance``, beyond which every distance shares
-the last bucket. This is the causal (unidirectional, decoder) bucketing: a query sees only keys at
-distance ``>= 0``, so no buckets are spent on the other direction. As in T5, one bias table is
+distance each, the rest are log-spaced so that the scale reaches the last bucket at
+``max_distance``; flooring makes the last bucket begin earlier (at 113 with 32 buckets and
+``max_distance`` 128) and every longer distance shares it. This is the causal (unidirectional,
+decoder) bucketing: a query sees only keys at distance ``>= 0``, so no buckets are spent on the
+other direction. As in T5, one bias table is
 shared by all blocks (``shared: true``); ``shared: false`` gives each block its own.
+
+Which buckets a model trained on ``T`` tokens has trained: those of distances ``0 .. T - 1``. With
+the defaults (32 buckets, ``max_distance`` 128) and ``T = 64`` that is buckets 0 .. 26; bucket 26
+holds distances 59 .. 66, so 64 .. 66 still read a trained bucket, and distances from 67 on fall
+in buckets 27 .. 31, which never trained (31 holds every distance from 113 on).
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ def t5_bucket(distance: Tensor, num_buckets: int = 32, max_distance: int = 128) 
     Args:
         distance: integer tensor of distances ``x' - y >= 0`` (in positions), any shape.
         num_buckets: number of buckets; the first ``num_buckets // 2`` are exact.
-        max_distance: distance at which the log-spaced buckets reach the last one.
+        max_distance: the scale of the log-spaced buckets: bucket ``k >= e`` begins at
+            ``ceil(e * (max_distance / e) ** ((k - e) / (num_buckets - e)))``, so every distance
+            from ``max_distance`` on is in the last bucket (which begins before it).
 
     Returns:
         ``torch.long`` tensor of the same shape: ``d`` for ``d < num_buckets // 2``, else
@@ -48,7 +57,8 @@ class T5(PositionalScheme):
     Args:
         n_layer, n_head, n_embd, block_size: the model's sizes (filled in by the model).
         num_buckets: number of buckets (>= 2); T5 uses 32.
-        max_distance: where the last bucket starts (> num_buckets // 2); T5 uses 128.
+        max_distance: the scale of the log-spaced buckets (> num_buckets // 2); T5 uses 128.
+            Every distance from it on is in the last bucket (which begins at 113 with the defaults).
         shared: one table for all blocks (T5), or one per block.
 
     Raises:
