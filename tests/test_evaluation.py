@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from dynpos import GPT, GPTConfig
-from dynpos.evaluation.extrapolate import evaluate_lengths, run_extrapolation, window_plan
-from dynpos.evaluation.report import compare, length_changes, load_runs, pairs_within_noise, summarize, write_report
+from dynpos.evaluation.extrapolate import evaluate_lengths, run_extrapolation, window_plan, write_csv
+from dynpos.evaluation.report import compare, length_changes, load_sweep, pairs, summarize, write_report
 from dynpos.positional import DPB, ALiBi, Learned, NoPE
 
 from conftest import CONFIGS, ROOT
@@ -227,7 +227,8 @@ def test_evaluate_script_bad_lengths_are_one_line(nano_checkpoint, tmp_path, mon
 
 def fake_run(root, num, pos, seed, test_loss, losses, lengths=(64, 128, 256), params=1000, overrides=None,
              max_steps=300, notes=None):
-    """A run folder as `train.py -m` writes it, with a hand-made result.json."""
+    """A run folder as `train.py -m` writes it (see dynpos.training.run.train), with a hand-made
+    result.json: test and val loss ``test_loss``, test bpb ``test_loss / ln 2`` (1 byte per token)."""
     run = root / f"{num}_{pos}-micro-shakespeare_seed{seed}"
     (run / ".hydra").mkdir(parents=True)
     overrides = overrides or [f"pos={pos}"]
@@ -263,75 +264,181 @@ def sweep(tmp_path):
 
 
 def test_report_means_stds_and_noise_verdicts_by_hand(sweep):
-    runs = load_runs(sweep)
-    assert [r.label for r in runs] == ["dpb"] * 3 + ["alibi"] * 3 + ["learned"] * 3
-    summaries = {s.label: s for s in summarize(runs)}
-    dpb = summaries["dpb"].stats
-    assert dpb["test/loss"].mean == pytest.approx(2.0) and dpb["test/loss"].std == pytest.approx(0.1)
-    assert dpb["loss@256"].mean == pytest.approx(1.9) and dpb["loss@256"].n == 3
-    assert summaries["learned"].stats["loss@128"].mean is None
-    verdicts = {(c.label, c.column): c for c in compare(list(summaries.values()), "dpb")}
-    tie = verdicts[("alibi", "test/loss")]  # d = 0.05, se = sqrt(0.01/3 + 0.01/3) = 0.0816
-    assert tie.diff == pytest.approx(0.05) and tie.se == pytest.approx(math.sqrt(0.02 / 3)) and tie.noise is True
-    far = verdicts[("alibi", "loss@256")]  # d = 0.7, se = sqrt(0.11²/3 + 0.09²/3)
-    assert far.diff == pytest.approx(0.7) and far.noise is False
-    assert far.t == pytest.approx(0.7 / math.sqrt((0.11**2 + 0.09**2) / 3))
-    assert verdicts[("learned", "loss@128")].noise is None and verdicts[("learned", "loss@128")].diff is None
-    assert pairs_within_noise(list(summaries.values())) == {
-        "test/loss": [("dpb", "alibi")], "test/bpb": [("dpb", "alibi")],
-        "loss@64": [("dpb", "alibi")], "loss@128": [("dpb", "alibi")]}
+    runs, long = load_sweep(sweep)
+    assert list(runs["label"]) == ["dpb"] * 3 + ["alibi"] * 3 + ["learned"] * 3
+    assert len(long) == 9 * (3 + 3 * 2)  # per run: 3 metrics, 3 lengths x (loss, bpb)
+    stats = summarize(long)
+    assert list(stats.index.unique("column")) == ["test loss", "test bpb", "loss @64", "loss @128", "loss @256"]
+    assert stats.loc[("dpb", "test loss"), "mean"] == pytest.approx(2.0)
+    assert stats.loc[("dpb", "test loss"), "std"] == pytest.approx(0.1)
+    assert stats.loc[("dpb", "loss @256"), "mean"] == pytest.approx(1.9) and stats.loc[("dpb", "loss @256"), "n"] == 3
+    assert math.isnan(stats.loc[("learned", "loss @128"), "mean"]) and stats.loc[("learned", "loss @128"), "n"] == 0
+    assert stats.loc[("learned", "loss @128"), "note"] == "pos=learned encodes at most 64 positions"
+    verdicts = compare(stats, "dpb")
+    tie = verdicts.loc[("alibi", "test loss")]  # d = 0.05, se = sqrt(0.01/3 + 0.01/3) = 0.0816
+    assert tie["diff"] == pytest.approx(0.05) and tie["se"] == pytest.approx(math.sqrt(0.02 / 3)) and tie["noise"] is True
+    far = verdicts.loc[("alibi", "loss @256")]  # d = 0.7, se = sqrt(0.11²/3 + 0.09²/3)
+    assert far["diff"] == pytest.approx(0.7) and far["noise"] is False
+    assert far["t"] == pytest.approx(0.7 / math.sqrt((0.11**2 + 0.09**2) / 3))
+    assert verdicts.loc[("learned", "loss @128"), "noise"] is None and math.isnan(verdicts.loc[("learned", "loss @128"), "diff"])
+    every = pairs(stats)
+    assert len(every) == 3 * 5  # 3 pairs of schemes x 5 columns
+    within = every[every["noise"].eq(True)]
+    assert list(zip(within["label_b"], within.index)) == [
+        ("dpb", ("alibi", c)) for c in ("test loss", "test bpb", "loss @64", "loss @128")]
+    assert every.loc[("learned", "test loss"), "label_b"].tolist() == ["dpb", "alibi"]
+    assert every.loc[("learned", "test loss"), "diff"].tolist() == pytest.approx([0.3, 0.25])
 
 
 def test_length_changes_are_paired_by_seed(sweep):
-    changes = {(c.label, c.column): c for c in length_changes(load_runs(sweep))}
-    assert set(changes) == {(label, f"loss@{n}") for label in ("dpb", "alibi", "learned") for n in (128, 256)}
-    dpb = changes[("dpb", "loss@128")]  # per seed -0.10, -0.08, -0.12: mean -0.1, se 0.02 / sqrt(3)
-    assert dpb.diff == pytest.approx(-0.1) and dpb.se == pytest.approx(0.02 / math.sqrt(3)) and dpb.noise is False
-    alibi = changes[("alibi", "loss@128")]  # per seed +0.01, -0.10, -0.10: |mean| < 2 se
-    assert alibi.diff == pytest.approx(-0.19 / 3) and alibi.noise is True
-    assert changes[("alibi", "loss@256")].diff == pytest.approx(0.55) and changes[("alibi", "loss@256")].noise is False
-    assert changes[("learned", "loss@128")].diff is None
+    changes = length_changes(*load_sweep(sweep))
+    assert set(changes.index) == {(label, f"loss @{n}") for label in ("dpb", "alibi", "learned") for n in (128, 256)}
+    assert set(changes["ref"]) == {64}  # the training length
+    dpb = changes.loc[("dpb", "loss @128")]  # per seed -0.10, -0.08, -0.12: mean -0.1, se 0.02 / sqrt(3)
+    assert dpb["diff"] == pytest.approx(-0.1) and dpb["se"] == pytest.approx(0.02 / math.sqrt(3)) and dpb["noise"] is False
+    alibi = changes.loc[("alibi", "loss @128")]  # per seed +0.01, -0.10, -0.10: |mean| < 2 se
+    assert alibi["diff"] == pytest.approx(-0.19 / 3) and alibi["noise"] is True
+    assert changes.loc[("alibi", "loss @256"), "diff"] == pytest.approx(0.55) and changes.loc[("alibi", "loss @256"), "noise"] is False
+    assert math.isnan(changes.loc[("learned", "loss @128"), "diff"])
 
 
 def test_report_writes_markdown_and_png(sweep):
     markdown, md, png = write_report(sweep)
     assert md == sweep / "report.md" and md.read_text() == markdown
     assert png == sweep / "report.png" and png.read_bytes()[:8] == PNG
-    assert "| dpb | 3 | 1,000 | 2.0000 ± 0.1000 |" in markdown
-    assert "| learned | 3 | 1,064 | 2.3000 ± 0.1000 |" in markdown and "n/a" in markdown
-    assert "n/a: pos=learned encodes at most 64 positions." in markdown
-    assert "+0.0500 ≈" in markdown and "**+0.7000**" in markdown
-    assert ("- alibi: within noise of dpb: test loss, loss @64, loss @128; higher loss than dpb: loss @256"
-            in markdown)
-    assert "## Change with evaluation length" in markdown and "minus the loss at 64 tokens" in markdown
-    assert "- loss @128: dpb ≈ alibi" in markdown and "- loss @256: none" in markdown
+    lines = markdown.splitlines()
+    assert lines[0] == f"# Sweep report: {sweep}"
+    table = lines[lines.index("| scheme | seeds | params | test loss | test bpb | loss @64 | loss @128 | loss @256 |"):][:5]
+    assert table[1:] == [  # bpb = loss / ln 2; loss @128 of dpb: sd(1.8, 1.92, 1.98) = sqrt(0.0084)
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| dpb | 3 | 1,000 | 2.0000 ± 0.1000 | 2.8854 ± 0.1443 | 2.0000 ± 0.1000 | 1.9000 ± 0.0917 | 1.9000 ± 0.0900 |",
+        "| alibi | 3 | 900 | 2.0500 ± 0.1000 | 2.9575 ± 0.1443 | 2.0500 ± 0.1000 | 1.9867 ± 0.0551 | 2.6000 ± 0.1100 |",
+        "| learned | 3 | 1,064 | 2.3000 ± 0.1000 | 3.3182 ± 0.1443 | 2.3000 ± 0.1000 | n/a | n/a |"]
+    assert "n/a: pos=learned encodes at most 64 positions." in lines
+    assert ("With 3 seeds a side a Welch t-test at 5% would need |t| of about 2.8–4.3, so treat |t| between 2 "
+            "and 4.3 as suggestive.") in markdown
+    differences = lines[lines.index("| scheme | test loss | loss @64 | loss @128 | loss @256 |"):][:4]
+    assert differences[2:] == [
+        f"| alibi | +0.0500 ≈ | +0.0500 ≈ | +0.0867 ≈ | **+0.7000** (t={0.7 / math.sqrt((0.11**2 + 0.09**2) / 3):+.1f}) |",
+        "| learned | **+0.3000** (t=+3.7) | **+0.3000** (t=+3.7) | n/a | n/a |"]
+    assert "- alibi: within noise of dpb: test loss, loss @64, loss @128; higher loss than dpb: loss @256" in lines
+    assert "- learned: higher loss than dpb: everywhere" in lines  # both decidable columns
+    assert "## Change with evaluation length" in lines and "minus the loss at 64 tokens" in markdown
+    assert "| dpb | **-0.1000** (t=-8.7) | **-0.1000** (t=-17.3) |" in lines  # sd 0.02 and 0.01 over √3
+    assert "- loss @128: dpb ≈ alibi" in lines and "- loss @256: none" in lines
     assert "## Notes" not in markdown  # a like-for-like sweep raises no caveat
-    assert "Differences from alibi" in write_report(sweep, baseline="alibi")[0]
+    assert lines[-1] == "![loss against evaluation length: mean ± 1 std over 3 seeds](report.png)"
+    assert "Differences from alibi" in write_report(sweep, baseline="alibi")[0]  # rewrites its own report
     with pytest.raises(ValueError, match="baseline='rope' is not a scheme of this sweep: choose one of dpb, alibi"):
         write_report(sweep, baseline="rope")
 
 
-def test_report_labels_by_what_the_sweep_varied_and_flags_unfair_runs(tmp_path):
+def test_a_one_seed_sweep_says_it_has_no_error_bars_and_flags_unfair_runs(tmp_path):
     root = tmp_path / "sweep"
     fake_run(root, 0, "dpb", 0, 2.0, [2.0, 2.0, 2.0], overrides=["pos=dpb", "pos.log_distance=false"])
     fake_run(root, 1, "dpb", 0, 2.1, [2.1, 2.1, 2.1], overrides=["pos=dpb", "pos.log_distance=true"], max_steps=10)
-    markdown, _, _ = write_report(root)
-    assert [r.label for r in load_runs(root)] == ["dpb, pos.log_distance=false", "dpb, pos.log_distance=true"]
-    assert "the runs differ in trainer.max_steps" in markdown
-    assert "+0.1000 (1 seed)" in markdown  # one seed a side: no noise verdict
+    markdown, _, png = write_report(root)
+    assert list(load_sweep(root)[0]["label"]) == ["dpb, pos.log_distance=false", "dpb, pos.log_distance=true"]
+    assert "- the runs differ in trainer.max_steps: not a like-for-like comparison" in markdown
+    assert "| dpb, pos.log_distance=true | 1 | 1,000 | 2.1000 | 3.0297 | 2.1000 | 2.1000 | 2.1000 |" in markdown
+    assert "+0.1000 (1 seed)" in markdown  # one seed a side: a difference, no verdict
     assert "- loss @64: no verdict (fewer than two seeds)" in markdown
+    assert "Every scheme ran 1 seed: no standard deviations, so no error bars and no noise verdicts" in markdown
+    assert "Welch t-test" not in markdown and "3 seeds" not in markdown
+    assert "![loss against evaluation length: 1 seed, no error bars](report.png)" in markdown
+    assert png.read_bytes()[:8] == PNG
 
 
-def test_report_script_prints_and_writes(sweep, monkeypatch, capsys):
-    code, out, err = run_in_process(monkeypatch, capsys, "scripts/report.py", str(sweep))
+def test_a_sweep_without_evaluation_lengths_still_gets_a_png(tmp_path):
+    root = tmp_path / "sweep"
+    fake_run(root, 0, "dpb", 0, 2.0, [], lengths=())
+    fake_run(root, 1, "dpb", 1, 2.2, [], lengths=())
+    fake_run(root, 2, "rope", 0, 2.3, [], lengths=())
+    markdown, _, png = write_report(root)
+    assert png == root / "report.png" and png.read_bytes()[:8] == PNG
+    assert "| dpb | 2 | 1,000 | 2.1000 ± 0.1414 | 3.0297 ± 0.2040 |" in markdown
+    assert "| rope | +0.2000 (1 seed) |" in markdown and "## Change with evaluation length" not in markdown
+    assert ("With 2 seeds a side a Welch t-test at 5% would need |t| of about 4.3–12.7, so treat |t| between 2 and "
+            "12.7 as suggestive. rope ran 1 seed: no error bars and no noise verdict for it.") in markdown
+    assert markdown.endswith("![validation and test loss: mean ± 1 std over 1–2 seeds](report.png)\n")
+
+
+def test_report_reads_evaluate_py_outputs_in_the_run_folders(tmp_path):
+    """result.json scores 64 tokens; scripts/evaluate.py's CSVs add 512 (and repeat 64: equal, except
+    one run whose repeat differs: result.json's value is kept and the report says so)."""
+    root = tmp_path / "sweep"
+    table = {("dpb", 0): (2.0, 2.0, 2.1), ("dpb", 1): (2.2, 2.2, 2.2),
+             ("alibi", 0): (2.1, 2.1, 2.1), ("alibi", 1): (2.3, 2.35, 2.4)}  # loss@64 (result, csv), loss@512
+    for num, ((pos, seed), (at64, csv64, at512)) in enumerate(table.items()):
+        run = fake_run(root, num, pos, seed, 2.0, [at64], lengths=(64,))
+        (run / "eval" / "ckpt-best").mkdir(parents=True)
+        write_csv([{"length": n, "protocol": "nonoverlap", "stride": None, "loss": loss, "ppl": math.exp(loss),
+                    "bpb": loss / math.log(2), "tokens": 4096, "note": ""} for n, loss in ((64, csv64), (512, at512))],
+                  run / "eval" / "ckpt-best" / "extrapolation.csv")
+    runs, long = load_sweep(root)
+    stats = summarize(long)
+    assert list(stats.index.unique("column")) == ["test loss", "test bpb", "loss @64", "loss @512"]
+    assert stats.loc[("dpb", "loss @512"), "mean"] == pytest.approx(2.15)
+    assert stats.loc[("alibi", "loss @64"), "mean"] == pytest.approx(2.2)  # 2.1 and result.json's 2.3
+    assert stats.loc[("alibi", "loss @512"), "std"] == pytest.approx(0.3 / math.sqrt(2))
+    bpb = long[(long["metric"] == "bpb") & (long["length"] == 512) & (long["label"] == "dpb")]["value"]
+    assert list(bpb) == pytest.approx([2.1 / math.log(2), 2.2 / math.log(2)])  # the CSV's bpb fills result.json's blank
+    changes = length_changes(runs, long)  # per seed +0.1, 0.0 for both: mean 0.05, se 0.05
+    assert changes.loc[("alibi", "loss @512"), "diff"] == pytest.approx(0.05)
+    assert changes.loc[("alibi", "loss @512"), "se"] == pytest.approx(0.05)
+    assert changes.loc[("alibi", "loss @512"), "noise"] is True
+    assert list(runs["disagree"]) == [0, 0, 0, 1]
+    markdown, _, _ = write_report(root)
+    assert ("- 3_alibi-micro-shakespeare_seed1: its evaluation files disagree on 1 score (another checkpoint or "
+            "settings?)") in markdown
+    # evaluate.py on the test split (its extrapolation.json says so): a column of its own
+    out = root / "3_alibi-micro-shakespeare_seed1" / "eval" / "test-split"
+    out.mkdir()
+    write_csv([{"length": 512, "protocol": "nonoverlap", "loss": 2.5, "note": ""}], out / "extrapolation.csv")
+    (out / "extrapolation.json").write_text(json.dumps({"split": "test", "rows": []}))
+    stats = summarize(load_sweep(root)[1])
+    assert list(stats.index.unique("column"))[2:] == ["loss @512 test", "loss @64 validation", "loss @512 validation"]
+    assert stats.loc[("alibi", "loss @512 test"), "mean"] == 2.5 and stats.loc[("alibi", "loss @512 test"), "n"] == 1
+    assert stats.loc[("alibi", "loss @512 validation"), "mean"] == pytest.approx(2.25)
+
+
+def test_report_refuses_to_overwrite_another_sweeps_report(sweep, tmp_path):
+    out = tmp_path / "reports"
+    out.mkdir()
+    (out / "report.md").write_text("# my notes\n")
+    with pytest.raises(FileExistsError, match="out=.*reports already holds a report.md or report.png that is not"):
+        write_report(sweep, out=out)
+    assert (out / "report.md").read_text() == "# my notes\n" and not (out / "report.png").exists()
+    (out / "report.md").unlink()
+    _, md, png = write_report(sweep, out=out)
+    assert md == out / "report.md" and png.is_file() and not (sweep / "report.md").exists()
+    write_report(sweep, out=out)  # the same sweep's report is replaced
+
+
+def test_a_file_instead_of_a_sweep_folder_names_the_fix():
+    with pytest.raises(NotADirectoryError, match=r"sweep=.*README.md is a file, not a folder: pass the folder "
+                                                 r"that `python train.py -m ...` wrote"):
+        write_report(ROOT / "README.md")
+
+
+def test_report_script_prints_and_writes_and_leaves_no_hydra_files(sweep, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_in_process(monkeypatch, capsys, "scripts/report.py", str(sweep), "baseline=alibi")
     assert code == 0, err
-    assert "| alibi | 3 | 900 |" in out and (sweep / "report.png").is_file() and "written:" in err
+    assert "| alibi | 3 | 900 |" in out and "## Differences from alibi" in out
+    assert err == f"written: {sweep / 'report.md'}, {sweep / 'report.png'}\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["multirun"]  # no outputs/, .hydra/ or log
+    assert sorted(p.name for p in sweep.iterdir() if not p.is_dir()) == ["report.md", "report.png"]
+    code, out, _ = run_in_process(monkeypatch, capsys, "scripts/report.py", "--help")
+    assert code == 0 and "python scripts/report.py multirun/<date>_<time> baseline=alibi" in out and "sweep: ???" in out
 
 
-@pytest.mark.parametrize("make", [lambda p: p.mkdir(), lambda p: None])  # empty, and missing
+@pytest.mark.parametrize("make", [lambda p: p.mkdir(), lambda p: None, lambda p: p.write_text("# notes\n")])
 def test_report_script_on_a_folder_without_results_is_one_line(tmp_path, monkeypatch, capsys, make):
-    folder = tmp_path / "sweep"
+    folder = tmp_path / "README.md"  # an empty folder, a missing one, a file
     make(folder)
     code, _, err = run_in_process(monkeypatch, capsys, "scripts/report.py", str(folder))
     assert code == 2 and "Traceback" not in err and err.count("\n") == 1
     assert err.startswith("error: ") and str(folder) in err and "train.py -m" in err
+    code, _, err = run_in_process(monkeypatch, capsys, "scripts/report.py")
+    assert code == 2 and err.startswith("error: sweep is required: python scripts/report.py <multirun dir>")

@@ -1,136 +1,46 @@
-"""Sweep reports: a multirun folder of ``result.json`` files -> mean ± std per scheme, a plot, and
-which differences are within the seed noise (each scheme against a baseline, each scheme's loss at
-longer lengths against its loss at the training length, and every pair of schemes).
+"""Sweep reports: a multirun folder of runs -> mean ± std per scheme, a plot, and which differences
+are within the seed noise (each scheme against a baseline, each scheme's loss at longer lengths
+against its loss at the training length, and every pair of schemes).
 
 ``python train.py -m experiment=ablate_pos pos=... seed=0,1,2`` writes one run folder per job,
 ``multirun/<date>_<time>/<num>_<run_name>_seed<seed>/result.json`` (see
-:func:`dynpos.training.run.train`). :func:`write_report` reads every ``result.json`` below a folder,
-groups the runs by what the sweep varied other than the seed (normally ``pos``), and writes
-``report.md`` (printed by ``scripts/report.py``) and ``report.png`` (loss against evaluation length,
-one line per scheme, error bars of one standard deviation over seeds).
+:func:`dynpos.training.run.train`); ``scripts/evaluate.py`` adds ``extrapolation.csv`` files inside
+a run folder. :func:`load_sweep` reads them into one long pandas table (a row per run × metric ×
+split × protocol × length); :func:`write_report` groups it by what the sweep varied other than the
+seed (normally ``pos``) and writes ``report.md`` (printed by ``scripts/report.py``) and
+``report.png`` (loss against evaluation length, or val/test loss per scheme when the sweep scored
+no lengths; error bars of one standard deviation over seeds).
 
 The noise rule, stated once here and in the report: for a metric with per-seed values ``a`` (scheme)
 and ``b`` (baseline), the difference of means ``d = mean(a) - mean(b)`` has the Welch standard error
 ``se = sqrt(s_a² / n_a + s_b² / n_b)`` (``s``: sample standard deviation, ``n``: seeds). A difference
 is *within seed noise* when ``|d| < 2·se``. The change of one scheme's loss from the training length
 to a longer one is paired by seed instead (the same model scores the same text at every length):
-``se = sd(d_seed) / sqrt(n)``, same rule. With 3 seeds a side this is a lenient screen, not a
-significance test: a Welch t-test at the 5% level would need ``|d| / se`` of about 2.8 to 4.3
-(2 to 4 degrees of freedom), so differences just past 2·se deserve more seeds before they are
-believed. ``t = d / se`` is printed so a reader can apply a stricter threshold.
+``se = sd(d_seed) / sqrt(n)``, same rule. With few seeds this is a lenient screen, not a
+significance test: with 3 seeds a side a Welch t-test at the 5% level would need ``|d| / se`` of
+about 2.8 to 4.3 (2 to 4 degrees of freedom); the report states the figures for the sweep's own
+seed counts. ``t = d / se`` is printed so a reader can apply a stricter threshold. One seed gives
+no standard deviation: no error bars and no verdict.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import statistics
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import yaml
+
+from dynpos.atomic import write_text
+from dynpos.evaluation.plots import plot_lengths, plt, save_figure
+
 # Config keys that differ between the runs of any sweep without changing what is compared.
-_BOOKKEEPING = ("seed", "run_name", "group", "paths.", "ckpt_path", "callbacks.", "logger.")
+BOOKKEEPING = ("seed", "run_name", "group", "paths.", "ckpt_path", "callbacks.", "logger.")
 NOISE_RULE = "|mean difference| < 2 × Welch standard error sqrt(s₁²/n₁ + s₂²/n₂) over seeds"
-
-
-@dataclass
-class Run:
-    """One run of a sweep, as read from its ``result.json``.
-
-    Attributes:
-        path: the run folder.
-        label: what distinguishes its group (``dpb``; ``dpb, pos.log_distance=true``).
-        seed: ``config.seed``.
-        pos: the scheme's name (``result["pos"]``).
-        num_params: trainable parameters.
-        block_size: the training length in tokens (``config.model.block_size``).
-        metrics: final metrics (``test/loss`` in nats/token, ``test/bpb`` in bits per byte, ...).
-        lengths: ``{(protocol, length): loss in nats/token or None}`` from the extrapolation rows.
-        notes: ``{(protocol, length): why the loss is None}`` (e.g. learned positions beyond block_size).
-        config: the resolved training config.
-    """
-
-    path: Path
-    label: str
-    seed: int | None
-    pos: str
-    num_params: int | None
-    block_size: int | None
-    metrics: dict[str, float]
-    lengths: dict[tuple[str, int], float | None]
-    notes: dict[tuple[str, int], str]
-    config: dict
-
-
-@dataclass
-class Stat:
-    """Mean and sample standard deviation of one metric over ``n`` seeds (``std`` None for n < 2;
-    both None for n = 0, with ``note`` saying why)."""
-
-    mean: float | None
-    std: float | None
-    n: int
-    note: str = ""
-
-    @classmethod
-    def of(cls, values: Iterable[float | None], note: str = "") -> "Stat":
-        kept = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-        if not kept:
-            return cls(None, None, 0, note)
-        return cls(statistics.fmean(kept), statistics.stdev(kept) if len(kept) > 1 else None, len(kept), note)
-
-    def se2(self) -> float | None:
-        """The squared standard error of the mean, ``std² / n``; None without a std."""
-        return None if self.std is None else self.std**2 / self.n
-
-
-@dataclass
-class Summary:
-    """The runs of one label: seeds, parameter counts and a :class:`Stat` per metric column."""
-
-    label: str
-    pos: str
-    seeds: list[int | None]
-    num_params: list[int]
-    stats: dict[str, Stat] = field(default_factory=dict)
-
-
-@dataclass
-class Comparison:
-    """``label`` minus the baseline for one metric column: ``diff`` (nats/token or bits per byte),
-    Welch ``se``, ``t = diff / se`` and the verdict ``noise`` (True: within seed noise, False: beyond,
-    None: undecidable, i.e. a side has fewer than two seeds or no value)."""
-
-    label: str
-    column: str
-    diff: float | None
-    se: float | None
-    t: float | None
-    noise: bool | None
-
-
-def find_results(sweep_dir: str | Path) -> list[Path]:
-    """Every ``result.json`` below ``sweep_dir``, in job order (numeric prefix of the run folder).
-
-    Raises:
-        FileNotFoundError: ``sweep_dir`` does not exist or is not a folder.
-        ValueError: it holds no ``result.json`` (the message names the folder and what is expected).
-    """
-    root = Path(sweep_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"sweep folder {root} does not exist: pass the folder that `python train.py -m ...` wrote "
-            "(multirun/<date>_<time>)"
-        )
-    paths = sorted(root.rglob("result.json"), key=_job_order)
-    if not paths:
-        raise ValueError(
-            f"{root} holds no result.json: expected the run folders of a sweep, "
-            "<sweep dir>/<num>_<run>_seed<seed>/result.json as `python train.py -m ...` writes them "
-            "(a run writes its result.json when it finishes)"
-        )
-    return paths
+KEYS = ["run", "metric", "split", "protocol", "length"]  # a run has one value per KEYS
+T975 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23)  # Student t, 97.5%, 1..10 d.o.f.
 
 
 def _job_order(path: Path) -> tuple:
@@ -138,390 +48,406 @@ def _job_order(path: Path) -> tuple:
     return (str(path.parent.parent), int(head) if head.isdigit() else math.inf, str(path))
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = json.dumps(value, sort_keys=True) if isinstance(value, list) else value
-    return out
+def load_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read every ``result.json`` below ``sweep_dir`` (in job order) into ``(runs, long)``.
 
+    ``runs``: a row per run: ``path`` (its folder), ``label``, ``seed``, ``pos``, ``num_params``,
+    ``block_size`` (training length, tokens), ``config`` (the resolved run config, a dict) and
+    ``disagree`` (how many of its scores its evaluation files give differently). The label is built
+    from the overrides (``.hydra/overrides.yaml``) that vary across runs, the seed excluded:
+    ``pos=<name>`` shows as ``<name>``, others as ``key=value`` (``dpb, pos.depth=3``).
 
-def _overrides(run_dir: Path) -> list[str]:
-    """The run's command-line overrides (Hydra's ``.hydra/overrides.yaml``), or [] without one."""
-    path = run_dir / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return []
-    import yaml
-
-    loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or []
-    return [str(item) for item in loaded]
-
-
-def load_runs(sweep_dir: str | Path) -> list[Run]:
-    """Read every ``result.json`` below ``sweep_dir`` and label each run.
-
-    A run's label is built from the overrides that vary across the runs, the seed excluded:
-    ``pos=<name>`` shows as ``<name>``, anything else as ``key=value`` (``dpb, pos.depth=3``). When
-    no override varies (or the runs carry no ``.hydra`` folder) the label is the scheme's name.
+    ``long``: a row per run × metric × split × protocol × length: ``run`` (row of ``runs``),
+    ``label``, ``metric`` (a ``result.json`` metric such as ``test/loss``, ``length`` NaN; or
+    ``loss``/``bpb`` at an evaluation ``length``), ``value`` (nats/token or bits per byte, NaN where
+    not scored), ``note`` (why), ``variant`` and ``column`` (the report's header: ``test loss``,
+    ``loss @256``, plus the protocol and split where the sweep has several). Evaluation rows come
+    from ``result.json``'s ``extrapolation``, then from every ``extrapolation.csv`` in the run folder
+    (``scripts/evaluate.py``'s, its split read from the ``extrapolation.json`` beside it); of rows
+    repeating a run's column the first with a value is kept.
 
     Raises:
-        FileNotFoundError, ValueError: as :func:`find_results`; ValueError also for a
-            ``result.json`` that is not valid JSON or lacks ``metrics`` (naming the file).
+        NotADirectoryError: ``sweep_dir`` is a file. FileNotFoundError: it does not exist.
+        ValueError: it holds no ``result.json``, or one that is not valid JSON or lacks ``metrics``.
     """
-    paths = find_results(sweep_dir)
-    raw = []
-    for path in paths:
+    root, where = Path(sweep_dir), "pass the folder that `python train.py -m ...` wrote (multirun/<date>_<time>)"
+    if root.is_file():
+        raise NotADirectoryError(f"sweep={root} is a file, not a folder: {where}")
+    if not root.is_dir():
+        raise FileNotFoundError(f"sweep folder {root} does not exist: {where}")
+    paths = sorted(root.rglob("result.json"), key=_job_order)
+    if not paths:
+        raise ValueError(f"{root} holds no result.json: expected the run folders of a sweep, <sweep dir>/<num>_"
+                         "<run>_seed<seed>/result.json as `python train.py -m ...` writes them (a run writes its "
+                         "result.json when it finishes)")
+    runs, rows = [], []
+    for i, path in enumerate(paths):
         try:
             result = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON ({error}): delete it or rerun that job") from None
         if not isinstance(result, dict) or "metrics" not in result:
             raise ValueError(f"{path} has no 'metrics': not a dynpos result.json (written by train.py)")
-        raw.append((path, result, _overrides(path.parent)))
-
-    def parse(override: str) -> tuple[str, str]:
-        key, _, value = override.partition("=")
-        return key.lstrip("+~"), value
-
-    keyed = [dict(parse(o) for o in overrides) for _, _, overrides in raw]
-    keys = sorted({k for d in keyed for k in d if k != "seed"})
-    varying = [k for k in keys if len({d.get(k) for d in keyed}) > 1]
-    runs = []
-    for (path, result, _), overrides in zip(raw, keyed):
-        config = result.get("config") or {}
-        pos = str(result.get("pos") or (config.get("pos") or {}).get("_target_", "?"))
-        parts = [overrides.get("pos", pos) if k == "pos" else f"{k}={overrides.get(k, '(default)')}"
-                 for k in varying]
-        if "pos" not in varying and varying:
-            parts.insert(0, pos)
-        lengths, notes = {}, {}
-        for row in result.get("extrapolation") or []:
-            key = (str(row.get("protocol")), int(row["length"]))
-            lengths[key] = row.get("loss")
-            if row.get("note"):
-                notes[key] = str(row["note"])
-        runs.append(Run(
-            path=path.parent, label=", ".join(parts) if parts else pos, seed=config.get("seed"), pos=pos,
-            num_params=result.get("num_params"), block_size=(config.get("model") or {}).get("block_size"),
-            metrics={k: float(v) for k, v in result["metrics"].items() if isinstance(v, (int, float))},
-            lengths=lengths, notes=notes, config=config,
-        ))
-    return runs
-
-
-def columns(runs: list[Run]) -> list[tuple[str, str]]:
-    """The metric columns ``(key, header)``: test loss and bpb, then the loss at each evaluation
-    length (``loss@<length>``, with ``/<protocol>`` appended when a sweep used several)."""
-    cols = [("test/loss", "test loss"), ("test/bpb", "test bpb")]
-    keys = sorted({k for r in runs for k in r.lengths}, key=lambda k: (k[0], k[1]))
-    protocols = {p for p, _ in keys}
-    for protocol, length in keys:
-        suffix = f"/{protocol}" if len(protocols) > 1 else ""
-        cols.append((f"loss@{length}{suffix}", f"loss @{length}{' ' + protocol if suffix else ''}"))
-    return cols
+        config, overrides = result.get("config") or {}, path.parent / ".hydra" / "overrides.yaml"
+        runs.append({"path": path.parent, "seed": config.get("seed"), "num_params": result.get("num_params"),
+                     "pos": str(result.get("pos") or (config.get("pos") or {}).get("_target_", "?")),
+                     "block_size": (config.get("model") or {}).get("block_size"), "config": config,
+                     "overrides": yaml.safe_load(overrides.read_text(encoding="utf-8")) if overrides.is_file() else []})
+        rows += [{"run": i, "metric": k, "split": "", "protocol": "", "length": np.nan, "value": v, "note": ""}
+                 for k, v in result["metrics"].items() if isinstance(v, (int, float))]
+        split = (config.get("eval") or {}).get("split", "validation")
+        tables = [(pd.DataFrame(result.get("extrapolation") or []), split)]
+        for csv in sorted(path.parent.rglob("extrapolation.csv")):
+            sidecar = csv.with_name("extrapolation.json")
+            side = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
+            tables.append((pd.read_csv(csv), str(side.get("split", split))))
+        for table, split in tables:
+            table = table.reindex(columns=["length", "protocol", "note", "loss", "bpb"])
+            rows += table.melt(["length", "protocol", "note"], ["loss", "bpb"], "metric").assign(
+                run=i, split=split).to_dict("records")
+    runs = pd.DataFrame(runs)
+    runs["label"] = _labels(runs)
+    long = pd.DataFrame(rows).fillna({"note": ""})
+    long["value"] = pd.to_numeric(long["value"]).where(lambda v: np.isfinite(v))
+    spread = long[long.duplicated(KEYS, keep=False)].groupby(KEYS)["value"].agg(lambda v: v.max() - v.min())
+    runs["disagree"] = (spread > 1e-6).groupby(level="run").sum().reindex(runs.index, fill_value=0)
+    scored_first = long["value"].isna().sort_values(kind="stable").index  # a value beats a blank
+    long = long.loc[scored_first].drop_duplicates(KEYS).sort_index().reset_index(drop=True)
+    long["label"] = runs["label"].to_numpy()[long["run"]]
+    at = long["length"].notna()
+    several = [k for k in ("protocol", "split") if long.loc[at, k].nunique() > 1]
+    long["variant"] = (long[several].agg(" ".join, axis=1) if several else pd.Series("", index=long.index)).where(at, "")
+    lengths = long["length"].astype("Int64").astype(str)
+    long["column"] = (long["metric"] + " @" + lengths + (" " + long["variant"]).str.rstrip()).where(
+        at, long["metric"].str.replace("/", " "))
+    return runs, long
 
 
-def _value(run: Run, column: str) -> float | None:
-    if not column.startswith("loss@"):
-        return run.metrics.get(column)
-    length, _, protocol = column[len("loss@"):].partition("/")
-    matches = [v for (p, n), v in run.lengths.items() if n == int(length) and (not protocol or p == protocol)]
-    return matches[0] if matches else None
+def _labels(runs: pd.DataFrame) -> list[str]:
+    keyed = [dict((k.lstrip("+~"), v) for k, _, v in (str(o).partition("=") for o in overrides))
+             for overrides in runs["overrides"].map(lambda o: o or [])]
+    varying = [k for k in sorted({k for d in keyed for k in d} - {"seed"}) if len({d.get(k) for d in keyed}) > 1]
+    labels = []
+    for pos, d in zip(runs["pos"], keyed):
+        parts = [d.get("pos", pos) if k == "pos" else f"{k}={d.get(k, '(default)')}" for k in varying]
+        labels.append(", ".join(parts if "pos" in varying or not parts else [pos, *parts]) or pos)
+    return labels
 
 
-def _note(runs: list[Run], column: str) -> str:
-    if not column.startswith("loss@"):
-        return ""
-    length = int(column[len("loss@"):].partition("/")[0])
-    return next((note for r in runs for (_, n), note in r.notes.items() if n == length), "")
+def columns(long: pd.DataFrame) -> list[str]:
+    """The report's metric columns: test loss and bpb, then the loss at each evaluation length
+    (ordered by protocol, split, length)."""
+    at = long[(long["metric"] == "loss") & long["length"].notna()]
+    return ["test loss", "test bpb", *dict.fromkeys(at.sort_values(["variant", "length"])["column"])]
 
 
-def summarize(runs: list[Run]) -> list[Summary]:
-    """Group runs by label (in order of first appearance) and compute a :class:`Stat` per column."""
-    cols = columns(runs)
-    groups: dict[str, list[Run]] = {}
-    for run in runs:
-        groups.setdefault(run.label, []).append(run)
-    summaries = []
-    for label, members in groups.items():
-        summary = Summary(label=label, pos=members[0].pos, seeds=[r.seed for r in members],
-                          num_params=sorted({r.num_params for r in members if r.num_params is not None}))
-        for key, _ in cols:
-            summary.stats[key] = Stat.of((_value(r, key) for r in members), _note(members, key))
-        summaries.append(summary)
-    return summaries
+def _agg(frame: pd.DataFrame, by: list[str], value: str = "value") -> pd.DataFrame:
+    """``mean``, sample ``std`` (NaN below two values) and ``n`` (values present) of ``value``."""
+    return frame.groupby(by, sort=False)[value].agg(mean="mean", std="std", n="count")
 
 
-def _verdict(label: str, column: str, diff: float | None, se: float | None) -> Comparison:
-    """A :class:`Comparison` from a difference and its standard error (rule: :data:`NOISE_RULE`)."""
-    if diff is None or se is None:
-        return Comparison(label, column, diff, None, None, None)
-    t = diff / se if se > 0 else (0.0 if diff == 0 else math.copysign(math.inf, diff))
-    return Comparison(label, column, diff, se, t, abs(diff) < 2 * se if se > 0 else diff == 0)
+def summarize(long: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± std over seeds: a frame indexed by ``(label, column)`` (labels in job order, every
+    column of :func:`columns`) with ``mean``, ``std``, ``n`` and ``note`` (why a value is missing)."""
+    stats = _agg(long, ["label", "column"])
+    labels = list(dict.fromkeys(long["label"]))
+    index = pd.MultiIndex.from_product([labels, columns(long)], names=["label", "column"])
+    stats = stats.reindex(index).fillna({"n": 0})
+    notes = long[long["note"] != ""].groupby(["label", "column"])["note"].first()
+    return stats.assign(note=notes.reindex(stats.index).fillna(""))
 
 
-def welch(label: str, column: str, a: Stat | None, b: Stat | None) -> Comparison:
-    """``a - b`` for two independent groups of seeds, with the Welch standard error."""
-    if a is None or b is None or a.mean is None or b.mean is None:
-        return Comparison(label, column, None, None, None, None)
-    if a.se2() is None or b.se2() is None:
-        return _verdict(label, column, a.mean - b.mean, None)
-    return _verdict(label, column, a.mean - b.mean, math.sqrt(a.se2() + b.se2()))
+def _verdict(diff: pd.Series, se: pd.Series) -> pd.DataFrame:
+    """``diff``, ``se``, ``t = diff / se`` and ``noise`` (True: within seed noise, ``|diff| < 2·se``;
+    False: beyond; None: undecidable, a side with fewer than two seeds or no value)."""
+    zero = (se == 0) & (diff == 0)
+    noise = ((diff.abs() < 2 * se) | zero).astype(object).where(diff.notna() & se.notna(), None)
+    return pd.DataFrame({"diff": diff, "se": se, "t": (diff / se).mask(zero, 0.0), "noise": noise})
 
 
-def compare(summaries: list[Summary], baseline: str) -> list[Comparison]:
-    """Each label against ``baseline`` on every column, with the rule of :data:`NOISE_RULE`.
+def compare(stats: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Each label minus ``baseline`` on every column of :func:`summarize`'s frame, indexed by
+    ``(label, column)``: :func:`_verdict` with the Welch standard error (rule: :data:`NOISE_RULE`).
 
     Raises:
         ValueError: ``baseline`` is not one of the labels (the message lists them).
     """
-    by_label = {s.label: s for s in summaries}
-    if baseline not in by_label:
-        raise ValueError(f"baseline={baseline!r} is not a scheme of this sweep: choose one of {', '.join(by_label)}")
-    base = by_label[baseline]
-    return [welch(s.label, key, stat, base.stats.get(key))
-            for s in summaries if s.label != baseline for key, stat in s.stats.items()]
+    labels = list(stats.index.unique("label"))
+    if baseline not in labels:
+        raise ValueError(f"baseline={baseline!r} is not a scheme of this sweep: choose one of {', '.join(labels)}")
+    both = stats.drop(index=baseline, level="label").join(stats.xs(baseline, level="label"), on="column", rsuffix="_b")
+    return _verdict(both["mean"] - both["mean_b"], np.sqrt(both["std"] ** 2 / both["n"] + both["std_b"] ** 2 / both["n_b"]))
 
 
-def pairs_within_noise(summaries: list[Summary]) -> dict[str, list[tuple[str, str]]]:
-    """For each column, the pairs of labels whose difference is within seed noise (Welch, both
-    sides with at least two seeds)."""
-    out: dict[str, list[tuple[str, str]]] = {}
-    for key in (summaries[0].stats if summaries else {}):
-        for i, a in enumerate(summaries):
-            for b in summaries[i + 1:]:
-                if welch(a.label, key, a.stats.get(key), b.stats.get(key)).noise:
-                    out.setdefault(key, []).append((a.label, b.label))
-    return out
+def pairs(stats: pd.DataFrame) -> pd.DataFrame:
+    """Every pair of labels on every column, indexed by ``(label, column)`` with ``label_b`` the
+    earlier label in job order: :func:`compare`'s verdict of ``label - label_b``."""
+    labels = list(stats.index.unique("label"))
+    return pd.concat([compare(stats, b).loc[labels[i + 1:]].assign(label_b=b) for i, b in enumerate(labels[:-1])])
 
 
-def length_changes(runs: list[Run]) -> list[Comparison]:
+def length_changes(runs: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
     """How each label's loss moves from the training length to each longer evaluation length.
 
-    Paired by seed (the same model scores the same text at every length): per seed
-    ``d = loss@N - loss@train``, then the mean of ``d`` and its standard error ``sd(d) / sqrt(n)``
-    with the ``2·se`` rule. The reference column is the evaluation length equal to the training
-    length (``block_size``), else the shortest one; one comparison per label and longer column.
+    Paired by seed (the same model scores the same text at every length): per run
+    ``d = loss@N - loss@ref``, then the mean of ``d`` and its standard error ``sd(d) / sqrt(n)``
+    with the ``2·se`` rule. ``ref`` is the evaluation length equal to the training length
+    (``block_size``, when the runs share one), else the shortest, per protocol and split.
+
+    Returns:
+        A frame indexed by ``(label, column)`` (the longer columns) with :func:`_verdict`'s
+        columns and ``ref`` (tokens); empty when the sweep scored no lengths.
     """
-    keys = [k for k, _ in columns(runs) if k.startswith("loss@")]
-    if not keys:
-        return []
-    block = {r.block_size for r in runs}
-
-    def length(key: str) -> int:
-        return int(key[len("loss@"):].partition("/")[0])
-
+    at = long[(long["metric"] == "loss") & long["length"].notna()]
+    block = runs["block_size"].unique()
     out = []
-    for protocol in dict.fromkeys(k.partition("/")[2] for k in keys):
-        mine = [k for k in keys if k.partition("/")[2] == protocol]
-        ref = next((k for k in mine if length(k) in block and len(block) == 1), min(mine, key=length))
-        labels = list(dict.fromkeys(r.label for r in runs))
-        for label in labels:
-            members = [r for r in runs if r.label == label]
-            for key in mine:
-                if length(key) <= length(ref):
-                    continue
-                diffs = [_value(r, key) - _value(r, ref) for r in members
-                         if _value(r, key) is not None and _value(r, ref) is not None]
-                if not diffs:
-                    out.append(Comparison(label, key, None, None, None, None))
-                elif len(diffs) < 2:
-                    out.append(_verdict(label, key, diffs[0], None))
-                else:
-                    out.append(_verdict(label, key, statistics.fmean(diffs),
-                                        statistics.stdev(diffs) / math.sqrt(len(diffs))))
-    return out
+    for _, curve in at.groupby("variant", sort=False):
+        lengths = sorted(curve["length"].unique())
+        ref = next((n for n in lengths if len(block) == 1 and n == block[0]), lengths[0])
+        wide = curve.pivot(index="run", columns="length", values="value")
+        names = dict(zip(curve["length"], curve["column"]))
+        diffs = wide[[n for n in lengths if n > ref]].sub(wide[ref], axis=0).rename(columns=names)
+        diffs = diffs.reset_index().melt("run", var_name="column", value_name="d")
+        stats = _agg(diffs.assign(label=runs["label"].to_numpy()[diffs["run"]]), ["label", "column"], "d")
+        out.append(_verdict(stats["mean"], stats["std"] / np.sqrt(stats["n"])).assign(ref=int(ref)))
+    return pd.concat(out) if out else pd.DataFrame(columns=["diff", "se", "t", "noise", "ref"])
 
 
-def consistency_notes(runs: list[Run]) -> list[str]:
+def consistency_notes(runs: pd.DataFrame) -> list[str]:
     """What a fair comparison should hold fixed but the runs do not: config keys (other than the
     scheme's own ``pos.*``, the seed, bookkeeping and paths into each run's own folder) that
-    differ, and repeated (label, seed) pairs."""
+    differ, repeated (label, seed) pairs, and evaluation files that disagree."""
+    flat = pd.json_normalize(list(runs["config"]))
+
+    def compared(key: str) -> bool:
+        own = all(isinstance(v, str) and p.name in v for v, p in zip(flat[key], runs["path"]))
+        return not (own or key.startswith("pos.") or any(key == b or key.startswith(b) for b in BOOKKEEPING))
+
+    differ = [k for k in sorted(flat) if compared(k)
+              and flat[k].map(lambda v: json.dumps(v, sort_keys=True, default=str)).nunique() > 1]
     notes = []
-    flat = [_flatten(r.config) for r in runs]
-    keys = sorted({k for f in flat for k in f})
-
-    def own_folder(key: str) -> bool:  # a path inside each run's own folder (trainer.default_root_dir, ...)
-        return all(isinstance(f.get(key), str) and r.path.name in f[key] for f, r in zip(flat, runs))
-
-    differ = [k for k in keys if not k.startswith("pos.") and not any(k == b or k.startswith(b) for b in _BOOKKEEPING)
-              and len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1 and not own_folder(k)]
     if differ:
         shown = ", ".join(differ[:8]) + (f" and {len(differ) - 8} more" if len(differ) > 8 else "")
         notes.append(f"the runs differ in {shown}: not a like-for-like comparison")
-    seen: dict[tuple[str, object], int] = {}
-    for run in runs:
-        seen[(run.label, run.seed)] = seen.get((run.label, run.seed), 0) + 1
-    for (label, seed), count in seen.items():
+    for (label, seed), count in runs.groupby(["label", "seed"], sort=False, dropna=False).size().items():
         if count > 1:
             notes.append(f"{count} runs of {label} with seed {seed}: all are counted")
+    for path, count in zip(runs["path"], runs["disagree"]):
+        if count:
+            notes.append(f"{path.name}: its evaluation files disagree on {count} score{'s' if count > 1 else ''} "
+                         "(another checkpoint or settings?): the report uses result.json's, then the first "
+                         "extrapolation.csv's")
     return notes
 
 
-def _fmt(stat: Stat, digits: int = 4) -> str:
-    if stat.mean is None:
-        return "n/a"
-    return f"{stat.mean:.{digits}f}" + ("" if stat.std is None else f" ± {stat.std:.{digits}f}")
-
-
-def _fmt_params(values: list[int]) -> str:
-    if not values:
-        return "?"
-    return f"{values[0]:,}" if len(values) == 1 else f"{values[0]:,}–{values[-1]:,}"
-
-
-def _cell(c: Comparison | None) -> str:
-    if c is None or c.diff is None:
-        return "n/a"
-    if c.noise is None:
-        return f"{c.diff:+.4f} (1 seed)"
-    return f"{c.diff:+.4f} ≈" if c.noise else f"**{c.diff:+.4f}** (t={c.t:+.1f})"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(frame: pd.DataFrame) -> list[str]:
+    """``frame`` (its index as the first column) as markdown lines, numbers right-aligned. A few
+    lines rather than ``DataFrame.to_markdown``, which needs the optional ``tabulate`` package and
+    pads cells, so the report is byte-identical wherever it is written."""
+    header = [frame.index.name or "", *map(str, frame.columns)]
+    rows = [[str(i), *map(str, row)] for i, row in zip(frame.index, frame.itertuples(index=False))]
     return (["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["--:"] * (len(header) - 1)) + "|"]
             + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _grid(cells: pd.Series, labels: list[str], cols: list[str]) -> pd.DataFrame:
+    """A ``(label, column)``-indexed Series of strings pivoted into a labels × columns table."""
+    frame = cells.rename("cell").reset_index().pivot(index="label", columns="column", values="cell")
+    return frame.reindex(index=labels, columns=cols).fillna("n/a").rename_axis("scheme").rename_axis(None, axis=1)
+
+
+def _stat(row: pd.Series) -> str:
+    if pd.isna(row["mean"]):
+        return "n/a"
+    return f"{row['mean']:.4f}" + ("" if pd.isna(row["std"]) else f" ± {row['std']:.4f}")
+
+
+def _cell(row: pd.Series) -> str:
+    if pd.isna(row["diff"]):
+        return "n/a"
+    if row["noise"] is None:
+        return f"{row['diff']:+.4f} (1 seed)"
+    return f"{row['diff']:+.4f} ≈" if row["noise"] else f"**{row['diff']:+.4f}** (t={row['t']:+.1f})"
+
+
+def _params(values: pd.Series) -> str:
+    kept = sorted({int(v) for v in values.dropna()})
+    return "?" if not kept else f"{kept[0]:,}" + (f"–{kept[-1]:,}" if len(kept) > 1 else "")
 
 
 def _where(headers: list[str], everything: int) -> str:
     return "everywhere" if len(headers) == everything and everything > 1 else ", ".join(headers)
 
 
-def render_markdown(sweep_dir: Path, runs: list[Run], summaries: list[Summary], comparisons: list[Comparison],
-                    baseline: str, png_name: str | None = "report.png") -> str:
+def seed_counts(runs: pd.DataFrame) -> str:
+    """The seeds per scheme in words: ``3 seeds``, ``2–3 seeds``, ``1 seed``."""
+    counts = runs.groupby("label").size()
+    lo, hi = counts.min(), counts.max()
+    return f"{lo}{'' if lo == hi else f'–{hi}'} seed{'s' if hi > 1 else ''}"
+
+
+def noise_text(runs: pd.DataFrame) -> str:
+    """The report's paragraph on seed noise, with the t thresholds of the sweep's own seed counts:
+    a Welch test's degrees of freedom lie between ``min(n) - 1`` and ``n_a + n_b - 2``."""
+    counts = runs.groupby("label", sort=False).size()
+    text = (f"Seed noise: a difference is within seed noise when {NOISE_RULE}. `≈` marks those, **bold** "
+            "the differences beyond it, with t = difference / standard error.")
+    if counts.max() < 2:
+        return text + (" Every scheme ran 1 seed: no standard deviations, so no error bars and no noise "
+                       "verdicts; run more seeds (e.g. seed=0,1,2) to tell a difference from noise.")
+    several = counts[counts > 1]
+    t = [T975[df - 1] if df <= len(T975) else 1.96 + 2.4 / df for df in (several.min() - 1, 2 * several.max() - 2)]
+    text += (f" With {seed_counts(runs[runs['label'].isin(several.index)])} a side a Welch t-test at 5% would "
+             f"need |t| of about {t[1]:.1f}–{t[0]:.1f}, so treat |t| between 2 and {t[0]:.1f} as suggestive.")
+    single = list(counts[counts < 2].index)
+    if single:
+        text += f" {', '.join(single)} ran 1 seed: no error bars and no noise verdict for {'it' if len(single) == 1 else 'them'}."
+    return text
+
+
+def render_markdown(sweep_dir: Path, runs: pd.DataFrame, long: pd.DataFrame, baseline: str,
+                    png_name: str | None = "report.png") -> str:
     """The report as markdown: the mean ± std table; the differences from ``baseline``, how each
     scheme's loss changes with evaluation length, and which pairs of schemes are within seed noise
-    (rule: :data:`NOISE_RULE`); any consistency notes; the plot."""
-    cols = columns(runs)
-    compared = [(k, h) for k, h in cols if k != "test/bpb"]  # bpb = loss / ln 2 / bytes per token: the same verdict
-    block = sorted({r.block_size for r in runs if r.block_size})
-    lines = [f"# Sweep report: {sweep_dir}", ""]
-    lines.append(f"{len(runs)} runs, {len(summaries)} schemes, trained at "
-                 f"{', '.join(map(str, block)) or '?'} tokens. Mean ± standard deviation over seeds; losses "
-                 "in nats/token on the held-out splits (test: the test split's fixed windows at the training "
-                 "length; loss @N: the validation split scored in windows of N tokens).")
-    lines.append("")
-    lines += _table(["scheme", "seeds", "params", *[h for _, h in cols]],
-                    [[s.label, str(len(s.seeds)), _fmt_params(s.num_params), *[_fmt(s.stats[k]) for k, _ in cols]]
-                     for s in summaries])
-    notes = sorted({st.note for s in summaries for st in s.stats.values() if st.mean is None and st.note})
-    if notes:
-        lines.append("")
-        lines.extend(f"n/a: {note}." for note in notes)
-    lines += ["", f"Seed noise: a difference is within seed noise when {NOISE_RULE}. `≈` marks those, **bold** "
-              "the differences beyond it, with t = difference / standard error. With 3 seeds a side a Welch "
-              "t-test at 5% would need |t| of about 2.8–4.3, so treat |t| between 2 and 4 as suggestive."]
+    (rule: :data:`NOISE_RULE`); any consistency notes; the plot.
 
-    others = [s.label for s in summaries if s.label != baseline]
-    table = {(c.label, c.column): c for c in comparisons}
+    Raises:
+        ValueError: ``baseline`` is not a label of the sweep (see :func:`compare`).
+    """
+    stats, cols = summarize(long), columns(long)
+    comparisons = compare(stats, baseline)
+    compared = [c for c in cols if c != "test bpb"]  # bpb = loss / ln 2 / bytes per token: the same verdict
+    labels = list(dict.fromkeys(runs["label"]))
+    block = sorted({int(b) for b in runs["block_size"].dropna()})
+    lines = [f"# Sweep report: {sweep_dir}", "",
+             f"{len(runs)} runs, {len(labels)} schemes, trained at {', '.join(map(str, block)) or '?'} tokens. "
+             "Mean ± standard deviation over seeds; losses in nats/token on the held-out splits (test: the test "
+             "split's fixed windows at the training length; loss @N: the validation split scored in windows of "
+             "N tokens).", ""]
+    table = _grid(stats.apply(_stat, axis=1), labels, cols)
+    by_label = runs.groupby("label", sort=False)
+    table.insert(0, "params", by_label["num_params"].agg(_params))
+    table.insert(0, "seeds", by_label.size().astype(str))
+    lines += markdown_table(table)
+    notes = sorted(set(stats.loc[stats["mean"].isna() & (stats["note"] != ""), "note"]))
+    lines += [""] + [f"n/a: {note}." for note in notes] if notes else []
+    lines += ["", noise_text(runs)]
+
+    others = [label for label in labels if label != baseline]
     if others:
         lines += ["", f"## Differences from {baseline}", "",
                   f"Scheme minus {baseline} (negative: lower loss than {baseline}).", ""]
-        lines += _table(["scheme", *[h for _, h in compared]],
-                        [[label, *[_cell(table.get((label, k))) for k, _ in compared]] for label in others])
-        lines.append("")
+        lines += markdown_table(_grid(comparisons.apply(_cell, axis=1), others, compared)) + [""]
         for label in others:
-            mine = [(h, table.get((label, k))) for k, h in compared]
-            known = [h for h, c in mine if c is not None and c.noise is not None]
-            same = [h for h, c in mine if c is not None and c.noise]
-            better = [h for h, c in mine if c is not None and c.noise is False and c.diff < 0]
-            worse = [h for h, c in mine if c is not None and c.noise is False and c.diff > 0]
-            parts = [f"within noise of {baseline}: {_where(same, len(known))}"] if same else []
-            if better:
-                parts.append(f"lower loss than {baseline}: {_where(better, len(known))}")
-            if worse:
-                parts.append(f"higher loss than {baseline}: {_where(worse, len(known))}")
+            mine = comparisons.loc[label].reindex(compared)
+            known = int(mine["noise"].notna().sum())
+            same = list(mine.index[mine["noise"].eq(True)])
+            beyond = mine["noise"].eq(False)
+            better, worse = list(mine.index[beyond & (mine["diff"] < 0)]), list(mine.index[beyond & (mine["diff"] > 0)])
+            parts = [f"within noise of {baseline}: {_where(same, known)}"] if same else []
+            parts += [f"lower loss than {baseline}: {_where(better, known)}"] if better else []
+            parts += [f"higher loss than {baseline}: {_where(worse, known)}"] if worse else []
             lines.append(f"- {label}: " + ("; ".join(parts) or "no verdict (fewer than two seeds)"))
 
-    changes = length_changes(runs)
-    if changes:
-        change_cols = list(dict.fromkeys(c.column for c in changes))
-        headers = dict(cols)
-        ref = [k for k, _ in cols if k.startswith("loss@") and k not in change_cols]
-        moved = {(c.label, c.column): c for c in changes}
+    changes = length_changes(runs, long)
+    if not changes.empty:
         lines += ["", "## Change with evaluation length", "",
-                  f"Loss at each longer length minus the loss at {ref[0][len('loss@'):] if ref else '?'} tokens, "
-                  "paired by seed (the same model on the same text), mean over seeds; positive: worse at the "
-                  "longer length. Within seed noise when |mean| < 2 × sd/√n of the per-seed differences.", ""]
-        lines += _table(["scheme", *[headers[k] for k in change_cols]],
-                        [[s.label, *[_cell(moved.get((s.label, k))) for k in change_cols]] for s in summaries])
+                  f"Loss at each longer length minus the loss at {changes['ref'].iloc[0]} tokens, paired by seed "
+                  "(the same model on the same text), mean over seeds; positive: worse at the longer length. "
+                  "Within seed noise when |mean| < 2 × sd/√n of the per-seed differences.", ""]
+        change_cols = [c for c in cols if c in set(changes.index.get_level_values("column"))]
+        lines += markdown_table(_grid(changes.apply(_cell, axis=1), labels, change_cols))
 
-    pairs = pairs_within_noise(summaries)
-    if len(summaries) > 1:
+    if len(labels) > 1:
+        every = pairs(stats).reset_index()
         lines += ["", "## Pairs of schemes within seed noise", ""]
-        for key, header in compared:
-            found = pairs.get(key, [])
-            decidable = any(welch("", key, a.stats.get(key), b.stats.get(key)).noise is not None
-                            for i, a in enumerate(summaries) for b in summaries[i + 1:])
-            verdict = "; ".join(f"{a} ≈ {b}" for a, b in found) if found else "none"
-            lines.append(f"- {header}: " + (verdict if decidable else "no verdict (fewer than two seeds)"))
+        for col in compared:
+            mine = every[every["column"] == col]  # pairs in job order: label_b, then label
+            found = "; ".join(f"{b} ≈ {a}" for a, b in mine.loc[mine["noise"].eq(True), ["label", "label_b"]].values)
+            decided = mine["noise"].notna().any()
+            lines.append(f"- {col}: " + ((found or "none") if decided else "no verdict (fewer than two seeds)"))
     caveats = consistency_notes(runs)
-    if caveats:
-        lines += ["", "## Notes", ""] + [f"- {c}" for c in caveats]
-    if png_name:
-        lines += ["", f"![loss against evaluation length]({png_name})"]
+    lines += ["", "## Notes", ""] + [f"- {c}" for c in caveats] if caveats else []
+    lines += ["", f"![{_plot_title(runs, long)}]({png_name})"] if png_name else []
     return "\n".join(lines) + "\n"
 
 
-def plot_report(summaries: list[Summary], runs: list[Run], title: str = ""):
-    """Loss against evaluation length, one line per scheme (and protocol), error bars ± 1 std over
-    seeds: a matplotlib Figure, or None when no run has extrapolation rows."""
-    from dynpos.evaluation.plots import plot_lengths
+def _plot_title(runs: pd.DataFrame, long: pd.DataFrame) -> str:
+    what = "loss against evaluation length" if long["length"].notna().any() else "validation and test loss"
+    one = runs.groupby("label").size().max() < 2
+    return f"{what}: " + ("1 seed, no error bars" if one else f"mean ± 1 std over {seed_counts(runs)}")
 
-    curves = {}
-    for s in summaries:
-        per_protocol: dict[str, list[dict]] = {}
-        for key, stat in s.stats.items():
-            if not key.startswith("loss@"):
-                continue
-            length, _, protocol = key[len("loss@"):].partition("/")
-            per_protocol.setdefault(protocol, []).append(
-                {"length": int(length), "loss": stat.mean, "loss_std": stat.std})
-        for protocol, rows in per_protocol.items():
-            curves[f"{s.label} ({protocol})" if protocol else s.label] = rows
-    if not any(r["loss"] is not None for rows in curves.values() for r in rows):
-        return None
-    block = sorted({r.block_size for r in runs if r.block_size})
-    fig = plot_lengths(curves, block[0] if len(block) == 1 else None, title=title)
-    fig.set_size_inches(8, 4.5)  # room for a legend beside the axes, which nine schemes would cover
-    ax = fig.axes[0]
+
+def plot_report(runs: pd.DataFrame, long: pd.DataFrame):
+    """The report's figure (a matplotlib Figure, or None when no run has a loss to show): loss
+    against evaluation length, one line per scheme (and protocol or split), when the sweep scored
+    lengths; else val and test loss per scheme. Error bars: ± 1 std over seeds."""
+    at = long[(long["metric"] == "loss") & long["length"].notna()]
+    if at["value"].notna().any():
+        stats = _agg(at, ["label", "variant", "length"]).reset_index()
+        curves = {f"{label} ({variant})" if variant else label: [
+            {"length": int(r.length), "loss": None if pd.isna(r.mean) else r.mean, "loss_std": None if pd.isna(r.std) else r.std}
+            for r in group.itertuples()] for (label, variant), group in stats.groupby(["label", "variant"], sort=False)}
+        block = runs["block_size"].dropna().unique()
+        fig = plot_lengths(curves, int(block[0]) if len(block) == 1 else None, title=_plot_title(runs, long))
+        fig.set_size_inches(8, 4.5)  # room for a legend beside the axes, which nine schemes would cover
+        ax = fig.axes[0]
+    else:
+        shown = long[long["metric"].isin(["val/loss", "test/loss"])]
+        if shown["value"].isna().all():
+            return None
+        stats = _agg(shown, ["metric", "label"])
+        labels = list(dict.fromkeys(runs["label"]))
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for k, metric in enumerate(m for m in ("val/loss", "test/loss") if m in stats.index):
+            group = stats.loc[metric].reindex(labels)
+            ax.errorbar(np.arange(len(labels)) + 0.15 * (k - 0.5), group["mean"], yerr=group["std"].fillna(0),
+                        fmt="o", capsize=3, label=metric.replace("/", " "))
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        ax.set_xlim(-0.5, len(labels) - 0.5)
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title(_plot_title(runs, long))
+        ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     return fig
 
 
-def write_report(sweep_dir: str | Path, baseline: str | None = None) -> tuple[str, Path, Path | None]:
-    """Read a sweep, write ``report.md`` and ``report.png`` into it, and return
-    ``(markdown, md path, png path or None)``.
+def write_report(sweep_dir: str | Path, baseline: str | None = None,
+                 out: str | Path | None = None) -> tuple[str, Path, Path | None]:
+    """Read a sweep, write ``report.md`` and ``report.png`` and return ``(markdown, md path, png path
+    or None)``.
 
     Args:
         sweep_dir: the multirun folder (any folder with ``result.json`` files below it).
         baseline: the label the others are compared with; default ``dpb`` when present, else the
             first label in job order.
+        out: the folder for the two files; default ``sweep_dir``.
 
     Raises:
-        FileNotFoundError, ValueError: see :func:`load_runs` and :func:`compare`.
+        FileNotFoundError, NotADirectoryError, ValueError: see :func:`load_sweep` and :func:`compare`;
+            NotADirectoryError also for an ``out`` that is a file.
+        FileExistsError: ``out`` holds a ``report.md`` or ``report.png`` that is not this sweep's report
+            (a previous report of the same sweep is replaced).
     """
-    from dynpos.evaluation.plots import save_figure
-
     root = Path(sweep_dir)
-    runs = load_runs(root)
-    summaries = summarize(runs)
-    labels = [s.label for s in summaries]
-    baseline = baseline or ("dpb" if "dpb" in labels else labels[0])
-    comparisons = compare(summaries, baseline)
-    seeds = sorted({len(s.seeds) for s in summaries})
-    fig = plot_report(summaries, runs, title=f"loss against evaluation length: mean ± 1 std over "
-                                             f"{'–'.join(map(str, seeds))} seed{'s' if seeds[-1] > 1 else ''}")
-    png = None
-    if fig is not None:
-        png = root / "report.png"
+    runs, long = load_sweep(root)
+    labels = list(dict.fromkeys(runs["label"]))
+    baseline = str(baseline) if baseline is not None else ("dpb" if "dpb" in labels else labels[0])
+    folder, md = Path(out or root), Path(out or root) / "report.md"
+    if folder.is_file():
+        raise NotADirectoryError(f"out={folder} is a file: give a folder for report.md and report.png")
+    ours = folder.resolve() == root.resolve() or (md.is_file() and md.read_text(encoding="utf-8").startswith(
+        f"# Sweep report: {root}\n"))
+    if not ours and (md.exists() or (folder / "report.png").exists()):
+        raise FileExistsError(f"out={folder} already holds a report.md or report.png that is not this sweep's "
+                              "report: choose another out= folder or delete them")
+    compare(summarize(long), baseline)  # a bad baseline fails before anything is drawn or written
+    fig = plot_report(runs, long)
+    png = folder / "report.png" if fig is not None else None
+    markdown = render_markdown(root, runs, long, baseline, png.name if png else None)
+    if png:
+        folder.mkdir(parents=True, exist_ok=True)
         save_figure(fig, png)
-    markdown = render_markdown(root, runs, summaries, comparisons, baseline, png.name if png else None)
-    md = root / "report.md"
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text(markdown, encoding="utf-8")
-    tmp.replace(md)
+    write_text(md, markdown)
     return markdown, md, png
