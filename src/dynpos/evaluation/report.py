@@ -134,10 +134,15 @@ def _labels(runs: pd.DataFrame) -> list[str]:
     return labels
 
 
+def _lengths(long: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``long`` that hold a loss at an evaluation length."""
+    return long[(long["metric"] == "loss") & long["length"].notna()]
+
+
 def columns(long: pd.DataFrame) -> list[str]:
     """The report's metric columns: test loss and bpb, then the loss at each evaluation length
     (ordered by protocol, split, length)."""
-    at = long[(long["metric"] == "loss") & long["length"].notna()]
+    at = _lengths(long)
     return ["test loss", "test bpb", *dict.fromkeys(at.sort_values(["variant", "length"])["column"])]
 
 
@@ -198,7 +203,7 @@ def length_changes(runs: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
         A frame indexed by ``(label, column)`` (the longer columns) with :func:`_verdict`'s
         columns and ``ref`` (tokens); empty when the sweep scored no lengths.
     """
-    at = long[(long["metric"] == "loss") & long["length"].notna()]
+    at = _lengths(long)
     block = runs["block_size"].unique()
     out = []
     for _, curve in at.groupby("variant", sort=False):
@@ -270,15 +275,6 @@ def _cell(row: pd.Series) -> str:
     return f"{row['diff']:+.4f} ≈" if row["noise"] else f"**{row['diff']:+.4f}** (t={row['t']:+.1f})"
 
 
-def _params(values: pd.Series) -> str:
-    kept = sorted({int(v) for v in values.dropna()})
-    return "?" if not kept else f"{kept[0]:,}" + (f"–{kept[-1]:,}" if len(kept) > 1 else "")
-
-
-def _where(headers: list[str], everything: int) -> str:
-    return "everywhere" if len(headers) == everything and everything > 1 else ", ".join(headers)
-
-
 def seed_counts(runs: pd.DataFrame) -> str:
     """The seeds per scheme in words: ``3 seeds``, ``2–3 seeds``, ``1 seed``."""
     counts = runs.groupby("label").size()
@@ -326,7 +322,8 @@ def render_markdown(sweep_dir: Path, runs: pd.DataFrame, long: pd.DataFrame, bas
              "N tokens).", ""]
     table = _grid(stats.apply(_stat, axis=1), labels, cols)
     by_label = runs.groupby("label", sort=False)
-    table.insert(0, "params", by_label["num_params"].agg(_params))
+    table.insert(0, "params", by_label["num_params"].agg(lambda v: "–".join(dict.fromkeys(
+        f"{int(n):,}" for n in (v.min(), v.max()))) if v.notna().any() else "?"))
     table.insert(0, "seeds", by_label.size().astype(str))
     lines += markdown_table(table)
     notes = sorted(set(stats.loc[stats["mean"].isna() & (stats["note"] != ""), "note"]))
@@ -340,13 +337,11 @@ def render_markdown(sweep_dir: Path, runs: pd.DataFrame, long: pd.DataFrame, bas
         lines += markdown_table(_grid(comparisons.apply(_cell, axis=1), others, compared)) + [""]
         for label in others:
             mine = comparisons.loc[label].reindex(compared)
-            known = int(mine["noise"].notna().sum())
-            same = list(mine.index[mine["noise"].eq(True)])
-            beyond = mine["noise"].eq(False)
-            better, worse = list(mine.index[beyond & (mine["diff"] < 0)]), list(mine.index[beyond & (mine["diff"] > 0)])
-            parts = [f"within noise of {baseline}: {_where(same, known)}"] if same else []
-            parts += [f"lower loss than {baseline}: {_where(better, known)}"] if better else []
-            parts += [f"higher loss than {baseline}: {_where(worse, known)}"] if worse else []
+            known, beyond = int(mine["noise"].notna().sum()), mine["noise"].eq(False)
+            verdicts = {"within noise of": mine["noise"].eq(True), "lower loss than": beyond & (mine["diff"] < 0),
+                        "higher loss than": beyond & (mine["diff"] > 0)}
+            parts = [f"{what} {baseline}: " + ("everywhere" if mask.sum() == known > 1 else ", ".join(mine.index[mask]))
+                     for what, mask in verdicts.items() if mask.any()]
             lines.append(f"- {label}: " + ("; ".join(parts) or "no verdict (fewer than two seeds)"))
 
     changes = length_changes(runs, long)
@@ -373,7 +368,7 @@ def render_markdown(sweep_dir: Path, runs: pd.DataFrame, long: pd.DataFrame, bas
 
 
 def _plot_title(runs: pd.DataFrame, long: pd.DataFrame) -> str:
-    what = "loss against evaluation length" if long["length"].notna().any() else "validation and test loss"
+    what = "loss against evaluation length" if _lengths(long)["value"].notna().any() else "validation and test loss"
     one = runs.groupby("label").size().max() < 2
     return f"{what}: " + ("1 seed, no error bars" if one else f"mean ± 1 std over {seed_counts(runs)}")
 
@@ -382,7 +377,7 @@ def plot_report(runs: pd.DataFrame, long: pd.DataFrame):
     """The report's figure (a matplotlib Figure, or None when no run has a loss to show): loss
     against evaluation length, one line per scheme (and protocol or split), when the sweep scored
     lengths; else val and test loss per scheme. Error bars: ± 1 std over seeds."""
-    at = long[(long["metric"] == "loss") & long["length"].notna()]
+    at = _lengths(long)
     if at["value"].notna().any():
         stats = _agg(at, ["label", "variant", "length"]).reset_index()
         curves = {f"{label} ({variant})" if variant else label: [
