@@ -316,3 +316,68 @@ def test_summary_and_mean_reciprocal_rank():
     ranks, mrr = rank_schemes(summary, train_max_length=4)
     assert ranks == {"copy": {"a": 1, "b": 3, "c": 1}, "sort": {"a": 2, "b": 1, "c": 3}}
     assert mrr == {"a": pytest.approx(0.75), "b": pytest.approx(2 / 3), "c": pytest.approx(2 / 3)}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_data_config_builds_the_datamodule(task):
+    """configs/data/<task>.yaml, instantiated as the pipeline does, fits model.block_size=128."""
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "data" / f"{task}.yaml")
+    dm = instantiate(cfg, block_size=128, seed=3, cache_dir="/nonexistent", max_steps=10)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.task.name == task and dm.seed == 3 and dm.max_steps == 10
+    assert dm.eval_lengths == default_eval_lengths(dm.max_length)
+    assert dm.task.n_tokens(max(dm.eval_lengths)) <= 128
+
+
+class _TinyLit:
+    """A minimal LightningModule around a GPT (the pipeline's LitGPT is not needed here)."""
+
+    @staticmethod
+    def make(vocab_size: int):
+        import lightning as L
+
+        class Tiny(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.model = GPT(GPTConfig(vocab_size=vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16))
+
+            def training_step(self, batch, batch_idx):
+                return self.model(*batch)[1]
+
+            def validation_step(self, batch, batch_idx):
+                self.log("val/loss", self.model(*batch)[1])
+
+            def configure_optimizers(self):
+                return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+        return Tiny()
+
+
+@pytest.mark.slow  # a real Trainer: about 5-10 s
+def test_callback_scores_logs_and_writes_at_each_validation(tmp_path):
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from dynpos.evaluation.lengthgen import LengthGenEval
+
+    dm = TaskDataModule("copy", min_length=2, max_length=4, block_size=64, batch_size=8, eval_examples=4,
+                        val_examples=8, max_steps=4)
+    callback = LengthGenEval()
+    trainer = L.Trainer(max_steps=4, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0,
+                        logger=CSVLogger(tmp_path), default_root_dir=tmp_path, callbacks=[callback],
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    module = _TinyLit.make(14)
+    trainer.fit(module, datamodule=dm)
+    assert [r["length"] for r in callback.rows] == [4, 6, 8, 16]
+    assert {r["task"] for r in callback.rows} == {"copy"} and {r["pos"] for r in callback.rows} == {"dpb"}
+    expected = score(module.model, dm.lengthgen_examples())  # the final weights, scored again
+    assert [r["exact_match"] for r in callback.rows] == [r["exact_match"] for r in expected]
+    assert float(trainer.callback_metrics["lengthgen/token@16"]) == pytest.approx(expected[-1]["token_accuracy"])
+    assert (tmp_path / "lengthgen" / "lengthgen.csv").read_text().splitlines()[0].startswith("task,pos,")
+    assert (tmp_path / "lengthgen" / "lengthgen.png").stat().st_size > 0
