@@ -107,7 +107,7 @@ def load_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                 run=i, split=split).to_dict("records")
     runs = pd.DataFrame(runs)
     runs["label"] = _labels(runs)
-    long = pd.DataFrame(rows).fillna({"note": ""})
+    long = pd.DataFrame(rows, columns=[*KEYS, "value", "note"]).fillna({"note": ""})
     long["value"] = pd.to_numeric(long["value"]).where(lambda v: np.isfinite(v))
     spread = long[long.duplicated(KEYS, keep=False)].groupby(KEYS)["value"].agg(lambda v: v.max() - v.min())
     runs["disagree"] = (spread > 1e-6).groupby(level="run").sum().reindex(runs.index, fill_value=0)
