@@ -2,6 +2,7 @@
 
 from dynpos.data.corpora import CORPORA, SHAKESPEARE_HELD_OUT, HubUnavailableError, load_corpus, shakespeare_works
 from dynpos.data.datamodule import TextDataModule
+from dynpos.data.tasks import TASKS, TaskDataModule  # noqa: F401  (synthetic length-generalization tasks)
 from dynpos.data.tokenizer import (
     TOKENIZER_KINDS,
     build_tokenizer,
