@@ -1,35 +1,47 @@
-"""Generate text from a checkpoint folder alone, with the KV cache.
+"""Generate text from a checkpoint alone, with the KV cache.
 
     python scripts/sample.py ckpt=runs/<run>/checkpoints/best.ckpt prompt="ROMEO:" max_new_tokens=500
+
+Keys: configs/sample.yaml (``--help`` lists them).
 """
 
+import hydra
 import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
 
+from dynpos.config import register, validate_script
 from dynpos.training.checkpoint import load_model
-from dynpos.training.cli import guard, script_config
+from dynpos.training.cli import guard
 
-DEFAULTS = {"ckpt": "???", "prompt": "\n", "max_new_tokens": 500, "temperature": 0.8, "top_k": None,
-            "num_samples": 1, "seed": 0}
+register()
 
 
-def main() -> None:
-    cfg = script_config(DEFAULTS)
-    if cfg.top_k is not None and (isinstance(cfg.top_k, bool) or not isinstance(cfg.top_k, int)):
-        raise ValueError(f"top_k must be a whole number or null, got top_k={cfg.top_k}")
-    if cfg.num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got num_samples={cfg.num_samples}")
+def sample(cfg: DictConfig) -> None:
+    """Print ``num_samples`` continuations of ``prompt``; characters the tokenizer lacks are named once."""
+    cfg = validate_script(cfg)
     model, tokenizer, _ = load_model(cfg.ckpt, "ckpt")
-    ids = tokenizer.encode(str(cfg.prompt)).ids
-    if not ids:
+    encoding = tokenizer.encode(cfg.prompt)
+    if not encoding.ids:
         raise ValueError(f"prompt={cfg.prompt!r} encodes to no tokens: give a non-empty prompt")
-    generator = torch.Generator().manual_seed(int(cfg.seed))
-    for n in range(int(cfg.num_samples)):
-        out = model.generate(torch.tensor([ids]), int(cfg.max_new_tokens), temperature=float(cfg.temperature),
-                             top_k=cfg.top_k, generator=generator)
+    unknown = sorted({cfg.prompt[a:b] for (a, b), t in zip(encoding.offsets, encoding.tokens) if t == "<unk>"})
+    if unknown:
+        Console(stderr=True, soft_wrap=True).print(f"note: the tokenizer has no token for {', '.join(map(repr, unknown))}: "
+                                   "they reach the model as <unk> and print as <unk>")
+    top_k = None if cfg.top_k is None else min(cfg.top_k, model.config.vocab_size)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for n in range(cfg.num_samples):
+        out = model.generate(torch.tensor([encoding.ids]), cfg.max_new_tokens, temperature=cfg.temperature,
+                             top_k=top_k, generator=generator)
         print(tokenizer.decode(out[0].tolist(), skip_special_tokens=False))
         if n + 1 < cfg.num_samples:
             print("-" * 40)
 
 
+@hydra.main(version_base="1.3", config_path="../configs", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    guard(lambda: sample(cfg))
+
+
 if __name__ == "__main__":
-    guard(main)
+    main()

@@ -1,4 +1,5 @@
-"""Shared test fixtures: compose the real training config with Hydra, as train.py does."""
+"""Shared test fixtures: compose the real training config with Hydra, as train.py does, and one
+short real training run that several test files read."""
 
 import os
 from pathlib import Path
@@ -9,25 +10,55 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+from dynpos.config import register
+
 os.environ.setdefault("WANDB_MODE", "disabled")
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = str(ROOT / "configs")
+register()
+
+
+def compose_cfg(*overrides: str, output_dir: Path, cache_dir: Path):
+    """The composed ``train.yaml`` with ``overrides``, the run folder ``output_dir`` and the caches in
+    ``cache_dir``; ``${hydra:...}`` resolves as under train.py. Hydra's composition errors propagate."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+            cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.cache_dir = str(cache_dir)
+        del cfg.hydra
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One token cache for the session: each corpus is tokenized once."""
+    return tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture
-def make_cfg(tmp_path):
-    """``make_cfg(*overrides)``: the composed ``train.yaml`` with the run folder and caches in tmp_path."""
+def make_cfg(tmp_path, cache_dir):
+    """``make_cfg(*overrides, output_dir=None)``: :func:`compose_cfg` with the run folder in tmp_path."""
 
     def make(*overrides: str, output_dir: Path | None = None):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-            cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)  # so ${hydra:...} resolves as under train.py
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir or tmp_path / "run")
-            cfg.paths.cache_dir = str(tmp_path / "cache")
-            del cfg.hydra
-        return cfg
+        return compose_cfg(*overrides, output_dir=output_dir or tmp_path / "run", cache_dir=cache_dir)
 
-    yield make
-    GlobalHydra.instance().clear()
+    return make
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, cache_dir):
+    """One short real run on Shakespeare with the nano model (80 steps), shared by the tests that read
+    a finished run: ``(run folder, metrics)``."""
+    from dynpos.training.run import train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    cfg = compose_cfg("model=nano", "trainer=debug", "trainer.max_steps=80", "trainer.val_check_interval=40",
+                      "optim.lr=3e-3", "optim.warmup_steps=10", "data.batch_size=16",
+                      "callbacks.sample.max_new_tokens=40", output_dir=out, cache_dir=cache_dir)
+    return out, train(cfg)

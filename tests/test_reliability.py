@@ -24,13 +24,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 from conftest import CONFIGS, ROOT
+from conftest import compose_cfg as compose_train
+from dynpos.atomic import atomic_path
 from dynpos.data.datamodule import StepBatches
 from dynpos.training.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
-from dynpos.training.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
+from dynpos.training.checkpoint_io import AtomicCheckpointIO
 from dynpos.training.cli import guard
 from dynpos.training.module import LitGPT
 from dynpos.training.run import train
@@ -40,7 +40,7 @@ SECRET = "fake-wandb-key-0123456789abcdef0123456789abcdef"
 # 8 steps, validation and checkpoints every 2 steps, dropout on (so resuming must restore the RNG
 # stream too), a 4-token sample and no bias plot (time), the LR schedule fixed at N steps.
 BASE = ["model=nano", "trainer=debug", "data=textfiles", f"trainer.max_steps={STEPS}", "trainer.val_check_interval=2",
-        f"optim.decay_steps={STEPS}", "optim.warmup_steps=2", "optim.lr=3e-3", "model.dropout=0.1", "batch_size=8",
+        f"optim.decay_steps={STEPS}", "optim.warmup_steps=2", "optim.lr=3e-3", "model.dropout=0.1", "data.batch_size=8",
         "callbacks.sample.max_new_tokens=4", "~callbacks.bias_plot", "~callbacks.progress_bar"]
 
 
@@ -70,17 +70,8 @@ def one_thread():
 
 
 def compose_cfg(work: Path, out: Path, *overrides: str, base: list[str] = BASE):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose("train", overrides=[*base, f"data.paths={work / 'corpus.txt'}", *overrides],
-                      return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        cfg.paths.cache_dir = str(work / "cache")
-        del cfg.hydra
-    GlobalHydra.instance().clear()
-    return cfg
+    return compose_train(*base, f"data.paths={work / 'corpus.txt'}", *overrides, output_dir=out,
+                         cache_dir=work / "cache")
 
 
 def run_train(work: Path, out: Path, *overrides: str, base: list[str] = BASE) -> dict:
@@ -266,12 +257,23 @@ def test_sigkill_at_any_moment_costs_only_time(work, straight):
 
 def test_atomic_save_replaces_the_file_and_leaves_no_temporary(tmp_path):
     path = tmp_path / "ckpt" / "last.ckpt"
-    atomic_torch_save({"a": torch.ones(3)}, path)
-    stale = path.parent / ".last.ckpt.tmp-999999999"  # a dead process's leftover
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save({"a": torch.ones(3)}, tmp)
+    stale = path.parent / ".last.ckpt.tmp-999999999-0a1b2c3d.ckpt"  # a dead process's leftover
     stale.write_bytes(b"torn")
-    atomic_torch_save({"a": torch.zeros(3)}, path)
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save({"a": torch.zeros(3)}, tmp)
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.zeros(3))
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_a_failed_write_leaves_the_old_file(tmp_path):
+    path = tmp_path / "result.json"
+    path.write_text("good")
+    with pytest.raises(RuntimeError), atomic_path(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed half-way")
+    assert path.read_text() == "good" and sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
 
 
 # ------------------------------------------------------------------------------ 3. non-finite loss
@@ -306,10 +308,10 @@ def test_non_finite_stops_at_once_and_keeps_the_last_good_checkpoint(work, monke
 
 
 def test_a_checkpoint_is_never_written_with_non_finite_weights():
-    module = LitGPT(model={"n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 8},
-                    pos={"_target_": "dynpos.positional.DPB", "_partial_": True},
-                    optim={"lr": 1e-3, "min_lr": 1e-4, "weight_decay": 0.1, "betas": [0.9, 0.99],
-                           "warmup_steps": 1, "decay_steps": 10}, vocab_size=11)
+    module = LitGPT({"model": {"n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 8},
+                     "pos": {"_target_": "dynpos.positional.DPB", "_partial_": True}, "seed": 0,
+                     "optim": {"lr": 1e-3, "min_lr": 1e-4, "weight_decay": 0.1, "betas": [0.9, 0.99],
+                               "warmup_steps": 1, "decay_steps": 10}}, vocab_size=11)
     state = module.state_dict()
     state["model.lm_head.weight"] = torch.full_like(state["model.lm_head.weight"], float("inf"))
     with pytest.raises(FloatingPointError, match="model.lm_head.weight.*no checkpoint was written.*lower optim.lr"):
@@ -317,6 +319,27 @@ def test_a_checkpoint_is_never_written_with_non_finite_weights():
 
 
 # ------------------------------------------------------------------------------ 4. DDP on CPU
+
+
+# Runs train.py with a patch that makes every rank write a SHA-256 digest of its parameters into the
+# run folder after fit (``digest_rank<r>.txt``): data-parallel ranks must end with identical weights.
+DIGESTS = textwrap.dedent("""
+    import hashlib, runpy, sys
+    from pathlib import Path
+    import torch
+    from dynpos.training.module import LitGPT
+
+    def on_fit_end(self):
+        h = hashlib.sha256()
+        for name, tensor in self.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+        Path(self.trainer.default_root_dir, f"digest_rank{self.global_rank}.txt").write_text(h.hexdigest())
+
+    LitGPT.on_fit_end = on_fit_end
+    sys.argv = [sys.argv[1], *sys.argv[2:]]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+""")
 
 
 @pytest.mark.slow
@@ -335,19 +358,21 @@ def test_ddp_on_two_cpu_processes_equals_one_process_at_the_same_global_batch(wo
     base = [arg for arg in BASE if arg != "~callbacks.bias_plot"]  # plots too: rank 0 only
     # every rank scores all 16 validation windows (in batches of 4 under DDP, of 8 in one process)
     common = ["model.dropout=0.0", f"trainer.max_steps={steps}", f"optim.decay_steps={steps}",
-              "callbacks.bias_plot.length=8", "val_windows=16"]
+              "callbacks.bias_plot.length=8", "data.val_windows=16"]
     ddp = work / "ddp"
     ddp_base = [("trainer=ddp" if arg == "trainer=debug" else arg) for arg in base] + ["trainer.log_every_n_steps=1"]
+    launcher = work / "digests.py"  # each rank writes a digest of its parameters after fit
+    launcher.write_text(DIGESTS)
     proc = subprocess.run(
-        [sys.executable, "train.py", *cli_args(work, ddp, *common, f"batch_size={per_rank}", "logger=wandb",
-                                                base=ddp_base)],
+        [sys.executable, str(launcher), "train.py",
+         *cli_args(work, ddp, *common, f"data.batch_size={per_rank}", "logger=wandb", base=ddp_base)],
         cwd=ROOT, env=env(work), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((ddp / "result.json").read_text())
 
-    # the ranks hold identical parameters after training (digests gathered from both ranks)
-    digests = result["rank_parameter_digests"]
-    assert len(digests) == 2 and digests[0] == digests[1]
+    # the ranks hold identical parameters after training
+    digests = [(ddp / f"digest_rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert len(digests[0]) == 64 and digests[0] == digests[1]
 
     # the ranks drew disjoint windows at every step
     tokens = np.load(next((work / "cache").glob("textfiles-*/tokens-*/train.npy")), mmap_mode="r")
@@ -363,7 +388,7 @@ def test_ddp_on_two_cpu_processes_equals_one_process_at_the_same_global_batch(wo
 
     monkeypatch.setattr(StepBatches, "offsets", global_batch)
     single = work / "single"
-    metrics = run_train(work, single, *common, f"batch_size={2 * per_rank}", "trainer.limit_val_batches=1.0",
+    metrics = run_train(work, single, *common, f"data.batch_size={2 * per_rank}", "trainer.limit_val_batches=1.0",
                         "trainer.limit_test_batches=1.0", base=base)
     ddp_losses, single_losses = train_losses(ddp), train_losses(single)
     assert sorted(ddp_losses) == sorted(single_losses) == list(range(steps))
@@ -378,9 +403,9 @@ def test_ddp_on_two_cpu_processes_equals_one_process_at_the_same_global_batch(wo
     # only rank 0 wrote: the same files as the single-process run, plus the logs Hydra keeps per process
     def files(run):
         return {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()
-                and not p.relative_to(run).as_posix().startswith((".hydra/", "wandb/"))}
+                and not p.relative_to(run).as_posix().startswith((".hydra/", "wandb/", "digest_rank"))}
 
-    assert files(ddp) - files(single) == {"train.log", "train_ddp_process_1.log"}
+    assert files(ddp) - files(single) == {"train.log", "train_ddp_process_1.log", "wandb_id"}
     assert files(single) <= files(ddp)
     assert (ddp / "samples.txt").read_text().count("=== step") == (single / "samples.txt").read_text().count("=== step")
     assert not any(SECRET.encode() in p.read_bytes() for p in ddp.rglob("*") if p.is_file())
@@ -396,6 +421,7 @@ def test_every_trainer_preset_writes_checkpoints_atomically():
         targets = [p["_target_"] for p in trainers[preset].plugins]
         assert targets == ["dynpos.training.checkpoint_io.AtomicCheckpointIO"], preset
     GlobalHydra.instance().clear()
+    assert all(trainers[p].max_steps == trainers["cpu"].max_steps for p in ("gpu", "ddp", "fsdp"))  # hardware only
     assert trainers["ddp"].strategy == "ddp" and trainers["ddp"].devices == 2 and trainers["ddp"].num_nodes == 1
     assert trainers["fsdp"].strategy == "fsdp" and trainers["fsdp"].num_nodes == 1
 

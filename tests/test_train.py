@@ -1,4 +1,4 @@
-"""The training pipeline: the real train() on composed configs, train.py and sample.py as a user runs them."""
+"""The training pipeline: the real train() on composed configs, train.py and the scripts as a user runs them."""
 
 import json
 import math
@@ -10,40 +10,20 @@ import pytest
 import torch
 
 from dynpos.training.checkpoint import load_model
+from dynpos.training.loggers import run_id, wandb_logger
 from dynpos.training.module import LitGPT, lr_lambda
-from dynpos.training.run import train
+from dynpos.training.run import main, train
 
 from conftest import ROOT
+
+TINY = ["model=nano", "trainer=debug", "callbacks.sample.max_new_tokens=4", "data.val_windows=4"]
 
 
 def run(args, tmp_path, cwd=ROOT, **env):
     """Run a command (from the repository root by default) with caches in tmp_path; return the CompletedProcess."""
-    environment = {**os.environ, "DYNPOS_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled", **env}
+    environment = {**os.environ, "DYNPOS_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled",
+                   "OMP_NUM_THREADS": "1", **env}
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=environment, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One short real run on Shakespeare with the nano model, shared by the tests below."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from conftest import CONFIGS
-
-    tmp = tmp_path_factory.mktemp("trained")
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose("train", overrides=["model=nano", "trainer=debug", "trainer.max_steps=80",
-                                          "trainer.val_check_interval=40", "optim.lr=3e-3", "optim.warmup_steps=10",
-                                          "batch_size=16", "callbacks.sample.max_new_tokens=40"],
-                      return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp / "run")
-        cfg.paths.cache_dir = str(tmp / "cache")
-        del cfg.hydra
-    metrics = train(cfg)
-    return tmp / "run", metrics
 
 
 def test_training_on_real_text_lowers_the_loss_and_writes_the_run_folder(trained):
@@ -56,21 +36,33 @@ def test_training_on_real_text_lowers_the_loss_and_writes_the_run_folder(trained
     assert 0 < metrics["test/bpb"] < 8 and metrics["test/loss"] > 0
     assert result["metrics"]["val/loss"] == pytest.approx(metrics["val/loss"])
     assert result["pos"] == "dpb" and result["num_params"] > 0
-    for name in ("config.yaml", "tokenizer.json", "samples.txt", "plots/bias.png", "checkpoints/last.ckpt",
+    assert result["config"]["data"]["batch_size"] == 16 and result["config"]["model"]["n_layer"] == 2
+    for name in ("tokenizer.json", "versions.json", "samples.txt", "plots/bias.png", "checkpoints/last.ckpt",
                  "checkpoints/best.ckpt", "csv/metrics.csv"):
         assert (out / name).is_file(), name
     assert (out / "plots" / "bias.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ROMEO:" in (out / "samples.txt").read_text()
 
 
-def test_checkpoint_alone_rebuilds_model_and_tokenizer(trained):
+def test_checkpoint_alone_rebuilds_model_and_tokenizer_and_stores_the_config_once(trained):
     out, metrics = trained
     model, tokenizer, hp = load_model(out / "checkpoints" / "best.ckpt")
-    assert hp["model"]["n_layer"] == 2 and hp["pos"]["_target_"] == "dynpos.positional.DPB"
+    assert hp["config"]["model"]["n_layer"] == 2 and hp["config"]["pos"]["_target_"] == "dynpos.positional.DPB"
     assert tokenizer.decode(tokenizer.encode("ROMEO: hi").ids) == "ROMEO: hi"
     with torch.no_grad():
         logits, _ = model(torch.tensor([tokenizer.encode("To be").ids]))
     assert logits.shape == (1, 5, model.config.vocab_size)
+    checkpoint = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True, mmap=True)
+    assert "config" not in checkpoint  # only in hyper_parameters
+    assert [k for k, v in checkpoint.items() if isinstance(v, dict) and "tokenizer" in v] == ["TextDataModule"]
+    assert set(checkpoint["TextDataModule"]) == {"tokenizer"}
+
+
+def test_logged_losses_are_the_metrics(trained):
+    out, metrics = trained
+    rows = (out / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert "train/lr" in header and "val/loss" in header  # the module logs the learning rate itself
 
 
 def test_sample_script_generates_from_the_checkpoint(trained, tmp_path):
@@ -82,32 +74,83 @@ def test_sample_script_generates_from_the_checkpoint(trained, tmp_path):
     assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 30
 
 
+def test_evaluate_script_writes_its_own_folder_and_scores_like_training(trained, tmp_path):
+    out, metrics = trained
+    ckpt = out / "checkpoints" / "best.ckpt"
+    proc = run(["scripts/evaluate.py", f"ckpt={ckpt}", "eval.lengths=[32]", "eval.max_tokens=100000000"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (folder,) = (out / "evaluate").iterdir()  # a new folder: nothing train.py wrote is touched
+    assert folder.name.startswith("best-") and (folder / "extrapolation.png").is_file()
+    rows = json.loads((folder / "extrapolation.json").read_text())["rows"]
+    assert rows[0]["length"] == 32 and rows[0]["tokens"] > 0
+    again = run(["scripts/evaluate.py", f"ckpt={ckpt}", "eval.lengths=[32]", f"out={folder}"], tmp_path)
+    assert again.returncode == 2 and "already holds a result" in again.stderr
+
+
+@pytest.mark.slow
 def test_train_py_runs_end_to_end_on_the_nano_preset(tmp_path):
     # No hydra.run.dir: the default timestamped run folder, as a user's first command gets it.
     proc = run([str(ROOT / "train.py"), "model=nano", "trainer=debug"], tmp_path, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (out,) = (tmp_path / "runs").glob("*_dpb-nano-shakespeare")
     assert "val/loss" in proc.stdout and (out / "result.json").is_file()
-    assert "parameters" in proc.stdout
+    assert "parameters" in proc.stdout and "Epoch 0/-2" not in proc.stdout
     # the printed paths are whole lines (not wrapped at 80 columns), ready to copy
     assert f"checkpoint: {out.resolve() / 'checkpoints' / 'best.ckpt'}" in proc.stdout.splitlines()
     assert f"result: {out.resolve() / 'result.json'}" in proc.stdout.splitlines()
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("pos=foo", "pos/foo"),
-    ("model.n_embd=31", "model.n_embd=31 is not divisible by model.n_head=2"),
-    ("model.block_size=100000000", "block_size"),
-    ("data=textfiles", "data.paths"),
-    ("optim.lr=-1", "optim.lr"),
-])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, override, fragment):
-    out = tmp_path / "bad"
-    proc = run(["train.py", "model=nano", "trainer=debug", override, f"hydra.run.dir={out}"], tmp_path)
-    assert proc.returncode != 0
-    assert fragment in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not (out / "checkpoints").exists()
+def test_a_refused_command_prints_one_line_and_leaves_no_run_folder(tmp_path):
+    proc = run([str(ROOT / "train.py"), "model=nano", "trainer=debug", "data.batch_size=-1"], tmp_path, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        "error: data.batch_size=-1: give a positive integer (set DYNPOS_DEBUG=1 for the traceback)"]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_logger_none_trains(make_cfg):
+    metrics = train(make_cfg(*TINY, "logger=none"))
+    assert math.isfinite(metrics["val/loss"])
+
+
+def test_training_always_ends_with_a_validation(make_cfg, tmp_path):
+    out = tmp_path / "short"
+    train(make_cfg(*TINY, "trainer.max_steps=4", "trainer.val_check_interval=250", output_dir=out))
+    result = json.loads((out / "result.json").read_text())
+    assert result["best_checkpoint"] == str(out / "checkpoints" / "best.ckpt") and result["bias_plot"]
+    assert torch.load(result["best_checkpoint"], weights_only=True, mmap=True)["global_step"] == 4
+    assert (out / "samples.txt").read_text().count("=== step 4 ===") == 1  # validated once at step 4
+
+
+def test_hub_corpus_offline_is_one_line_and_leaves_no_folder(make_cfg, tmp_path, monkeypatch, capsys):
+    import dynpos.data.corpora as corpora
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'Salesforce/wikitext' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(corpora, "load_dataset", offline)
+    out = tmp_path / "hub"
+    out.mkdir()
+    (out / ".hydra").mkdir()  # what Hydra writes before the job starts
+    with pytest.raises(SystemExit) as exit_:
+        main(make_cfg(*TINY, "data=wikitext2", output_dir=out))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "error: corpus 'wikitext2'" in err
+    assert "data=shakespeare" in err and not out.exists()
+
+
+def test_unknown_scheme_option_is_refused_before_any_data(make_cfg, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(make_cfg(*TINY, "+pos.depthh=3", "paths.cache_dir=/nonexistent/never/read"))
+    err = capsys.readouterr().err
+    assert "error: pos.depthh is not an option of DPB: its options are dim, depth" in err
+
+
+def test_wandb_run_id_lives_in_the_run_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    first = run_id(tmp_path)
+    assert (tmp_path / "wandb_id").read_text() == first and run_id(tmp_path) == first and len(first) == 8
+    assert wandb_logger(project="dynpos", save_dir=str(tmp_path)).version == first  # a resumed run reuses it
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
@@ -119,13 +162,37 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert lr_lambda(500, 10, 110, 0.1) == pytest.approx(0.1)
 
 
+def tiny_module() -> LitGPT:
+    return LitGPT({"model": {"n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 8},
+                   "pos": {"_target_": "dynpos.positional.DPB", "_partial_": True}, "seed": 0,
+                   "optim": {"lr": 1e-3, "min_lr": 1e-4, "weight_decay": 0.1, "betas": [0.9, 0.99],
+                             "warmup_steps": 1, "decay_steps": 10}}, vocab_size=11)
+
+
 def test_weight_decay_only_on_matrices():
-    module = LitGPT(model={"n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 8},
-                    pos={"_target_": "dynpos.positional.DPB", "_partial_": True},
-                    optim={"lr": 1e-3, "min_lr": 1e-4, "weight_decay": 0.1, "betas": [0.9, 0.99],
-                           "warmup_steps": 1, "decay_steps": 10}, vocab_size=11)
+    module = tiny_module()
     optimizer = module.configure_optimizers()["optimizer"]
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == module.model.num_params()
+
+
+def test_evaluation_loss_is_token_weighted_over_an_uneven_last_batch():
+    """Batches of 3 and 1 windows with mean losses a and b: the exact mean is (3a + b) / 4, not (a + b) / 2."""
+    module = tiny_module().eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 11, (n, 9), generator=g) for n in (3, 1)]
+    nats = targets = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            x, y = batch[:, :-1], batch[:, 1:].clone()
+            y[0, :3] = -1  # ignored targets do not count
+            module._evaluate((x, y))
+            logits, _ = module.model(x)
+            losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1,
+                                                       reduction="none")
+            nats += losses.sum().item()
+            targets += (y != -1).sum().item()
+    exact = (module.eval_nats.compute() / module.eval_targets.compute()).item()
+    assert targets == 3 * 8 + 8 - 6 and exact == pytest.approx(nats / targets, rel=1e-6)

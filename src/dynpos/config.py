@@ -158,9 +158,61 @@ class TrainConfig:
             raise ValueError(f"resume=auto and ckpt_path={self.ckpt_path} both given: pass one of them")
 
 
+@dataclass
+class SampleConfig:
+    """``scripts/sample.py`` (``configs/sample.yaml``): generate from a checkpoint.
+
+    Raises:
+        ValueError: naming the key and the fix.
+    """
+
+    ckpt: str = MISSING
+    prompt: str = "\n"
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_k: int | None = None
+    num_samples: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _whole("max_new_tokens", self.max_new_tokens, 0)
+        _whole("num_samples", self.num_samples, 1)
+        if self.top_k is not None:
+            _whole("top_k", self.top_k, 1)
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature}: give a number > 0 (a small one such as 1e-3 is greedy)")
+
+
+@dataclass
+class EvaluateConfig:
+    """``scripts/evaluate.py`` (``configs/evaluate.yaml``): score a checkpoint at evaluation lengths.
+
+    Attributes:
+        ckpt: the checkpoint. out: the output folder (None = a new ``<run>/evaluate/<ckpt>-<time>``).
+        attn: the attention path to score with (None = the checkpoint's). eval: as in training;
+        ``eval.lengths`` None = 1x, 2x, 4x and 8x the model's training length.
+
+    Raises:
+        ValueError: naming the key and the fix.
+    """
+
+    ckpt: str = MISSING
+    out: str | None = None
+    attn: str | None = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.attn is not None:
+            GPTConfig(attn=self.attn)  # the model's own check names model.attn and the choices
+
+
 def register() -> None:
-    """Store :class:`TrainConfig` in Hydra's ConfigStore as ``train_schema`` (idempotent)."""
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    """Store the schemas in Hydra's ConfigStore (idempotent): ``train_schema`` (:class:`TrainConfig`),
+    ``sample_schema`` and ``evaluate_schema``, the first entries of the configs' defaults lists."""
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(name="sample_schema", node=SampleConfig)
+    store.store(name="evaluate_schema", node=EvaluateConfig)
 
 
 def validate(cfg: DictConfig) -> TrainConfig:
@@ -172,6 +224,15 @@ def validate(cfg: DictConfig) -> TrainConfig:
     typed = OmegaConf.to_object(cfg)
     build_pos(cfg.pos)
     return typed
+
+
+def validate_script(cfg: DictConfig) -> Any:
+    """A script's config as its schema's object (``SampleConfig``, ``EvaluateConfig``): the ranges checked.
+
+    Raises:
+        ValueError: naming the key and the fix; omegaconf errors for a missing value (``ckpt=???``).
+    """
+    return OmegaConf.to_object(cfg)
 
 
 def build_pos(pos: DictConfig | dict) -> Any:

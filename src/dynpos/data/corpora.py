@@ -57,7 +57,7 @@ _GUTENBERG_START = re.compile(r"^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.
 _GUTENBERG_END = re.compile(r"^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
 
 
-class HubUnavailableError(RuntimeError):
+class HubUnavailableError(ConnectionError):
     """The Hugging Face hub could not serve a corpus or tokenizer (offline, or not in the cache)."""
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
@@ -45,6 +46,14 @@ def during_fit(trainer: L.Trainer) -> bool:
 
 def wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
     return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's Rich progress bar, labelled ``train`` instead of ``Epoch 0/-2``: dynpos trains one
+    long epoch bounded by ``trainer.max_steps`` (``max_epochs`` is -1), so the epoch count says nothing."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "train"
 
 
 class ValidateAtEnd(L.Callback):

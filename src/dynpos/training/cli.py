@@ -7,19 +7,17 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
+from hydra.errors import InstantiationException
 from omegaconf.errors import OmegaConfBaseException
-
-from dynpos.data.corpora import HubUnavailableError
 
 T = TypeVar("T")
 
 # What a user's input can cause: these print as one line and exit with status 2. FileExistsError:
 # a run folder that holds a run; IsADirectoryError and co.: a path of the wrong kind; ImportError:
-# an optional package a choice needs (the default corpus, tensorboard); HubUnavailableError: a hub
-# corpus or tokenizer while offline.
+# an optional package a choice needs (the default corpus, tensorboard); ConnectionError: a hub corpus
+# or tokenizer while offline (dynpos.data.corpora.HubUnavailableError).
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-               PermissionError, FloatingPointError, OmegaConfBaseException, ConnectionError, ImportError,
-               HubUnavailableError)
+               PermissionError, FloatingPointError, OmegaConfBaseException, ConnectionError, ImportError)
 
 
 def guard(fn: Callable[[], T], on_error: Callable[[], None] | None = None) -> T:
@@ -29,7 +27,12 @@ def guard(fn: Callable[[], T], on_error: Callable[[], None] | None = None) -> T:
     ``HYDRA_FULL_ERROR=1`` or ``DYNPOS_DEBUG=1`` shows the full traceback instead.
     """
     try:
-        return fn()
+        try:
+            return fn()
+        except InstantiationException as wrapped:  # a constructor's own check, under Hydra's instantiate
+            if isinstance(wrapped.__cause__, USER_ERRORS):
+                raise wrapped.__cause__ from None
+            raise
     except USER_ERRORS as error:
         if on_error is not None:
             on_error()

@@ -110,6 +110,11 @@ class LitGPT(L.LightningModule):
         micro_batch = self.global_step * accumulate + batch_idx % accumulate
         torch.manual_seed(step_seed(self.seed, micro_batch, self.global_rank))
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        project = getattr(self.model.pos, "project_", None)  # a scheme's constraint after each step (KERPLE)
+        if callable(project):
+            project()
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         _, loss = self.model(x, y)
