@@ -89,7 +89,7 @@ def build(scheme: str, path: str, block: int, sizes: dict, seed: int = 0):
         )
         return model, "x-transformers"
     model = GPT(GPTConfig(vocab_size=VOCAB, block_size=block, attn=path, **sizes), pos=SCHEMES[scheme])
-    resolved = model._layer_inputs(block, block, torch.float32, torch.device("cpu"))[0].path
+    resolved = model.attention_choice(block, block, "cpu").path  # training: grad on, train mode
     return model, resolved
 
 
@@ -226,7 +226,7 @@ def eval_child(scheme: str, n: int, preset_name: str) -> None:
     model = GPT(GPTConfig(vocab_size=VOCAB, block_size=128, **sizes), pos=SCHEMES[scheme]).eval()
     x = torch.randint(VOCAB, (1, n))
     with torch.no_grad():
-        path = model._layer_inputs(n, n, torch.float32, torch.device("cpu"))[0].path
+        path = model.attention_choice(n, n, "cpu").path
         base = _reset_peak_rss()
         start = time.perf_counter()
         model(x)

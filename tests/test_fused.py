@@ -214,17 +214,31 @@ def test_non_contiguous_inputs_and_no_grad():
     torch.testing.assert_close(out, reference(q, k, v, table), **TOL)
 
 
-def test_dropout_falls_back_to_eager():
-    n = 20
-    q, k, v, table = inputs(n)
-    torch.manual_seed(3)
-    out = table_attention(q, k, v, table, dropout_p=0.5)
-    torch.manual_seed(3)
-    ref = fused._reference(q, k, v, table, 0.5)
-    torch.testing.assert_close(out, ref)
-    assert not torch.allclose(out, reference(q, k, v, table))
-    out.sum().backward()
-    assert table.grad is not None and q.grad is not None
+def test_refuses_what_the_kernel_cannot_do():
+    """No silent fallback inside the kernel: other devices and integer tensors are refused (the
+    model's choose_attention never sends them here), and there is no dropout argument."""
+    q = torch.randn(B, H, 5, D)
+    with pytest.raises(ValueError, match="CPU kernel"):
+        table_attention(q, q, q, torch.randn(H, 5, device="meta"))
+    with pytest.raises(ValueError, match="float table"):
+        table_attention(q, q, q, torch.ones(H, 5, dtype=torch.long))
+    with pytest.raises(TypeError):
+        table_attention(q, q, q, torch.randn(H, 5), dropout_p=0.1)
+
+
+def test_registered_ops_and_output_layout():
+    """The custom ops exist under torch.ops.dynpos, and the output has the layout the fake
+    implementation promises (Inductor asserts it), whatever the input layout."""
+    assert hasattr(torch.ops.dynpos, "table_attention_fwd") and hasattr(torch.ops.dynpos, "table_attention_bwd")
+    for n in (20, 300):  # one flash call, and the chunked forward
+        for contiguous in (True, False):
+            x = torch.randn(B, n, 3 * H * D)
+            q, k, v = rearrange(x, "b t (three h d) -> three b h t d", three=3, h=H)
+            if contiguous:
+                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            out, lse = torch.ops.dynpos.table_attention_fwd(q, k, v, torch.randn(H, n))
+            assert out.stride() == fused._out_layout(q).stride() and lse.is_contiguous()
+            assert lse.shape == (B, H, n) and lse.dtype == torch.float32
 
 
 def test_empty_sizes():
@@ -250,7 +264,6 @@ def test_table_mask_layout():
         (((B, H, 5, D),) * 3 + ((H + 1, 5),), {}, "table must be"),
         (((B, H, 5, D),) * 3 + ((H, 4),), {}, "m >= n"),
         (((B, H, 5, 0),) * 3 + ((H, 5),), {}, "D must be"),
-        (((B, H, 5, D),) * 3 + ((H, 5),), {"dropout_p": 1.5}, "dropout_p"),
     ],
 )
 def test_bad_arguments_raise(shapes, kwargs, match):

@@ -1,13 +1,15 @@
 """The GPT with DPB: attention paths agree, cached decoding equals a full pass, it learns real text."""
 
 import functools
+import logging
 
 import pytest
 import torch
 
 from dynpos import GPT, GPTConfig, KVCache
-from dynpos.model.attention import flex_available
-from dynpos.positional import DPB, ALiBi
+from dynpos.model import attention
+from dynpos.model.attention import choose_attention, flex_available
+from dynpos.positional import DPB, ALiBi, NoPE
 
 SONNET_18 = """Shall I compare thee to a summer's day?
 Thou art more lovely and more temperate:
@@ -42,15 +44,21 @@ def test_logits_shape_and_loss():
 
 
 @pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("path", ["fused", "sdpa", "auto"])
-def test_paths_agree_with_eager_in_outputs_and_gradients(shared, path):
-    idx = torch.randint(0, 50, (2, 24), generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("path, ran", [("fused", "fused"), ("sdpa", "sdpa"), ("auto", "fused")])
+def test_paths_agree_with_eager_in_outputs_and_gradients(shared, path, ran, monkeypatch):
+    """80 tokens: past AUTO_EAGER_MAX, so auto trains on the fused kernel (counted), not eager."""
+    calls = []
+    real = attention.table_attention
+    monkeypatch.setattr(attention, "table_attention", lambda *a: calls.append(1) or real(*a))
+    idx = torch.randint(0, 50, (2, 80), generator=torch.Generator().manual_seed(1))
     results = {}
     for p in (path, "eager"):
-        model = tiny(p, shared=shared)
+        model = tiny(p, shared=shared, block_size=80)
+        assert model.attention_choice(80, 80, "cpu").path == (ran if p == path else "eager")
         logits, loss = model(idx, idx)
         loss.backward()
         results[p] = (logits, {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert len(calls) == (2 if ran == "fused" else 0)  # one per block
     (la, ga), (lb, gb) = results[path], results["eager"]
     assert torch.allclose(la, lb, atol=1e-5)
     assert ga.keys() == gb.keys() and any("pos.dpbs" in n for n in ga)
@@ -58,21 +66,73 @@ def test_paths_agree_with_eager_in_outputs_and_gradients(shared, path):
         assert torch.allclose(ga[name], gb[name], atol=1e-5, rtol=1e-4), name
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_auto_picks_fused_for_training_and_sdpa_with_a_cache(shared):
-    model = tiny("auto", shared=shared)
-    cpu = torch.device("cpu")
-    assert {x.path for x in model._layer_inputs(65, 65, torch.float32, cpu)} == {"fused"}
-    # short sequences train faster on eager; a shared table still gives one mask
-    short = model._layer_inputs(64, 64, torch.float32, cpu)
-    assert {x.path for x in short} == {"eager"} and len({id(x.mask) for x in short}) == (1 if shared else 2)
-    with torch.no_grad():
-        assert {x.path for x in model._layer_inputs(8, 8, torch.float32, cpu)} == {"fused"}
-    assert {x.path for x in model._layer_inputs(1, 8, torch.float32, cpu)} == {"sdpa"}
+CPU = dict(device="cpu", cached=False, dropout=0.0)
+
+
+@pytest.mark.parametrize("attn, kwargs, path, fallback", [
+    # auto on the CPU: learned table trains on fused past 64 positions, on eager up to 64
+    ("auto", dict(bias="table", learned=True, grad=True, length=65), "fused", False),
+    ("auto", dict(bias="table", learned=True, grad=True, length=64), "eager", False),
+    ("auto", dict(bias="table", learned=True, grad=False, length=8), "fused", False),
+    # a fixed table (ALiBi): grad-free sdpa mask in training, fused for inference
+    ("auto", dict(bias="table", learned=False, grad=True, length=500), "sdpa", False),
+    ("auto", dict(bias="table", learned=False, grad=False, length=500), "fused", False),
+    # no table, a cache, another device: sdpa; asked-for fused says it fell back
+    ("auto", dict(bias="none", learned=False, grad=True, length=500), "sdpa", False),
+    ("auto", dict(bias="grid", learned=True, grad=True, length=500), "sdpa", False),
+    ("auto", dict(bias="table", learned=True, grad=False, length=9, cached=True), "sdpa", False),
+    ("auto", dict(bias="table", learned=True, grad=True, length=500, device="meta"), "sdpa", False),
+    ("fused", dict(bias="table", learned=True, grad=True, length=8), "fused", False),
+    ("fused", dict(bias="none", learned=False, grad=True, length=500), "sdpa", True),
+    ("fused", dict(bias="table", learned=True, grad=False, length=9, cached=True), "sdpa", True),
+    ("fused", dict(bias="table", learned=True, grad=True, length=500, device="meta"), "sdpa", True),
+    # dropout: the fused kernel has none
+    ("auto", dict(bias="table", learned=True, grad=True, length=500, dropout=0.1), "eager", True),
+    ("fused", dict(bias="table", learned=True, grad=True, length=500, dropout=0.1), "eager", True),
+    # taken as asked
+    ("sdpa", dict(bias="table", learned=True, grad=True, length=500), "sdpa", False),
+    ("eager", dict(bias="none", learned=False, grad=True, length=500), "eager", False),
+    ("flex", dict(bias="table", learned=True, grad=False, length=500), "flex", False),
+])
+def test_choose_attention_rules(attn, kwargs, path, fallback):
+    choice = choose_attention(attn, **{**CPU, **kwargs})
+    assert (choice.path, choice.fallback) == (path, fallback), choice.reason
+
+
+def test_choose_attention_refuses_bad_input():
+    with pytest.raises(ValueError, match="model.attn='cuda'"):
+        choose_attention("cuda", bias="table", learned=True, grad=True, length=8, **CPU)
+    with pytest.raises(ValueError, match="model.attn=flex cannot train on CPU"):
+        choose_attention("flex", bias="table", learned=True, grad=True, length=8, **CPU)
+
+
+def test_fallback_is_logged_once_per_reason(caplog, monkeypatch):
+    """model.dropout > 0 trains DPB on eager: the model says so once, not at every step."""
+    monkeypatch.setattr(attention, "_reported", set())
+    model = tiny("auto", dropout=0.1, block_size=80)
+    idx = torch.randint(0, 50, (1, 80))
+    with caplog.at_level(logging.WARNING, logger="dynpos.model.attention"):
+        for _ in range(2):
+            model(idx, idx)[1].backward()
+        with torch.no_grad():
+            model.eval()(idx)  # evaluation: no dropout, fused, nothing to report
+    assert model.train().attention_choice(80, 80, "cpu").path == "eager"
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "no dropout" in messages[0] and "model.dropout=0.1" in messages[0]
+
+
+def test_attention_choice_reads_the_scheme():
+    """The model hands choose_attention its scheme's bias kind and whether it is learned."""
+    dpb = tiny("auto")
     alibi = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_embd=32), pos=ALiBi)
-    assert {x.path for x in alibi._layer_inputs(8, 8, torch.float32, torch.device("cpu"))} == {"sdpa"}
-    with torch.no_grad():  # inference: the chunked fused forward keeps memory linear in the length
-        assert {x.path for x in alibi._layer_inputs(8, 8, torch.float32, torch.device("cpu"))} == {"fused"}
+    nope = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_embd=32), pos=NoPE)
+    assert dpb.attention_choice(65, 65, "cpu").path == "fused"
+    assert dpb.attention_choice(1, 8, "cpu", KVCache(2)).path == "sdpa"
+    assert alibi.attention_choice(100, 100, "cpu").path == "sdpa"
+    assert nope.attention_choice(100, 100, "cpu").path == "sdpa"
+    with torch.no_grad():
+        assert alibi.attention_choice(8, 8, "cpu").path == "fused"
+        assert dpb.attention_choice(8, 8, "cpu").path == "fused"
 
 
 def test_flex_agrees_with_eager_forward():

@@ -1,6 +1,7 @@
 """The decoder-only GPT, its attention paths and KV cache."""
 
 from dynpos.model.attention import KVCache
-from dynpos.model.gpt import GPT, GPTConfig
+from dynpos.model.attention import choose_attention
+from dynpos.model.gpt import GPT, GPTConfig, compile_model
 
-__all__ = ["GPT", "GPTConfig", "KVCache"]
+__all__ = ["GPT", "GPTConfig", "KVCache", "choose_attention", "compile_model"]

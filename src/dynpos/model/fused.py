@@ -93,15 +93,22 @@ Performance (2-core CPU, torch 2.13; ``scripts/bench_attention.py``, B=8 H=4 D=3
     subtraction pass it replaces did.
 
 Limits
-    * ``dropout_p > 0``: the CPU flash kernel refuses dropout ("Currently do not support dropout
-      > 0"), so the call falls back to the eager formula with the bias (same function and
-      gradients, O(n²) memory, eager speed). The default training configuration uses dropout 0.
+    * No dropout: the CPU flash kernel refuses it ("Currently do not support dropout > 0").
+      :func:`dynpos.model.attention.choose_attention` trains a model with ``dropout > 0`` on
+      ``eager`` instead (O(n²) memory, eager speed) and logs that choice once.
     * Self-attention only (``i == j``, causal, top-left aligned): no KV-cache offset; the model
       keeps its regular path when ``i != j``.
     * float32, float64, bfloat16 and float16 on CPU. Low-precision inputs get a float32 bias and
-      log-sum-exp, a float32 backward, and gradients cast back to their dtypes. Other devices
-      and empty sizes (the flash kernel dies with SIGFPE on ``n == 0``) use the eager formula.
-    * Not twice differentiable (``once_differentiable``).
+      log-sum-exp, a float32 backward, and gradients cast back to their dtypes. Other devices are
+      refused; empty sizes (the flash kernel dies with SIGFPE on ``n == 0``) use the eager formula.
+    * Not twice differentiable (the backward is an opaque op).
+
+torch.compile
+    Forward and backward are custom operators (``torch.library.custom_op``:
+    ``dynpos::table_attention_fwd`` returns ``out`` and the log-sum-exp,
+    ``dynpos::table_attention_bwd`` the four gradients; ``register_autograd`` joins them, and
+    fake implementations give Dynamo and Inductor the shapes, dtypes and strides), so a compiled
+    model keeps the fused path inside one graph, with no graph break.
 """
 
 from __future__ import annotations
@@ -182,14 +189,11 @@ def table_mask(table: Tensor, n: int, dtype: torch.dtype | None = None) -> Tenso
     return _rows(padded, n, 0, n, n).unsqueeze(0)
 
 
-def _reference(q: Tensor, k: Tensor, v: Tensor, table: Tensor, dropout_p: float) -> Tensor:
-    """Eager formula, the fallback (dropout, other devices, empty sizes). Same contract."""
+def _reference(q: Tensor, k: Tensor, v: Tensor, table: Tensor) -> Tensor:
+    """Eager formula, for empty sizes only (the flash kernel cannot take them). Same contract."""
     n = q.shape[-2]
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + table_mask(table, n, q.dtype)
-    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    if dropout_p > 0:
-        weights = F.dropout(weights, dropout_p)
-    return weights @ v
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
 def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor,
@@ -286,7 +290,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, padded: Tensor) -> tuple[Tensor, T
     if n <= FWD_CHUNK:
         return _FLASH(q, k, v, 0.0, True, attn_mask=_rows(padded, n, 0, n, n).unsqueeze(0))
     chunk = max(min(32, FWD_CHUNK), min(FWD_CHUNK, FWD_BIAS_ELEMS // (H * n)))
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = _out_layout(q)
     lse = q.new_empty((B, H, n), dtype=padded.dtype)
     merge = padded.dtype  # merge the two partial softmaxes at >= float32
     for x0 in range(0, n, chunk):
@@ -354,79 +358,130 @@ def _run_parts(fn, parts: list[tuple]) -> list:
         torch.set_num_threads(previous)
 
 
-class _TableAttention(torch.autograd.Function):
-    """Flash forward with the Toeplitz bias, chunked recompute backward; see the module docstring."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, table: Tensor) -> Tensor:
-        B, H, n, _ = q.shape
-        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-        padded = _padded(table.detach().to(compute), n)
-        workers = WORKERS
-        dim, slices = _split(workers, B, H)
-        ctx.split = dim, slices
-        parts = []
-        for part in slices:
-            index = (part,) if dim == 0 else (slice(None), part)
-            parts.append((q[index], k[index], v[index], padded if dim == 0 else padded[part]))
-        results = _run_parts(_forward, parts)
-        out = torch.cat([r[0] for r in results], dim) if len(results) > 1 else results[0][0]
-        lse = torch.cat([r[1] for r in results], dim) if len(results) > 1 else results[0][1]
-        ctx.save_for_backward(q, k, v, out, lse, padded)
-        ctx.table_dtype = table.dtype
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout: Tensor):
-        q, k, v, out, lse, padded = ctx.saved_tensors
-        need = tuple(ctx.needs_input_grad[:4])
-        dim, slices = ctx.split
-        parts = []
-        for part in slices:
-            index = (part,) if dim == 0 else (slice(None), part)
-            parts.append((*(t[index] for t in (q, k, v, out, dout, lse)),
-                          padded if dim == 0 else padded[part], need))
-        results = _run_parts(_backward, parts)
-        grads = []
-        for i, like in enumerate((q.dtype, k.dtype, v.dtype, ctx.table_dtype)):
-            pieces = [r[i] for r in results]
-            if pieces[0] is None:
-                grads.append(None)
-                continue
-            if len(pieces) == 1:
-                g = pieces[0]
-            elif i < 3:
-                g = torch.cat(pieces, dim)
-            else:  # table: per-head pieces, or partial sums over batch parts
-                g = torch.cat(pieces, 0) if dim == 1 else torch.stack(pieces).sum(0)
-            grads.append(g.to(like))
-        return tuple(grads)
+def _out_layout(q: Tensor) -> Tensor:
+    """An empty ``(B, H, n, D)`` output laid out as ``(B, n, H, D)`` (what the flash kernel writes
+    for the model's q; ``rearrange(out, "b h t d -> b t (h d)")`` is then free). Real and fake
+    implementations both allocate through here: Inductor asserts the strides it was promised."""
+    B, H, n, D = q.shape
+    return q.new_empty((B, n, H, D)).transpose(1, 2)
 
 
-def table_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor, dropout_p: float = 0.0) -> Tensor:
+def _parts(slices: tuple[int, list[slice]], *tensors: Tensor, per_head: Tensor | None = None) -> list[tuple]:
+    """Slice each ``(B, H, ...)`` tensor along the split dim, and ``per_head`` (``(H, ...)``)
+    along the heads when the split is over heads."""
+    dim, pieces = slices
+    parts = []
+    for part in pieces:
+        index = (part,) if dim == 0 else (slice(None), part)
+        extra = () if per_head is None else (per_head if dim == 0 else per_head[part],)
+        parts.append((*(t[index] for t in tensors), *extra))
+    return parts
+
+
+@torch.library.custom_op("dynpos::table_attention_fwd", mutates_args=())
+def _fwd_op(q: Tensor, k: Tensor, v: Tensor, table: Tensor) -> tuple[Tensor, Tensor]:
+    """``(out (B, H, n, D) in q's dtype, laid out by _out_layout; lse (B, H, n) contiguous, float32
+    (float64 for float64 q))``; ``table`` is ``(H, n)``."""
+    B, H, n, _ = q.shape
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    padded = _padded(table.to(compute), n)
+    split = _split(WORKERS, B, H)
+    results = _run_parts(_forward, _parts(split, q, k, v, per_head=padded))
+    dim = split[0]
+    out = torch.cat([r[0] for r in results], dim) if len(results) > 1 else results[0][0]
+    lse = torch.cat([r[1] for r in results], dim) if len(results) > 1 else results[0][1]
+    laid = _out_layout(q)
+    if out.stride() != laid.stride():
+        out = laid.copy_(out)
+    return out, lse.contiguous()
+
+
+@_fwd_op.register_fake
+def _(q, k, v, table):
+    B, H, n, _ = q.shape
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return _out_layout(q), q.new_empty((B, H, n), dtype=compute)
+
+
+@torch.library.custom_op("dynpos::table_attention_bwd", mutates_args=())
+def _bwd_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, table: Tensor,
+            need_q: bool, need_k: bool, need_v: bool, need_table: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``dq, dk, dv (B, H, n, D)`` in their inputs' dtypes and ``dtable (H, n)`` in the table's,
+    contiguous; a gradient not needed comes back as an empty ``(0,)`` tensor."""
+    B, H, n, _ = q.shape
+    need = (need_q, need_k, need_v, need_table)
+    compute = lse.dtype
+    padded = _padded(table.to(compute), n)
+    split = _split(WORKERS, B, H)
+    dim = split[0]
+    results = _run_parts(_backward, [(*p, need) for p in _parts(split, q, k, v, out, dout, lse, per_head=padded)])
+    grads = []
+    for i, like in enumerate((q, k, v, table)):
+        pieces = [r[i] for r in results]
+        if not need[i]:
+            grads.append(like.new_empty(0))
+            continue
+        if len(pieces) == 1:
+            g = pieces[0]
+        elif i < 3:
+            g = torch.cat(pieces, dim)
+        else:  # table: per-head pieces, or partial sums over batch parts
+            g = torch.cat(pieces, 0) if dim == 1 else torch.stack(pieces).sum(0)
+        grads.append(g.to(like.dtype).contiguous())
+    return tuple(grads)
+
+
+@_bwd_op.register_fake
+def _(q, k, v, out, dout, lse, table, need_q, need_k, need_v, need_table):
+    return tuple(like.new_empty(like.shape if need else (0,))
+                 for like, need in zip((q, k, v, table), (need_q, need_k, need_v, need_table)))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, table = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, table)
+
+
+def _backward_rule(ctx, dout: Tensor, _dlse: Tensor | None):
+    """Autograd of the forward op: the chunked recompute backward, itself an opaque op (not
+    twice differentiable)."""
+    q, k, v, out, lse, table = ctx.saved_tensors
+    need = tuple(bool(x) for x in ctx.needs_input_grad[:4])
+    grads = _bwd_op(q, k, v, out, dout, lse, table, *need)
+    return tuple(g if n else None for g, n in zip(grads, need))
+
+
+_fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+def table_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor) -> Tensor:
     """Causal self-attention with a per-distance additive bias, fused for CPU training.
 
     ``out = softmax(q kᵀ / sqrt(D) + T + causal) v`` with ``T[h, x, y] = table[h, x - y]``; equal
     (to float rounding) to ``eager_attention(q, k, v, causal_mask(toeplitz(table, n), n, n, ...))``,
     gradients for ``q``, ``k``, ``v`` and ``table`` included. Algorithm and sources: module docstring.
+    Registered as the custom ops ``dynpos::table_attention_fwd`` / ``_bwd`` (``torch.library``),
+    so ``torch.compile`` keeps a model that calls it in one graph.
 
     Args:
-        q, k, v: ``(B, H, n, D)``, one dtype among float32, float64, bfloat16, float16; queries
-            and keys are the same ``n`` positions (self-attention, no KV-cache offset).
+        q, k, v: ``(B, H, n, D)`` on the CPU, one dtype among float32, float64, bfloat16,
+            float16; queries and keys are the same ``n`` positions (self-attention, no KV-cache
+            offset).
         table: ``(H, m)``, ``m >= n``: ``table[h, r]`` is the logit bias at distance
             ``r = query - key`` (only ``r < n`` is read). Any float dtype; its gradient comes
             back in its dtype. Typically the output of a positional MLP (DPB), so it may
             require grad.
-        dropout_p: attention-weight dropout. ``> 0`` falls back to the eager formula (the CPU
-            flash kernel has no dropout); apply ``0`` at evaluation, as for ``F.dropout``.
 
     Returns:
-        ``(B, H, n, D)`` in the dtype of ``q``.
+        ``(B, H, n, D)`` in the dtype of ``q``. Empty sizes (``B == 0`` or ``n == 0``, where the
+        flash kernel dies with SIGFPE) give the exact empty result through the eager formula.
 
     Raises:
-        ValueError: on shapes that do not match the above (or ``D == 0``), mixed q/k/v dtypes,
-            or ``dropout_p`` outside ``[0, 1]``.
+        ValueError: on shapes that do not match the above (or ``D == 0``), mixed or unsupported
+            q/k/v dtypes, a non-float table, or tensors off the CPU. There is no dropout (the
+            CPU flash kernel has none): :func:`dynpos.model.attention.choose_attention` sends
+            training with ``model.dropout > 0`` to another path and says so.
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must be (B, H, n, D) of one shape, got {tuple(q.shape)}, "
@@ -438,11 +493,13 @@ def table_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor, dropout_p: f
         raise ValueError(f"table must be (H, m) with H={H} and m >= n={n}, got {tuple(table.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    if q.dtype not in _DTYPES or not table.is_floating_point():
+        raise ValueError(f"table_attention takes q, k, v in {_DTYPES} and a float table, "
+                         f"got {q.dtype} and {table.dtype}")
+    if q.device.type != "cpu" or table.device.type != "cpu":
+        raise ValueError(f"table_attention is a CPU kernel, got q on {q.device} and the table on "
+                         f"{table.device}: use model.attn=auto, sdpa or flex there")
     table = table[:, :n]
-    fused = (dropout_p == 0.0 and q.device.type == "cpu" and q.dtype in _DTYPES
-             and table.is_floating_point() and q.numel() > 0)
-    if not fused:
-        return _reference(q, k, v, table, dropout_p)
-    return _TableAttention.apply(q, k, v, table)
+    if q.numel() == 0:
+        return _reference(q, k, v, table)
+    return _fwd_op(q, k, v, table)[0]

@@ -15,15 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynpos.model.attention import PATHS, AttnInputs, CausalSelfAttention, KVCache, causal_mask
+from dynpos.model.attention import (
+    PATHS, AttnChoice, AttnInputs, CausalSelfAttention, KVCache, causal_mask, choose_attention,
+)
 from dynpos.positional.base import PositionalScheme, toeplitz
 from dynpos.positional.dpb import DPB
-
-#: Longest sequence for which ``attn=auto`` trains a learned table (DPB) on the ``eager`` path
-#: rather than ``fused``: attention alone, fwd + bwd, B=12 H=4 D=32, 2 threads, medians of 30:
-#: n = 64 eager 1.9 ms vs fused 3.3 (bias-free causal SDPA 1.3), n = 96 5.8 vs 6.0,
-#: n = 128 8.7 vs 7.5 (``scripts/bench_attention.py``).
-AUTO_EAGER_MAX = 64
 
 
 @dataclass
@@ -42,7 +38,8 @@ class GPTConfig:
         bias: biases in Linear layers and LayerNorms (GPT-2: True).
         attn: attention path: ``auto`` (default: ``fused`` on CPU for schemes with a per-distance
             table, ``eager`` to train one on up to 64 positions, else ``sdpa``), ``fused``,
-            ``sdpa``, ``eager``, ``flex`` (see ``model/attention.py``).
+            ``sdpa``, ``eager``, ``flex``; the rules and fallbacks are
+            :func:`dynpos.model.attention.choose_attention`'s.
         compile: compile the model with ``torch.compile`` for training and evaluation.
     """
 
@@ -165,37 +162,36 @@ class GPT(nn.Module):
             return [self.pos.table(0, j)] * self.config.n_layer
         return [self.pos.table(layer, j) for layer in range(self.config.n_layer)]
 
-    def _layer_inputs(self, i: int, j: int, dtype: torch.dtype, device: torch.device,
-                      cache: KVCache | None = None) -> list[AttnInputs]:
-        """Resolve the attention path for this call and give each block the bias in the form it needs.
+    def attention_choice(self, i: int, j: int, device: torch.device | str, cache: KVCache | None = None) -> AttnChoice:
+        """The attention path a forward of ``i`` new tokens over ``j`` positions takes now (grad
+        mode and ``self.training`` included): :func:`~dynpos.model.attention.choose_attention`
+        called with this model's config and scheme, as :meth:`forward` calls it."""
+        scheme = type(self.pos)
+        bias = ("table" if scheme.table is not PositionalScheme.table else
+                "grid" if scheme.bias is not PositionalScheme.bias else "none")
+        learned = any(p.requires_grad for p in self.pos.parameters())
+        return choose_attention(
+            self.config.attn, bias=bias, learned=learned, device=device, grad=torch.is_grad_enabled(),
+            cached=cache is not None and i != j, dropout=self.config.dropout if self.training else 0.0,
+            length=j,
+        )
 
-        ``auto`` takes ``fused`` for table schemes on the CPU without a cache (``i == j``) when the
-        table is learned or no gradient is needed (its chunked forward keeps memory linear in the
-        length), except in training at ``j <= AUTO_EAGER_MAX``, where ``eager`` is faster; a
-        fixed table in training (ALiBi) is faster as a grad-free ``sdpa`` mask. ``fused`` with a
-        cache or a scheme without a table also falls back to ``sdpa``; decoding through a
-        ``cache`` without gradients reads the tables kept in it.
-        """
-        path = self.config.attn
-        if path in ("auto", "fused"):
-            wanted = i == j and (path == "fused" or device.type == "cpu")
-            tables = self._tables(j) if wanted else [None]
-            learned = tables[0] is not None and (tables[0].requires_grad or not torch.is_grad_enabled())
-            if tables[0] is not None and (path == "fused" or learned):
-                if path == "auto" and tables[0].requires_grad and j <= AUTO_EAGER_MAX:
-                    return self._masked("eager", self._grids(tables, i, j), i, j, dtype, device)
-                return [AttnInputs("fused", table=t) for t in tables]
-            path = "sdpa"
-        if path == "flex":
-            tables = self._tables(j)
-            if tables[0] is not None:
-                return [AttnInputs("flex", table=t) for t in tables]
-            return [AttnInputs("flex", bias=b) for b in self.pos.biases(i, j)]
+    def _layer_inputs(self, path: str, i: int, j: int, dtype: torch.dtype, device: torch.device,
+                      cache: KVCache | None = None) -> list[AttnInputs]:
+        """Give each block the bias in the form ``path`` needs: the per-distance table (fused,
+        flex), else the bias folded with the causal mask. Decoding through a ``cache`` without
+        gradients reads the tables kept in it."""
         if cache is not None and i != j and not torch.is_grad_enabled():
             tables = self._decoding_tables(cache, j)
-            if tables is not None:
-                return self._masked(path, self._grids(tables, i, j), i, j, dtype, device)
-        return self._masked(path, self.pos.biases(i, j), i, j, dtype, device)
+        else:
+            tables = self._tables(j)
+        if tables is None or tables[0] is None:
+            if path == "flex":
+                return [AttnInputs("flex", bias=b) for b in self.pos.biases(i, j)]
+            return self._masked(path, self.pos.biases(i, j), i, j, dtype, device)
+        if path in ("fused", "flex"):
+            return [AttnInputs(path, table=t) for t in tables]
+        return self._masked(path, self._grids(tables, i, j), i, j, dtype, device)
 
     def _decoding_tables(self, cache: KVCache, j: int) -> list[Tensor] | None:
         """The blocks' per-distance tables for at least ``j`` distances, kept in ``cache`` (no
@@ -258,7 +254,8 @@ class GPT(nn.Module):
         if absolute is not None:
             x = x + absolute
         x = self.drop(x)
-        for layer, (block, inputs) in enumerate(zip(self.h, self._layer_inputs(t, j, x.dtype, x.device, cache))):
+        path = self.attention_choice(t, j, x.device, cache).path
+        for layer, (block, inputs) in enumerate(zip(self.h, self._layer_inputs(path, t, j, x.dtype, x.device, cache))):
             x = block(x, self.pos, layer, inputs, cache)
         logits = self.lm_head(self.ln_f(x))
         loss = None
@@ -317,3 +314,24 @@ class GPT(nn.Module):
     def config_dict(self) -> dict:
         """The model config as a plain dict (saved in checkpoints)."""
         return asdict(self.config)
+
+
+def compile_model(model: GPT, mode: str | None = None) -> GPT:
+    """Compile ``model`` in place for training and evaluation (``nn.Module.compile``).
+
+    In place, so ``model.state_dict()`` keeps its keys: checkpoints carry no ``_orig_mod.``
+    prefix (nanoGPT issues #325, #351) and load into an uncompiled model. The fused CPU
+    attention is a registered custom op, so a DPB model compiles with no graph break. Dynamic
+    shapes are left to Dynamo's default (``dynamic=None``): the training block compiles
+    static, and a second length (evaluation at other lengths) recompiles once as dynamic.
+
+    Args:
+        model: the GPT.
+        mode: ``torch.compile`` mode (None: the default; ``max-autotune-no-cudagraphs`` measured
+            no better on the CPU, README Performance).
+
+    Returns:
+        The same ``model``.
+    """
+    model.compile(mode=mode)
+    return model
