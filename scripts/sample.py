@@ -28,11 +28,10 @@ def sample(cfg: DictConfig) -> None:
     if unknown:
         Console(stderr=True, soft_wrap=True).print(f"note: the tokenizer has no token for {', '.join(map(repr, unknown))}: "
                                    "they reach the model as <unk> and print as <unk>")
-    top_k = None if cfg.top_k is None else min(cfg.top_k, model.config.vocab_size)
     generator = torch.Generator().manual_seed(cfg.seed)
     for n in range(cfg.num_samples):
         out = model.generate(torch.tensor([encoding.ids]), cfg.max_new_tokens, temperature=cfg.temperature,
-                             top_k=top_k, generator=generator)
+                             top_k=cfg.top_k, generator=generator)
         print(tokenizer.decode(out[0].tolist(), skip_special_tokens=False))
         if n + 1 < cfg.num_samples:
             print("-" * 40)

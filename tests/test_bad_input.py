@@ -2,34 +2,31 @@
 
 Every case asserts a non-zero exit, a message that names the key or file and the fix (one
 ``error: ...`` line for dynpos's own checks; Hydra's own message for config composition errors,
-which names the group and its options or the key and the ``+key=`` fix), no Python traceback on
-stderr, and nothing written where the command pointed: a fresh ``hydra.run.dir`` stays without
-checkpoints, config or result, and an existing run folder stays byte for byte as it was.
+which names the group and its options or the key and the ``+key=`` fix), no Python traceback,
+and nothing written where the command pointed: a fresh ``hydra.run.dir`` is removed again, and an
+existing run folder stays byte for byte as it was.
 
-The cases share one trained nano checkpoint and run two at a time; all fail before training (one
-case lets a diverging learning rate reach its first step).
+The cases run in this process through the scripts' own ``__main__`` (``runpy``: the same code path
+as the command line, without a new interpreter each); a few run as subprocesses, to check what a
+user sees on a terminal. They share the session's trained nano run (``conftest.trained``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import random
+import runpy
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
-from conftest import CONFIGS, ROOT
+from conftest import ROOT
 
 
 @dataclass(frozen=True)
@@ -45,7 +42,7 @@ class Case:
     args: list[str]
     says: list[str]
     hydra: bool = False
-    data: str = "{corpus}"  # train.py only: data.paths
+    data: str | None = "{corpus}"  # train.py only: data=textfiles data.paths=<it>; None: the default corpus
     run_dir: str = "{out}"  # train.py only: hydra.run.dir
     trains: bool = False  # train.py only: the run starts (and fails at its first step)
 
@@ -53,20 +50,26 @@ class Case:
 T, S, E, R = "train.py", "scripts/sample.py", "scripts/evaluate.py", "scripts/report.py"
 
 CASES = [
-    # --- train.py: wrong types and out-of-range values, refused before any data is read
-    Case("type-n_layer", T, ["model.n_layer=abc"], ["model.n_layer", "positive int", "'abc'"]),
-    Case("type-lr", T, ["optim.lr=abc"], ["optim.lr='abc'", "give a number"]),
-    Case("negative-lr", T, ["optim.lr=-1"], ["optim.lr", ">= 0", "-1"]),
-    Case("zero-batch_size", T, ["batch_size=0"], ["batch_size=0", "whole number >= 1"]),
-    Case("betas", T, ["optim.betas=[0.9]"], ["optim.betas", "two numbers in [0, 1)"]),
+    # --- train.py: wrong types (Hydra's schema) and out-of-range values (the schema's checks), before any data
+    Case("type-n_layer", T, ["model.n_layer=abc"], ["model.n_layer=abc", "could not be converted to Integer"],
+         hydra=True),
+    Case("type-lr", T, ["optim.lr=abc"], ["optim.lr=abc", "could not be converted to Float"], hydra=True),
+    Case("negative-lr", T, ["optim.lr=-1"], ["optim.lr must be > 0", "-1", "1e-3"]),
+    Case("zero-batch_size", T, ["data.batch_size=0"], ["data.batch_size=0", "positive integer"]),
+    Case("betas", T, ["optim.betas=[0.9]"], ["optim.betas=[0.9]", "two numbers in [0, 1)"]),
     Case("heads-divide-width", T, ["model.n_embd=31"], ["model.n_embd=31", "model.n_head=2", "multiple"]),
     Case("eval-lengths-zero", T, ["eval.lengths=[0,64]"], ["eval.lengths=[0, 64]", "positive token counts"]),
     Case("eval-protocol", T, ["eval.lengths=[64]", "eval.protocol=bogus"], ["eval.protocol='bogus'", "nonoverlap"]),
     Case("resume-value", T, ["resume=yes"], ["resume='yes'", "resume=auto"]),
     Case("resume-and-ckpt", T, ["resume=auto", "ckpt_path={ckpt}"], ["resume=auto and ckpt_path=", "one of them"]),
+    Case("resume-auto-without-folder", T, ["resume=auto"], ["resume=auto needs the run folder", "hydra.run.dir="],
+         run_dir=""),
+    Case("pos-typo", T, ["+pos.depthh=3"], ["pos.depthh is not an option of DPB", "depth"]),
+    Case("tokenizer-vocab", T, ["tokenizer.vocab_size=100"], ["tokenizer.vocab_size=100", "tokenizer=bpe only"]),
     # --- train.py: config composition errors (Hydra's own messages)
     Case("unknown-pos", T, ["pos=foo"], ["pos/foo", "Available options in 'pos'", "alibi", "dpb"], hydra=True),
     Case("unknown-key", T, ["optim.lrr=1"], ["optim.lrr", "+optim.lrr=1"], hydra=True),
+    Case("batch_size-at-the-root", T, ["batch_size=4"], ["batch_size", "+batch_size=4"], hydra=True),
     # --- train.py: corpus files
     Case("data-empty-file", T, [], ["data.paths", "empty.txt", "is empty", "fill it"], data="{empty}"),
     Case("data-binary-file", T, [], ["data.paths", "binary.bin", "not valid UTF-8", "encoding_errors=replace"],
@@ -84,9 +87,11 @@ CASES = [
     Case("ckpt-directory", T, ["ckpt_path={run}"], ["ckpt_path=", "is a directory", "checkpoints/last.ckpt"]),
     Case("ckpt-missing", T, ["ckpt_path={missing_ckpt}"], ["ckpt_path=", "no such checkpoint file", "last.ckpt"]),
     Case("ckpt-other-tokenizer", T, ["tokenizer=byte", "ckpt_path={ckpt}"],
-         ["ckpt_path=", "different tokenizer", "tokenizer=byte", "resume with the run's own data and tokenizer"]),
+         ["ckpt_path=", "different tokenizer", "tokenizer.kind", "continue with the tokenizer it was trained with"],
+         data=None),
     Case("ckpt-other-model", T, ["model.n_layer=3", "ckpt_path={ckpt}"],
-         ["ckpt_path=", "different model", "model.n_layer", "its run's config.yaml"]),
+         ["ckpt_path=", "different model", "model.n_layer", ".hydra/config.yaml"], data=None),
+    Case("ckpt-other-corpus", T, ["ckpt_path={ckpt}"], ["ckpt_path=", "different data", "data.name"]),
     # --- train.py: run folders
     Case("run-dir-finished", T, [], ["run folder", "already holds a finished run", "hydra.run.dir"], run_dir="{run}"),
     Case("run-dir-unfinished", T, [], ["holds checkpoints of an unfinished run", "resume=auto"],
@@ -98,23 +103,25 @@ CASES = [
          ["non-finite training loss", "at step", "optim.lr=1e+06", "trainer.precision=32-true", "lower optim.lr"],
          trains=True),
     # --- scripts/sample.py
-    Case("sample-temperature-0", S, ["ckpt={ckpt}", "temperature=0"], ["temperature", "> 0", "1e-3"]),
+    Case("sample-temperature-0", S, ["ckpt={ckpt}", "temperature=0"], ["temperature=0.0", "> 0", "1e-3"]),
     Case("sample-top_k-too-big", S, ["ckpt={ckpt}", "top_k=100000"], ["top_k", "vocab_size", "100000"]),
-    Case("sample-type", S, ["ckpt={ckpt}", "max_new_tokens=abc"], ["max_new_tokens=abc", "whole number"]),
-    Case("sample-top_k-text", S, ["ckpt={ckpt}", "top_k=abc"], ["top_k must be a whole number or null", "top_k=abc"]),
-    Case("sample-num_samples-0", S, ["ckpt={ckpt}", "num_samples=0"], ["num_samples must be >= 1", "num_samples=0"]),
+    Case("sample-type", S, ["ckpt={ckpt}", "max_new_tokens=abc"], ["max_new_tokens=abc", "Integer"], hydra=True),
+    Case("sample-top_k-text", S, ["ckpt={ckpt}", "top_k=abc"], ["top_k=abc", "Integer"], hydra=True),
+    Case("sample-num_samples-0", S, ["ckpt={ckpt}", "num_samples=0"], ["num_samples=0", "whole number >= 1"]),
     Case("sample-no-ckpt", S, ["prompt=hi"], ["ckpt is required", "ckpt=<value>"]),
-    Case("sample-unknown-key", S, ["ckpt={ckpt}", "temprature=1"], ["unknown key 'temprature'", "temperature"]),
+    Case("sample-unknown-key", S, ["ckpt={ckpt}", "temprature=1"], ["temprature", "+temprature=1"], hydra=True),
     Case("sample-ckpt-directory", S, ["ckpt={run}"], ["ckpt=", "is a directory", "checkpoints/last.ckpt"]),
     Case("sample-ckpt-text-file", S, ["ckpt={corpus}"], ["ckpt=", "corpus.txt", "not a readable checkpoint"]),
     Case("sample-pickle-payload", S, ["ckpt={evil}"], ["ckpt=", "evil.ckpt", "refused to load"]),
     # --- scripts/evaluate.py
-    Case("evaluate-lengths-zero", E, ["ckpt={ckpt}", "eval.lengths=[0]"], ["eval.lengths", "positive"]),
+    Case("evaluate-lengths-zero", E, ["ckpt={ckpt}", "eval.lengths=[0]"], ["eval.lengths=[0]", "positive"]),
+    Case("evaluate-attn", E, ["ckpt={ckpt}", "attn=flash"], ["model.attn='flash'", "auto, fused, sdpa"]),
     Case("evaluate-ckpt-truncated", E, ["ckpt={truncated}", "eval.lengths=[16]"],
          ["ckpt=", "truncated.ckpt", "truncated or corrupted"]),
     # --- scripts/report.py
     Case("report-no-results", R, ["{folder}"], ["holds no result.json", "train.py -m"]),
     Case("report-broken-result", R, ["{broken_sweep}"], ["result.json", "not valid JSON", "rerun that job"]),
+    Case("report-a-file", R, ["{corpus}"], ["is a file, not a folder"]),
 ]
 
 
@@ -140,17 +147,15 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    """The inputs of the cases: a trained nano run (finished), an unfinished copy, damaged files."""
-    from dynpos.training.run import train
-
+def paths(tmp_path_factory, trained):
+    """The inputs of the cases: the session's trained nano run (finished), an unfinished copy, damaged files."""
     tmp = tmp_path_factory.mktemp("bad_input")
     p = {"corpus": tmp / "corpus.txt", "empty": tmp / "empty.txt", "binary": tmp / "binary.bin",
          "latin1": tmp / "latin1.txt", "folder": tmp / "folder", "missing": tmp / "nope.txt",
-         "missing_ckpt": tmp / "nope.ckpt", "run": tmp / "run", "unfinished": tmp / "unfinished",
+         "missing_ckpt": tmp / "nope.ckpt", "run": trained[0], "unfinished": tmp / "unfinished",
          "truncated": tmp / "truncated.ckpt", "corrupted": tmp / "corrupted.ckpt", "evil": tmp / "evil.ckpt",
          "plain": tmp / "plain.ckpt", "marker": tmp / "pwned.txt", "broken_sweep": tmp / "sweep",
-         "cache": tmp / "cache", "outs": tmp / "outs"}
+         "outs": tmp / "outs"}
     p["corpus"].write_text(corpus_text(), encoding="utf-8")
     p["empty"].write_bytes(b"")
     rng = random.Random(2)
@@ -158,20 +163,7 @@ def paths(tmp_path_factory):
     p["latin1"].write_bytes("café au lait, naïve façade\n".encode("latin-1") * 100)
     p["folder"].mkdir()
     (p["folder"] / "notes.md").write_text("not a sweep\n")
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose("train", overrides=["model=nano", "trainer=debug", "data=textfiles", f"data.paths={p['corpus']}",
-                                          "callbacks.sample.max_new_tokens=4", "~callbacks.bias_plot"],
-                      return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir, cfg.paths.cache_dir = str(p["run"]), str(p["cache"])
-        del cfg.hydra
-    GlobalHydra.instance().clear()
-    train(cfg)
     p["ckpt"] = p["run"] / "checkpoints" / "best.ckpt"
-
     (p["unfinished"] / "checkpoints").mkdir(parents=True)
     shutil.copy(p["run"] / "checkpoints" / "last.ckpt", p["unfinished"] / "checkpoints" / "last.ckpt")
     data = p["ckpt"].read_bytes()
@@ -184,65 +176,83 @@ def paths(tmp_path_factory):
     return p
 
 
-def command(case: Case, paths: dict) -> tuple[list[str], Path | None]:
-    """The argv of ``case`` and, for train.py with a fresh folder, that folder."""
+def command(case: Case, paths: dict, cache_dir: Path) -> tuple[list[str], Path | None]:
+    """The argv of ``case`` (script first) and, for train.py with a fresh folder, that folder."""
     out = paths["outs"] / case.id
     fill = {**{k: str(v) for k, v in paths.items()}, "out": str(out)}
     args = [a.format(**fill) for a in case.args]
     if case.script == T:
-        args = ["model=nano", "trainer=debug", "data=textfiles", f"data.paths={case.data.format(**fill)}",
-                f"hydra.run.dir={case.run_dir.format(**fill)}", *args]
-    return [sys.executable, case.script, *args], out if case.script == T and case.run_dir == "{out}" else None
+        data = [] if case.data is None else ["data=textfiles", f"data.paths={case.data.format(**fill)}"]
+        run_dir = [f"hydra.run.dir={case.run_dir.format(**fill)}"] if case.run_dir else []
+        args = ["model=nano", "trainer=debug", f"paths.cache_dir={cache_dir}", *data, *run_dir, *args]
+    fresh = case.script == T and case.run_dir == "{out}"
+    return [case.script, *args], out if fresh else None
+
+
+def run_in_process(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """Run a script's ``__main__`` here with ``argv``: ``(exit status, stdout + stderr)``."""
+    GlobalHydra.instance().clear()
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        runpy.run_path(str(ROOT / argv[0]), run_name="__main__")
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        GlobalHydra.instance().clear()
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
 
 
 @pytest.fixture(scope="module")
-def results(paths):
-    """Run every case (two at a time); ``{case id: CompletedProcess or None (script absent)}``."""
-    env = {**os.environ, "DYNPOS_CACHE": str(paths["cache"]), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    env.pop("DYNPOS_DEBUG", None)
-    protected = {name: snapshot(paths[name]) for name in ("run", "unfinished")}
-
-    def run(case: Case):
-        if not (ROOT / case.script).is_file():
-            return None
-        argv, _ = command(case, paths)
-        return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        done = dict(zip([c.id for c in CASES], pool.map(run, CASES)))
-    done["_protected"] = protected
-    return done
+def protected(paths):
+    """Digests of the run folders no case may change, taken before any case runs."""
+    return {name: snapshot(paths[name]) for name in ("run", "unfinished")}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_fails_with_one_clear_line(case, results, paths):
-    proc = results[case.id]
-    if proc is None:
-        print(f"{case.script} is absent: case {case.id} not run")
-        pytest.skip(f"{case.script} is absent")
-    err = proc.stderr
-    assert proc.returncode != 0, f"exit 0\nstdout: {proc.stdout[-1000:]}\nstderr: {err[-2000:]}"
-    assert "Traceback" not in err, err[-3000:]
+def test_bad_input_fails_with_one_clear_line(case, paths, protected, cache_dir, monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.delenv("DYNPOS_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)  # a run folder of a command without hydra.run.dir lands here
+    argv, out = command(case, paths, cache_dir)
+    code, output = run_in_process(argv, monkeypatch, capsys)
+    assert code != 0, output[-2000:]
+    assert "Traceback" not in output, output[-3000:]
     if case.hydra:
-        message = err
+        message = output
     else:
-        lines = [line for line in err.splitlines() if line.startswith("error:")]
-        assert len(lines) == 1, err[-3000:]
+        lines = [line for line in output.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1, output[-3000:]
         message = lines[0]
-        assert proc.returncode == 2
+        assert code == 2
     for fragment in case.says:
         assert fragment.format(**{k: str(v) for k, v in paths.items()}) in message, (fragment, message)
-    _, out = command(case, paths)
     if out is not None and case.trains:  # it started, and left no result
         assert not (out / "result.json").exists()
-    elif out is not None:  # nothing of a run was written into the fresh folder
-        assert not any((out / name).exists() for name in ("checkpoints", "config.yaml", "result.json", "csv"))
+    elif out is not None:  # nothing of the refused run is left
+        assert not out.exists()
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_no_case_touched_existing_runs_or_ran_a_payload(paths, protected):
+    assert not paths["marker"].exists()
+    for name, before in protected.items():
+        assert snapshot(paths[name]) == before, name
+
+
+SMOKE = ["unknown-key", "zero-batch_size", "sample-pickle-payload"]
 
 
 @pytest.mark.slow
-def test_no_case_touched_existing_runs_or_ran_a_payload(results, paths):
-    assert not paths["marker"].exists()
-    for name, before in results["_protected"].items():
-        assert snapshot(paths[name]) == before, name
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in SMOKE], ids=SMOKE)
+def test_what_a_user_sees_on_the_command_line(case, paths, cache_dir, tmp_path):
+    """A few cases as real subprocesses: the exit status and the lines a user reads."""
+    argv, out = command(case, paths, cache_dir)
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "WANDB_MODE": "disabled", "HOME": str(tmp_path)})
+    assert proc.returncode == (1 if case.hydra else 2) and "Traceback" not in proc.stderr
+    assert all(f.format(**{k: str(v) for k, v in paths.items()}) in proc.stderr for f in case.says)
+    if not case.hydra:
+        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+    assert out is None or not out.exists()

@@ -230,8 +230,11 @@ def validate_script(cfg: DictConfig) -> Any:
     """A script's config as its schema's object (``SampleConfig``, ``EvaluateConfig``): the ranges checked.
 
     Raises:
-        ValueError: naming the key and the fix; omegaconf errors for a missing value (``ckpt=???``).
+        ValueError: naming the key and the fix, e.g. a missing ``ckpt``.
     """
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"{missing[0]} is required: pass {missing[0]}=<value>")
     return OmegaConf.to_object(cfg)
 
 

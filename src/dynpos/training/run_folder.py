@@ -157,7 +157,7 @@ class RunFolderGuard(Callback):
 
         def check() -> None:
             given = any(o.split("=", 1)[0] in ("hydra.run.dir", "+hydra.run.dir")
-                        for o in config.hydra.overrides.task)
+                        for o in [*config.hydra.overrides.hydra, *config.hydra.overrides.task])
             if config.get("resume") == "auto" and not given:
                 raise ValueError("resume=auto needs the run folder to continue: add hydra.run.dir=<run folder> "
                                  "(e.g. hydra.run.dir=runs/<date>_<time>_<name>)")
