@@ -4,6 +4,7 @@ and FlexAttention generation that compiles a bounded number of graphs."""
 from __future__ import annotations
 
 import functools
+import logging
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch._dynamo.utils import counters
 
 from dynpos import GPT, GPTConfig
 from dynpos.model import compile_model
+from dynpos.model import attention
 from dynpos.model.attention import flex_available
 from dynpos.model.fused import table_attention
 from dynpos.positional import DPB
@@ -94,12 +96,20 @@ def test_compiled_op_table_gradient_matches_eager():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
-def test_compile_model_keeps_state_dict_keys():
-    """compile_model compiles in place: checkpoints carry no ``_orig_mod.`` prefix (nanoGPT #325)."""
-    m = model(block=32, n_layer=1, n_head=2, n_embd=16)
+def test_compile_model_keeps_state_dict_keys_and_reports_fallbacks(caplog, monkeypatch):
+    """compile_model compiles in place: checkpoints carry no ``_orig_mod.`` prefix (nanoGPT
+    #325); a fallback (dropout on a table scheme) is logged before compiling, since nothing is
+    logged inside a compiled graph, and the compiled forward has no graph break for it."""
+    monkeypatch.setattr(attention, "_reported", set())
+    m = model(block=80, n_layer=1, n_head=2, n_embd=16, dropout=0.1)
     keys = list(m.state_dict())
-    assert compile_model(m) is m
+    with caplog.at_level(logging.WARNING, logger="dynpos.model.attention"):
+        assert compile_model(m) is m
     assert list(m.state_dict()) == keys and not any("_orig_mod" in k for k in keys)
+    assert m.training and len(caplog.records) == 1 and "no dropout" in caplog.records[0].getMessage()
+    x = torch.randint(65, (1, 80))
+    explained = torch._dynamo.explain(m.forward)(x, x)
+    assert explained.graph_break_count == 0, explained.break_reasons
 
 
 @pytest.mark.slow

@@ -59,9 +59,8 @@ class AttnChoice(NamedTuple):
     fallback: bool = False
 
 
-@torch.compiler.disable
 def _report(reason: str) -> None:
-    """Log a fallback once per distinct reason (outside any compiled graph)."""
+    """Log a fallback once per distinct reason."""
     if reason not in _reported:
         _reported.add(reason)
         log.warning("attention fallback: %s", reason)
@@ -93,7 +92,9 @@ def choose_attention(attn: str, *, bias: str, learned: bool, device: torch.devic
         no dropout: training a table with ``dropout > 0`` falls back to ``eager`` (O(n²) memory).
         ``fused`` asked for where it cannot run (no table, a cache, not the CPU) falls back to
         ``sdpa``; ``flex`` without FlexAttention in this torch, to ``sdpa``. Each fallback is
-        logged once per distinct reason (logger ``dynpos.model.attention``, level WARNING).
+        logged once per distinct reason (logger ``dynpos.model.attention``, level WARNING);
+        while Dynamo traces, nothing is logged (a log call would break the graph):
+        :func:`dynpos.model.compile_model` reports the training and evaluation choices first.
 
     Raises:
         ValueError: for an unknown ``attn`` or ``bias``, and for ``flex`` with gradients on
@@ -129,7 +130,7 @@ def choose_attention(attn: str, *, bias: str, learned: bool, device: torch.devic
             choice = AttnChoice("eager", f"auto: learned table at {length} <= {AUTO_EAGER_MAX} positions trains faster on eager")
         else:
             choice = AttnChoice("fused", "asked for" if attn == "fused" else "auto: per-distance table on the CPU")
-    if choice.fallback:
+    if choice.fallback and not torch.compiler.is_compiling():  # compile_model reports before compiling
         _report(choice.reason)
     return choice
 

@@ -319,6 +319,8 @@ class GPT(nn.Module):
 def compile_model(model: GPT, mode: str | None = None) -> GPT:
     """Compile ``model`` in place for training and evaluation (``nn.Module.compile``).
 
+    First asks :meth:`GPT.attention_choice` for the training and the evaluation path at
+    ``block_size``, so that any fallback is logged (nothing is logged while Dynamo traces).
     In place, so ``model.state_dict()`` keeps its keys: checkpoints carry no ``_orig_mod.``
     prefix (nanoGPT issues #325, #351) and load into an uncompiled model. The fused CPU
     attention is a registered custom op, so a DPB model compiles with no graph break. Dynamic
@@ -333,5 +335,12 @@ def compile_model(model: GPT, mode: str | None = None) -> GPT:
     Returns:
         The same ``model``.
     """
+    block, training = model.config.block_size, model.training
+    device = next(model.parameters()).device
+    for train in (True, False):  # report fallbacks now: nothing is logged inside a compiled graph
+        model.train(train)
+        with torch.set_grad_enabled(train):
+            model.attention_choice(block, block, device)
+    model.train(training)
     model.compile(mode=mode)
     return model
