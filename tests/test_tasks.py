@@ -381,3 +381,7 @@ def test_callback_scores_logs_and_writes_at_each_validation(tmp_path):
     assert float(trainer.callback_metrics["lengthgen/token@16"]) == pytest.approx(expected[-1]["token_accuracy"])
     assert (tmp_path / "lengthgen" / "lengthgen.csv").read_text().splitlines()[0].startswith("task,pos,")
     assert (tmp_path / "lengthgen" / "lengthgen.png").stat().st_size > 0
+    callback.rows = None
+    trainer.validate(module, datamodule=dm, verbose=False)  # as the pipeline scores the best checkpoint
+    assert [r["exact_match"] for r in callback.rows] == [r["exact_match"] for r in expected]
+    assert float(trainer.callback_metrics["lengthgen/exact@4"]) == expected[0]["exact_match"]

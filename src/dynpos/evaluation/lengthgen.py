@@ -202,12 +202,14 @@ def evaluate_datamodule(model: nn.Module, datamodule, out_dir: str | Path | None
 
 
 class LengthGenEval(L.Callback):
-    """Score length generalization after each validation during ``fit``.
+    """Score length generalization after each validation (during ``fit`` and in ``trainer.validate``,
+    not in the sanity check).
 
     Needs a datamodule with ``lengthgen_examples()`` (:class:`~dynpos.data.tasks.TaskDataModule`);
     does nothing with any other (so it can sit in the default callbacks). Logs
     ``lengthgen/exact@<n>`` and ``lengthgen/token@<n>`` through the LightningModule (so they reach
-    every logger and ``trainer.callback_metrics``); on global rank 0 it writes
+    every logger and ``trainer.callback_metrics``: ``trainer.validate`` with the best checkpoint
+    after ``fit`` leaves that checkpoint's scores there and in ``rows``); on global rank 0 it writes
     ``<run folder>/lengthgen/lengthgen.csv`` and ``lengthgen.png`` (the latest) and logs the PNG to
     every wandb logger as ``lengthgen``. The model is ``pl_module.model``.
 
@@ -220,10 +222,10 @@ class LengthGenEval(L.Callback):
         self.rows: list[dict] | None = None
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from dynpos.training.callbacks import during_fit, run_dir, wandb_loggers
+        from dynpos.training.callbacks import run_dir, wandb_loggers
 
         datamodule = getattr(trainer, "datamodule", None)
-        if not during_fit(trainer) or not hasattr(datamodule, "lengthgen_examples"):
+        if trainer.sanity_checking or not hasattr(datamodule, "lengthgen_examples"):
             return
         out = run_dir(trainer) / self.folder if trainer.is_global_zero else None
         self.rows = evaluate_datamodule(pl_module.model, datamodule, out)
