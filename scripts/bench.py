@@ -12,8 +12,12 @@ Modes (any combination; the training grid runs unless ``--no-train``):
   rows: ``nope/sdpa`` (the floor), ``learned/sdpa`` (nanoGPT's design) and, when
   ``x_transformers`` imports (the optional ``bench`` extra), ``Decoder(dynamic_pos_bias=True)``
   with the same width, depth, heads, block and batch (``xt-dpb``).
-  ``auto`` is shown with the path it resolves to; a (scheme, path) that resolves to a row already
-  in the grid is measured once. Training memory is not measured (see ``--eval-memory``).
+  ``auto`` is shown with the path it resolves to (``GPT.attention_choice``, i.e.
+  ``choose_attention``); a (scheme, path) that resolves to a row already in the grid is measured
+  once. ``--compile`` adds, for each dynpos row but ``learned``, the model compiled
+  (``compile_model``, label ``/compile``) and compiled with the AdamW step compiled too
+  (``/compile+opt``); then three warm-up rounds are dropped. Training memory is not measured
+  (see ``--eval-memory``).
 * ``--nanogpt``: nanoGPT's CPU settings (batch 12, block 64, 4 layers, 4 heads, n_embd 128,
   dropout 0, no biases), fp32: ms per iteration of DPB on the auto path and of nanoGPT's own
   architecture built in dynpos (``learned/sdpa``), interleaved, and their ratio.
@@ -55,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import interleaved  # noqa: E402
 
 from dynpos import GPT, GPTConfig  # noqa: E402
+from dynpos.model import compile_model  # noqa: E402
 from dynpos.positional import SCHEMES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,9 +98,11 @@ def build(scheme: str, path: str, block: int, sizes: dict, seed: int = 0):
     return model, resolved
 
 
-def train_step(model, x, y, bf16: bool, xt: bool):
-    """Returns a closure running one optimizer step."""
+def train_step(model, x, y, bf16: bool, xt: bool, compile_opt: bool = False):
+    """Returns a closure running one optimizer step (``compile_opt``: the AdamW step compiled,
+    as PyTorch's compiled-optimizer recipe does)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    opt_step = torch.compile(opt.step, fullgraph=False) if compile_opt else opt.step
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -107,7 +114,7 @@ def train_step(model, x, y, bf16: bool, xt: bool):
                 _, loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        opt_step()
 
     return step
 
@@ -127,27 +134,33 @@ def training_grid(args, sizes: dict) -> list[dict]:
     for extra in args.extra:
         scheme, path, prec, block = extra.split(":")
         specs.append((scheme, path, prec, int(block)))
+    modes = ["eager"] + (["compile", "compile+opt"] if args.compile else [])
     for block in sorted({s[3] for s in specs}):
         runs, meta, seen = {}, {}, set()
         g = torch.Generator().manual_seed(1)
         x = torch.randint(VOCAB, (args.batch, block), generator=g)
         y = torch.randint(VOCAB, (args.batch, block), generator=g)
         for scheme, path, prec, b in specs:
-            if b != block:
-                continue
-            model, resolved = build(scheme, path, block, sizes)
-            key = (scheme, resolved, prec)
-            if key in seen:
-                continue
-            seen.add(key)
-            label = f"{scheme}/{path}" + (f"->{resolved}" if path == "auto" else "") + f"/{prec}"
-            runs[label] = train_step(model.train(), x, y, prec == "bf16", scheme == "xt-dpb")
-            meta[label] = dict(scheme=scheme, path=path, resolved=resolved, precision=prec, block=block,
-                               batch=args.batch, params=sum(p.numel() for p in model.parameters()))
+            for mode in modes:
+                if b != block or (mode != "eager" and scheme in ("xt-dpb", "learned")):
+                    continue
+                model, resolved = build(scheme, path, block, sizes)
+                key = (scheme, resolved, prec, mode)
+                if key in seen:
+                    continue
+                seen.add(key)
+                label = (f"{scheme}/{path}" + (f"->{resolved}" if path == "auto" else "") + f"/{prec}"
+                         + ("" if mode == "eager" else f"/{mode}"))
+                if mode != "eager":
+                    compile_model(model)
+                runs[label] = train_step(model.train(), x, y, prec == "bf16", scheme == "xt-dpb",
+                                         compile_opt=mode == "compile+opt")
+                meta[label] = dict(scheme=scheme, path=path, resolved=resolved, precision=prec, block=block,
+                                   batch=args.batch, params=sum(p.numel() for p in model.parameters()), mode=mode)
         start_load = load()
         print(f"[train] block {block}: {len(runs)} configs x ({args.reps} reps + 1 warm-up), "
               f"load {start_load:.2f}", flush=True)
-        times = interleaved(runs, args.reps)
+        times = interleaved(runs, args.reps, warmup=3 if args.compile else 1)  # compiles, recompiles
         floor = statistics.median(times.get("nope/sdpa/32", [float("nan")]))
         for label, ts in times.items():
             med = statistics.median(ts)
@@ -158,9 +171,9 @@ def training_grid(args, sizes: dict) -> list[dict]:
 
 
 def print_training(rows: list[dict]) -> None:
-    print(f"\n{'block':>5} {'config':<28} {'step ms':>9} {'min ms':>9} {'tok/s':>8} {'x nope-sdpa':>11}")
+    print(f"\n{'block':>5} {'config':<40} {'step ms':>9} {'min ms':>9} {'tok/s':>8} {'x nope-sdpa':>11}")
     for r in rows:
-        print(f"{r['block']:>5} {r['label']:<28} {r['step_ms']:>9.1f} {r['min_ms']:>9.1f} "
+        print(f"{r['block']:>5} {r['label']:<40} {r['step_ms']:>9.1f} {r['min_ms']:>9.1f} "
               f"{r['tokens_per_s']:>8.0f} {r['x_floor']:>11.2f}")
 
 
@@ -289,6 +302,8 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", default=["auto", "sdpa"])
     parser.add_argument("--precision", nargs="+", default=["32"], choices=["32", "bf16"])
     parser.add_argument("--extra", nargs="*", default=[], help="extra rows scheme:path:precision:block")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each dynpos row compiled (compile_model) and compiled with the AdamW step compiled")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-train", action="store_true", help="skip the training grid")
