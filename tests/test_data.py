@@ -44,7 +44,8 @@ def textfile(tmp_path):
 
 def make_dm(tmp_path, textfile, **kw) -> TextDataModule:
     args = dict(
-        corpus={"name": "textfiles", "paths": str(textfile)},
+        name="textfiles",
+        paths=str(textfile),
         tokenizer={"kind": "char"},
         block_size=16,
         batch_size=4,
@@ -328,14 +329,15 @@ def test_hub_offline_gives_one_line_error(monkeypatch):
     msg = str(err.value)
     assert "\n" not in msg and "corpus 'wikitext2'" in msg and "ConnectionError" in msg
     assert "data=shakespeare" in msg and "data=textfiles" in msg
-    assert isinstance(err.value, RuntimeError)
+    assert isinstance(err.value, ConnectionError)  # a user error: train.py prints it as one line
 
 
 def test_datamodule_over_streamed_corpus(monkeypatch, tmp_path):
     docs = Dataset.from_dict({"text": [f"document number {i} says hello" for i in range(40)]}).to_iterable_dataset()
     monkeypatch.setattr(corpora, "load_dataset", FakeHub(IterableDatasetDict({"train": docs})))
     dm = TextDataModule(
-        corpus={"name": "openwebtext", "held_out_docs": 5},
+        name="openwebtext",
+        held_out_docs=5,
         tokenizer={"kind": "byte"},
         block_size=8,
         batch_size=2,
@@ -425,7 +427,7 @@ def test_datamodule_tokens_and_bytes_per_token(tmp_path, textfile):
     assert dm.vocab_size == len(set(TEXT[: int(n * 0.9)])) + 1
     assert dm.tokens["train"].dtype == np.uint16
     assert dm.tokenizer.decode(dm.tokens["train"].tolist()) == TEXT[: int(n * 0.9)]
-    assert dm.tokenizer.decode(dm.tokens["validation"].tolist()) == TEXT[int(n * 0.9) :]
+    assert dm.tokenizer.decode(dm.tokens["validation"].tolist()) == TEXT[int(n * 0.9) : int(n * 0.95)]
     assert dm.bytes_per_token == {"train": 1.0, "validation": 1.0, "test": 1.0}  # ASCII, one char per token
 
 
@@ -461,12 +463,10 @@ def test_cache_is_reused_on_second_setup(tmp_path, textfile, monkeypatch):
     second.setup()  # idempotent
 
 
-def test_tokenizer_path_overrides_building(tmp_path, textfile):
+def test_a_given_tokenizer_overrides_building(tmp_path, textfile):
     dm = make_dm(tmp_path, textfile)
     dm.setup()
-    path = tmp_path / "run" / "tokenizer.json"
-    save_tokenizer(dm.tokenizer, path)
-    other = make_dm(tmp_path, textfile, tokenizer={"kind": "bpe"}, tokenizer_path=str(path))
+    other = make_dm(tmp_path, textfile, tokenizer={"kind": "bpe"}, tokenizer_json=dm.tokenizer.to_str())
     other.setup()
     assert other.fingerprint == dm.fingerprint and other.vocab_size == dm.vocab_size
 
@@ -554,28 +554,30 @@ def test_block_size_too_large(tmp_path, textfile):
     dm = make_dm(tmp_path, textfile, block_size=1000)
     with pytest.raises(ValueError) as err:
         dm.setup()
-    n_val = len(TEXT) - int(len(TEXT) * 0.9)
+    n_val = int(len(TEXT) * 0.95) - int(len(TEXT) * 0.9)
     msg = str(err.value)
     assert f"data.block_size=1000 exceeds the {n_val} tokens of the validation split of corpus 'textfiles'" in msg
     assert "lower model.block_size or use a larger corpus" in msg
 
 
 def test_datamodule_config_errors(tmp_path, textfile):
-    with pytest.raises(ValueError, match=r"tokenizer\.kind='words'"):
-        make_dm(tmp_path, textfile, tokenizer={"kind": "words"})
-    with pytest.raises(ValueError, match=r"tokenizer\.size is not a tokenizer option"):
-        make_dm(tmp_path, textfile, tokenizer={"kind": "bpe", "size": 3})
-    with pytest.raises(ValueError, match=r"block_size=0: give a positive integer"):
+    with pytest.raises(ValueError, match=r"model\.block_size=0: give a positive integer"):
         make_dm(tmp_path, textfile, block_size=0)
-    with pytest.raises(ValueError, match=r"data\.paths: no file matches|data\.paths is required"):
-        make_dm(tmp_path, textfile, corpus={"name": "textfiles"}).setup()
+    with pytest.raises(ValueError, match=r"data\.batch_size=-1: give a positive integer"):
+        make_dm(tmp_path, textfile, batch_size=-1)
+    with pytest.raises(ValueError, match=r"data\.val_windows=0"):
+        make_dm(tmp_path, textfile, val_windows=0)
+    with pytest.raises(ValueError, match=r"data\.paths"):  # checked at construction, before any data is read
+        make_dm(tmp_path, textfile, paths=None)
+    with pytest.raises(ValueError, match=r"data\.vocab is not an option of corpus 'textfiles'"):
+        make_dm(tmp_path, textfile, vocab=3)
 
 
 def test_state_dict_carries_the_tokenizer(tmp_path, textfile):
     dm = make_dm(tmp_path, textfile)
     dm.setup()
     state = dm.state_dict()
-    dm.load_state_dict(state)
+    assert set(state) == {"tokenizer"}  # the data config lives once, in the module's hyperparameters
     restored = checkpoint_tokenizer({"TextDataModule": state})
     assert tokenizer_fingerprint(restored) == dm.fingerprint
 
@@ -654,12 +656,17 @@ def test_data_and_tokenizer_configs_are_valid():
     from omegaconf import OmegaConf
 
     data = {f[:-5]: OmegaConf.load(os.path.join(CONFIGS, "data", f)) for f in os.listdir(os.path.join(CONFIGS, "data"))}
+    data = {name: cfg for name, cfg in data.items() if cfg._target_ == "dynpos.data.TextDataModule"}
     assert set(data) == set(corpora.CORPORA)
     for name, cfg in data.items():
         plain = OmegaConf.to_container(cfg)
+        assert plain.pop("_target_") == "dynpos.data.TextDataModule" and plain.pop("tokenizer") == "${tokenizer}"
+        assert plain.pop("batch_size") == 16 and plain.pop("val_windows") == 64
         assert plain.pop("name") == name
-        corpora._check(name, plain)  # every key is an option of the corpus
-    assert OmegaConf.to_container(data["textfiles"]) == {
+        corpora._check(name, plain)  # every other key is an option of the corpus
+    textfiles = OmegaConf.to_container(data["textfiles"])
+    assert {k: textfiles[k] for k in ("name", "paths", "train", "validation", "test", "val_fraction",
+                                      "test_fraction", "encoding_errors")} == {
         "name": "textfiles",
         "paths": None,
         "train": None,
@@ -683,11 +690,13 @@ def test_data_and_tokenizer_configs_are_valid():
 def test_datamodule_takes_hydra_configs(tmp_path, textfile):
     from omegaconf import OmegaConf
 
+    from hydra.utils import instantiate
+
     data = OmegaConf.load(os.path.join(CONFIGS, "data", "textfiles.yaml"))
-    with pytest.raises(ValueError, match=r"data\.paths is required"):
-        TextDataModule(corpus=data, tokenizer={"kind": "char"}, cache_dir=str(tmp_path)).setup()
+    data.tokenizer = OmegaConf.load(os.path.join(CONFIGS, "tokenizer", "byte.yaml"))
+    with pytest.raises(Exception, match=r"data\.paths"):
+        instantiate(data, cache_dir=str(tmp_path))
     data.paths = [str(textfile)]
-    tok = OmegaConf.load(os.path.join(CONFIGS, "tokenizer", "byte.yaml"))
-    dm = TextDataModule(corpus=data, tokenizer=tok, block_size=16, batch_size=2, cache_dir=str(tmp_path))
+    dm = instantiate(data, block_size=16, cache_dir=str(tmp_path))
     dm.setup()
     assert dm.vocab_size == 256 and dm.corpus["paths"] == [str(textfile)]

@@ -166,30 +166,16 @@ def test_run_extrapolation_writes_csv_and_png_for_both_protocols(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def nano_checkpoint(tmp_path_factory):
+def nano_checkpoint(tmp_path_factory, cache_dir):
     """A few steps of the real train() with the nano preset, evaluated after training at 1x and 2x."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
+    from conftest import compose_cfg
     from dynpos.training.run import train
 
-    tmp = tmp_path_factory.mktemp("nano")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose("train", overrides=["model=nano", "trainer=debug", "trainer.max_steps=4",
-                                          "trainer.val_check_interval=2", "batch_size=8", "val_windows=4",
-                                          "callbacks.sample.max_new_tokens=8", "eval.lengths=[32,64]",
-                                          "eval.max_tokens=512"], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp / "run")
-        cfg.paths.cache_dir = str(tmp / "cache")
-        del cfg.hydra
-    train(cfg)
-    GlobalHydra.instance().clear()
-    return tmp / "run", tmp / "cache"
+    out = tmp_path_factory.mktemp("nano") / "run"
+    train(compose_cfg("model=nano", "trainer=debug", "trainer.max_steps=4", "trainer.val_check_interval=2",
+                      "data.batch_size=8", "data.val_windows=4", "callbacks.sample.max_new_tokens=8",
+                      "eval.lengths=[32,64]", "eval.max_tokens=512", output_dir=out, cache_dir=cache_dir))
+    return out, cache_dir
 
 
 def test_train_writes_the_extrapolation_rows_into_result_json(nano_checkpoint):

@@ -4,6 +4,7 @@ run per run folder, continued on resume."""
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
@@ -24,12 +25,10 @@ def run_id(save_dir: str | os.PathLike) -> str:
     """The wandb run id of a run folder: read from ``<save_dir>/wandb_id``, or made and written
     there the first time, so a resumed run (``resume=auto``) logs into the same wandb run instead
     of a second one (the failure of lightning-hydra-template issue #128)."""
-    from wandb.util import generate_id
-
     path = Path(save_dir) / "wandb_id"
     if path.is_file():
         return path.read_text().strip()
-    new = generate_id()
+    new = uuid.uuid4().hex[:8]  # wandb run ids are short strings of letters and digits
     write_text(path, new)
     return new
 
