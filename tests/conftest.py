@@ -2,6 +2,8 @@
 short real training run that several test files read."""
 
 import os
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,22 @@ def compose_cfg(*overrides: str, output_dir: Path, cache_dir: Path):
     return cfg
 
 
+def run_main(monkeypatch, capsys, script: str, *args: str) -> tuple[int, str, str]:
+    """Run ``script`` (a path from the repository root) as ``__main__`` in this process with ``args``,
+    the same code path as the command line without a new interpreter: ``(exit status, stdout, stderr)``."""
+    GlobalHydra.instance().clear()
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        GlobalHydra.instance().clear()
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """One token cache for the session: each corpus is tokenized once."""
@@ -53,12 +71,12 @@ def make_cfg(tmp_path, cache_dir):
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, cache_dir):
-    """One short real run on Shakespeare with the nano model (80 steps), shared by the tests that read
+    """One short real run on Shakespeare with the nano model (60 steps), shared by the tests that read
     a finished run: ``(run folder, metrics)``."""
     from dynpos.training.run import train
 
     out = tmp_path_factory.mktemp("trained") / "run"
-    cfg = compose_cfg("model=nano", "trainer=debug", "trainer.max_steps=80", "trainer.val_check_interval=40",
-                      "optim.lr=3e-3", "optim.warmup_steps=10", "data.batch_size=16",
+    cfg = compose_cfg("model=nano", "trainer=debug", "trainer.max_steps=60", "trainer.val_check_interval=30",
+                      "optim.lr=5e-3", "optim.warmup_steps=10", "data.batch_size=16", "data.val_windows=16",
                       "callbacks.sample.max_new_tokens=40", output_dir=out, cache_dir=cache_dir)
     return out, train(cfg)

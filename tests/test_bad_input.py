@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import runpy
 import shutil
 import subprocess
 import sys
@@ -24,9 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
-
-from conftest import ROOT
+from conftest import ROOT, run_main
 
 
 @dataclass(frozen=True)
@@ -189,21 +186,6 @@ def command(case: Case, paths: dict, cache_dir: Path) -> tuple[list[str], Path |
     return [case.script, *args], out if fresh else None
 
 
-def run_in_process(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    """Run a script's ``__main__`` here with ``argv``: ``(exit status, stdout + stderr)``."""
-    GlobalHydra.instance().clear()
-    monkeypatch.setattr(sys, "argv", argv)
-    try:
-        runpy.run_path(str(ROOT / argv[0]), run_name="__main__")
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        GlobalHydra.instance().clear()
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
-
-
 @pytest.fixture(scope="module")
 def protected(paths):
     """Digests of the run folders no case may change, taken before any case runs."""
@@ -216,7 +198,8 @@ def test_bad_input_fails_with_one_clear_line(case, paths, protected, cache_dir, 
     monkeypatch.delenv("DYNPOS_DEBUG", raising=False)
     monkeypatch.chdir(tmp_path)  # a run folder of a command without hydra.run.dir lands here
     argv, out = command(case, paths, cache_dir)
-    code, output = run_in_process(argv, monkeypatch, capsys)
+    code, out_text, err_text = run_main(monkeypatch, capsys, *argv)
+    output = out_text + err_text
     assert code != 0, output[-2000:]
     assert "Traceback" not in output, output[-3000:]
     if case.hydra:

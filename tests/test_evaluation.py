@@ -3,10 +3,6 @@
 
 import json
 import math
-import os
-import runpy
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,28 +15,9 @@ from dynpos.evaluation.extrapolate import evaluate_lengths, run_extrapolation, w
 from dynpos.evaluation.report import compare, length_changes, load_sweep, pairs, summarize, write_report
 from dynpos.positional import DPB, ALiBi, Learned, NoPE
 
-from conftest import CONFIGS, ROOT
+from conftest import CONFIGS, ROOT, run_main
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def run_script(args, tmp_path):
-    """Run a script from the repository root with caches in tmp_path; return the CompletedProcess."""
-    env = {**os.environ, "DYNPOS_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-
-
-def run_in_process(monkeypatch, capsys, script, *args):
-    """Run a script as ``__main__`` in this process (faster than a subprocess; the same code path):
-    ``(exit status, stdout, stderr)``."""
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    try:
-        runpy.run_path(str(ROOT / script), run_name="__main__")
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def scored_targets(plan, length):
@@ -185,23 +162,24 @@ def test_train_writes_the_extrapolation_rows_into_result_json(nano_checkpoint):
     assert (run / "eval" / "extrapolation.csv").is_file()
 
 
-def test_evaluate_script_end_to_end_on_a_nano_checkpoint(nano_checkpoint, tmp_path):
+def test_evaluate_script_end_to_end_on_a_nano_checkpoint(nano_checkpoint, tmp_path, monkeypatch, capsys):
     run, cache = nano_checkpoint
     out = tmp_path / "eval"
-    proc = run_script(["scripts/evaluate.py", f"ckpt={run / 'checkpoints' / 'best.ckpt'}", "eval.lengths=[32,128]",
-                       "eval.protocol=both", "eval.stride=16", "eval.max_tokens=1024", f"out={out}"], cache.parent)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code, stdout, stderr = run_main(monkeypatch, capsys, "scripts/evaluate.py",
+                                    f"ckpt={run / 'checkpoints' / 'best.ckpt'}", "eval.lengths=[32,128]",
+                                    "eval.protocol=both", "eval.stride=16", "eval.max_tokens=1024", f"out={out}")
+    assert code == 0, stderr[-2000:]
     rows = json.loads((out / "extrapolation.json").read_text())["rows"]
     assert [(r["protocol"], r["length"], r["stride"]) for r in rows] == [
         ("nonoverlap", 32, None), ("nonoverlap", 128, None), ("sliding", 32, 16), ("sliding", 128, 16)]
     assert all(r["loss"] > 0 and r["tokens"] > 0 and r["bpb"] > 0 for r in rows)
     assert (out / "extrapolation.csv").is_file() and (out / "extrapolation.png").read_bytes()[:8] == PNG
-    assert "trained at 32 tokens" in proc.stdout and "sliding" in proc.stdout
+    assert "trained at 32 tokens" in stdout and "sliding" in stdout
 
 
 def test_evaluate_script_bad_lengths_are_one_line(nano_checkpoint, tmp_path, monkeypatch, capsys):
     run, _ = nano_checkpoint
-    code, out, err = run_in_process(monkeypatch, capsys, "scripts/evaluate.py",
+    code, out, err = run_main(monkeypatch, capsys, "scripts/evaluate.py",
                                     f"ckpt={run / 'checkpoints' / 'best.ckpt'}", "eval.lengths=[0]",
                                     f"out={tmp_path / 'eval'}")
     assert code == 2 and "Traceback" not in err
@@ -409,13 +387,13 @@ def test_a_file_instead_of_a_sweep_folder_names_the_fix():
 
 def test_report_script_prints_and_writes_and_leaves_no_hydra_files(sweep, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_in_process(monkeypatch, capsys, "scripts/report.py", str(sweep), "baseline=alibi")
+    code, out, err = run_main(monkeypatch, capsys, "scripts/report.py", str(sweep), "baseline=alibi")
     assert code == 0, err
     assert "| alibi | 3 | 900 |" in out and "## Differences from alibi" in out
     assert err == f"written: {sweep / 'report.md'}, {sweep / 'report.png'}\n"
     assert [p.name for p in tmp_path.iterdir()] == ["multirun"]  # no outputs/, .hydra/ or log
     assert sorted(p.name for p in sweep.iterdir() if not p.is_dir()) == ["report.md", "report.png"]
-    code, out, _ = run_in_process(monkeypatch, capsys, "scripts/report.py", "--help")
+    code, out, _ = run_main(monkeypatch, capsys, "scripts/report.py", "--help")
     assert code == 0 and "python scripts/report.py multirun/<date>_<time> baseline=alibi" in out and "sweep: ???" in out
 
 
@@ -423,8 +401,8 @@ def test_report_script_prints_and_writes_and_leaves_no_hydra_files(sweep, tmp_pa
 def test_report_script_on_a_folder_without_results_is_one_line(tmp_path, monkeypatch, capsys, make):
     folder = tmp_path / "README.md"  # an empty folder, a missing one, a file
     make(folder)
-    code, _, err = run_in_process(monkeypatch, capsys, "scripts/report.py", str(folder))
+    code, _, err = run_main(monkeypatch, capsys, "scripts/report.py", str(folder))
     assert code == 2 and "Traceback" not in err and err.count("\n") == 1
     assert err.startswith("error: ") and str(folder) in err and "train.py -m" in err
-    code, _, err = run_in_process(monkeypatch, capsys, "scripts/report.py")
+    code, _, err = run_main(monkeypatch, capsys, "scripts/report.py")
     assert code == 2 and err.startswith("error: sweep is required: python scripts/report.py <multirun dir>")
