@@ -63,6 +63,8 @@ CASES = [
          run_dir=""),
     Case("pos-typo", T, ["+pos.depthh=3"], ["pos.depthh is not an option of DPB", "depth"]),
     Case("tokenizer-vocab", T, ["tokenizer.vocab_size=100"], ["tokenizer.vocab_size=100", "tokenizer=bpe only"]),
+    Case("gpu-without-gpu", T, ["trainer=gpu"], ["trainer.accelerator=gpu", "needs a CUDA GPU", "trainer=cpu"]),
+    Case("fsdp-without-gpu", T, ["trainer=fsdp"], ["trainer=fsdp", "needs a CUDA GPU", "trainer=cpu"]),
     # --- train.py: config composition errors (Hydra's own messages)
     Case("unknown-pos", T, ["pos=foo"], ["pos/foo", "Available options in 'pos'", "alibi", "dpb"], hydra=True),
     Case("unknown-key", T, ["optim.lrr=1"], ["optim.lrr", "+optim.lrr=1"], hydra=True),

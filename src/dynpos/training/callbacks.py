@@ -8,7 +8,10 @@ on global rank 0.
 from __future__ import annotations
 
 import csv
+import datetime
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -49,11 +52,44 @@ def wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
 
 
 class ProgressBar(RichProgressBar):
-    """Lightning's Rich progress bar, labelled ``train`` instead of ``Epoch 0/-2``: dynpos trains one
-    long epoch bounded by ``trainer.max_steps`` (``max_epochs`` is -1), so the epoch count says nothing."""
+    """Lightning's Rich progress bar on a terminal; progress lines when the output goes to a pipe or file.
+
+    The bar reads ``train`` instead of ``Epoch 0/-2``: dynpos trains one long epoch bounded by
+    ``trainer.max_steps`` (``max_epochs`` is -1), so the epoch count says nothing. Rich draws a bar
+    only on a terminal (into a file it prints once, at the end), so when stdout is not a terminal
+    a line ``step 250/1000 | train/loss 1.8312 | 5,321 tokens/s | ETA 0:02:21`` is printed every
+    ``line_every`` steps and at the last step.
+
+    Args:
+        line_every: steps between progress lines when stdout is not a terminal.
+    """
+
+    def __init__(self, line_every: int = 50, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.line_every = line_every
+        self._start: tuple[float, int] | None = None
 
     def _get_train_description(self, current_epoch: int) -> str:
         return "train"
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._start = (time.monotonic(), trainer.global_step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step = trainer.global_step
+        if sys.stdout.isatty() or not trainer.is_global_zero or self._start is None:
+            return
+        if step % self.line_every and step != trainer.max_steps:
+            return
+        elapsed, done = time.monotonic() - self._start[0], step - self._start[1]
+        rate = done / elapsed if elapsed > 0 else 0.0
+        tokens = rate * batch_tokens(batch) * trainer.accumulate_grad_batches * trainer.world_size
+        loss = trainer.callback_metrics.get("train/loss")
+        left = (trainer.max_steps - step) / rate if rate > 0 and trainer.max_steps > 0 else 0
+        print(f"step {step}/{trainer.max_steps}" + (f" | train/loss {float(loss):.4f}" if loss is not None else "")
+              + f" | {tokens:,.0f} tokens/s | ETA {datetime.timedelta(seconds=round(left))}", flush=True)
 
 
 class ValidateAtEnd(L.Callback):

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
@@ -38,10 +39,22 @@ def instantiate_group(group: DictConfig | None) -> list:
     return [instantiate(entry) for entry in (group or {}).values() if entry is not None]
 
 
+# Lightning notices that do not apply to dynpos, each with the reason it does not:
+QUIET = (
+    ".*IterableDataset. has .__len__. defined.*",  # StepStream splits its steps among workers itself
+    ".*isinstance.treespec, LeafSpec.*",  # a deprecation inside Lightning's own code
+    ".*litlogger.*",  # an advertisement
+    # on resume: RunRecord writes the earlier steps back, so the CSV log is continued, not lost
+    ".*Previous log files in this directory will be deleted.*",
+    # under DDP: val/test come from SumMetric states summed across ranks; train/tokens and train/lr
+    # are the same number on every rank; train/loss is logged with sync_dist
+    ".*It is recommended to use .self.log.*sync_dist=True.*",
+)
+
+
 def quiet_known_warnings() -> None:
-    """Silence Lightning notices that do not apply to dynpos's step-indexed training stream."""
-    for pattern in (".*IterableDataset. has .__len__. defined.*", ".*isinstance.treespec, LeafSpec.*",
-                    ".*litlogger.*"):
+    """Silence the Lightning notices of :data:`QUIET` (each says why it does not apply)."""
+    for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
 
 
@@ -72,6 +85,10 @@ def train(cfg: DictConfig) -> dict:
     """
     quiet_known_warnings()
     validate(cfg)
+    if cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():
+        raise ValueError(f"trainer.accelerator=gpu (trainer={cfg.trainer.get('strategy') or 'gpu'}) needs a CUDA GPU "
+                         "and none is visible: "
+                         "use trainer=cpu (or trainer=ddp for several CPU processes)")
     start: RunStart = open_run(cfg)
     out = start.out
     if cfg.get("resume") == "auto" and start.resume is None:
