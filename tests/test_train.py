@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import shlex
+import signal
 import subprocess
 import sys
 
@@ -103,9 +105,33 @@ def test_train_py_runs_end_to_end_on_the_nano_preset(tmp_path):
     (out,) = (tmp_path / "runs").glob("*_dpb-nano-shakespeare")
     assert "val/loss" in proc.stdout and (out / "result.json").is_file()
     assert "parameters" in proc.stdout and "Epoch 0/-2" not in proc.stdout
+    assert any(line.startswith("step 6/6 | train/loss ") for line in proc.stdout.splitlines())  # a pipe gets lines
     # the printed paths are whole lines (not wrapped at 80 columns), ready to copy
     assert f"checkpoint: {out.resolve() / 'checkpoints' / 'best.ckpt'}" in proc.stdout.splitlines()
     assert f"result: {out.resolve() / 'result.json'}" in proc.stdout.splitlines()
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_how_to_continue_and_the_command_does(tmp_path):
+    env = {**os.environ, "DYNPOS_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    args = [str(ROOT / "train.py"), "model=nano", "trainer=debug", "trainer.max_steps=400",
+            "trainer.val_check_interval=5", "callbacks.progress_bar.line_every=1", f"hydra.run.dir={out}"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait for a checkpoint (step 5), then press Ctrl-C
+        if line.startswith("step 7/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    stdout = proc.stdout.read()
+    proc.wait(timeout=120)
+    assert proc.returncode == 1 and not (out / "result.json").exists()
+    command = stdout.split("continue with:\n")[1].splitlines()[0]
+    assert command.endswith(f"resume=auto hydra.run.dir={out}") and "trainer.max_steps=400" in command
+    again = subprocess.run([sys.executable, *shlex.split(command)[1:], "trainer.max_steps=10"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from" in again.stdout and (out / "result.json").is_file()
 
 
 @pytest.mark.slow

@@ -67,7 +67,7 @@ def build_datamodule(cfg: DictConfig, **overrides) -> L.LightningDataModule:
 def continue_command(out: Path) -> str:
     """The command that continues an interrupted run in ``out``: this command plus ``resume=auto``."""
     args = [a for a in sys.argv[1:] if a.split("=", 1)[0] not in ("resume", "hydra.run.dir", "ckpt_path")]
-    return shlex.join(["python", Path(sys.argv[0]).name, *args, "resume=auto", f"hydra.run.dir={out}"])
+    return shlex.join(["python", sys.argv[0], *args, "resume=auto", f"hydra.run.dir={out}"])
 
 
 def train(cfg: DictConfig) -> dict:
@@ -113,10 +113,13 @@ def train(cfg: DictConfig) -> dict:
                                      logger=loggers or False)
     if start.resume:
         console.print(f"[bold]resuming[/] from {start.resume} at step {start.resume_step}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=start.resume, weights_only=True)
-    if trainer.interrupted:
-        console.print(f"[bold]interrupted[/] at step {trainer.global_step}; continue with:\n{continue_command(out)}")
-        raise SystemExit(1)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=start.resume, weights_only=True)
+    except SystemExit:  # Lightning's graceful Ctrl-C ends with exit status 1
+        if trainer.interrupted and trainer.is_global_zero:
+            console.print(f"[bold]interrupted[/] at step {trainer.global_step}; the last checkpoint is "
+                          f"{out / 'checkpoints' / 'last.ckpt'}; continue with:\n{continue_command(out)}")
+        raise
 
     checkpointer = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
     best = checkpointer.best_model_path if checkpointer and checkpointer.best_model_path else None
