@@ -158,9 +158,10 @@ def training_grid(args, sizes: dict) -> list[dict]:
                 meta[label] = dict(scheme=scheme, path=path, resolved=resolved, precision=prec, block=block,
                                    batch=args.batch, params=sum(p.numel() for p in model.parameters()), mode=mode)
         start_load = load()
-        print(f"[train] block {block}: {len(runs)} configs x ({args.reps} reps + 1 warm-up), "
+        warmup = 3 if args.compile else 1  # compiling: the first calls compile and recompile
+        print(f"[train] block {block}: {len(runs)} configs x ({args.reps} reps + {warmup} warm-up), "
               f"load {start_load:.2f}", flush=True)
-        times = interleaved(runs, args.reps, warmup=3 if args.compile else 1)  # compiles, recompiles
+        times = interleaved(runs, args.reps, warmup=warmup)
         floor = statistics.median(times.get("nope/sdpa/32", [float("nan")]))
         for label, ts in times.items():
             med = statistics.median(ts)
