@@ -14,6 +14,7 @@ from dynpos.model.attention import choose_attention
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_grid_and_nanogpt_rows(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--presets", "micro", "--blocks", "32", "96",
