@@ -112,6 +112,22 @@ def test_train_py_runs_end_to_end_on_the_nano_preset(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_compiled_run_writes_plain_checkpoints_that_sample_evaluate_and_resume(make_cfg, tmp_path, monkeypatch,
+                                                                                capsys):
+    out = tmp_path / "compiled"
+    train(make_cfg(*TINY, "model.compile=true", "trainer.max_steps=4", output_dir=out))
+    ckpt = out / "checkpoints" / "last.ckpt"
+    assert not any("_orig_mod" in k for k in torch.load(ckpt, weights_only=True, mmap=True)["state_dict"])
+    code, stdout, stderr = run_main(monkeypatch, capsys, "scripts/sample.py", f"ckpt={ckpt}", "max_new_tokens=5")
+    assert code == 0, stderr
+    code, _, stderr = run_main(monkeypatch, capsys, "scripts/evaluate.py", f"ckpt={ckpt}", "eval.lengths=[32]")
+    assert code == 0, stderr
+    metrics = train(make_cfg(*TINY, "trainer.max_steps=6", f"ckpt_path={ckpt}",  # model.compile may change
+                             output_dir=tmp_path / "continued"))
+    assert math.isfinite(metrics["val/loss"])
+
+
+@pytest.mark.slow
 def test_ctrl_c_says_how_to_continue_and_the_command_does(tmp_path):
     env = {**os.environ, "DYNPOS_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "run"

@@ -16,7 +16,7 @@ from torchmetrics import SumMetric
 
 from dynpos.config import build_pos
 from dynpos.data.datamodule import step_seed
-from dynpos.model.gpt import GPT, GPTConfig
+from dynpos.model.gpt import GPT, GPTConfig, compile_model
 
 
 def lr_lambda(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
@@ -64,7 +64,7 @@ class LitGPT(L.LightningModule):
         model = {**config["model"], "vocab_size": config["model"].get("vocab_size") or vocab_size}
         self.model = GPT(GPTConfig(**model), pos=build_pos(config["pos"]))
         if self.model.config.compile:
-            self.model.compile()  # in place: the state dict keeps its keys (no ``_orig_mod.``)
+            compile_model(self.model)  # in place: the state dict keeps its keys (no ``_orig_mod.``)
         self.optim = config["optim"]
         self.bytes_per_token = bytes_per_token or {}
         self.seed = config["seed"]
