@@ -70,7 +70,8 @@ class EvalConfig:
     Attributes:
         lengths: evaluation lengths in tokens; None = none. protocol: ``nonoverlap``, ``sliding``
         or ``both`` (ALiBi paper, section 4). stride: sliding step (None = length // 2).
-        split: the split scored. max_tokens: targets scored per length. batch_size: windows per batch.
+        split: the split scored. max_tokens: targets scored per length (None = the whole split).
+        batch_size: windows per batch.
 
     Raises:
         ValueError: naming the ``eval.<key>`` and the fix.
@@ -80,7 +81,7 @@ class EvalConfig:
     protocol: str = "nonoverlap"
     stride: int | None = None
     split: str = "validation"
-    max_tokens: int = 32768
+    max_tokens: int | None = None
     batch_size: int = 8
 
     def __post_init__(self) -> None:
@@ -95,7 +96,8 @@ class EvalConfig:
                     window_plan(0, length, name, self.stride)  # checks the stride against each length
         if self.split not in SPLITS:
             raise ValueError(f"eval.split={self.split!r}: choose one of {', '.join(SPLITS)}")
-        _whole("eval.max_tokens", self.max_tokens, 1)
+        if self.max_tokens is not None:
+            _whole("eval.max_tokens", self.max_tokens, 1)
         _whole("eval.batch_size", self.batch_size, 1)
 
 

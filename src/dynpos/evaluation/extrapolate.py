@@ -81,7 +81,7 @@ def windowed_loss(model: GPT, tokens: Tensor, plan: list[tuple[int, int]], lengt
 
 
 def evaluate_lengths(model: GPT, tokens: np.ndarray | Tensor, lengths: list[int], *, protocol: str = "nonoverlap",
-                     stride: int | None = None, max_tokens: int = 32768, batch_size: int = 8,
+                     stride: int | None = None, max_tokens: int | None = None, batch_size: int = 8,
                      bytes_per_token: float | None = None) -> list[dict]:
     """Loss (nats/token), perplexity and bits per byte at each evaluation length.
 
@@ -90,7 +90,9 @@ def evaluate_lengths(model: GPT, tokens: np.ndarray | Tensor, lengths: list[int]
         tokens: the split's token ids ``(n,)``.
         lengths: evaluation lengths in tokens.
         protocol: ``nonoverlap`` or ``sliding``; stride: the sliding step (default ``length // 2``).
-        max_tokens: targets scored per length (the same span of text for every length).
+        max_tokens: targets scored per length (the same span of text for every length); None = the
+            whole split, so at the training length the score equals training's validation with
+            ``data.val_windows=null``.
         bytes_per_token: UTF-8 bytes per token of the split, for bits per byte.
 
     Returns:
@@ -103,7 +105,7 @@ def evaluate_lengths(model: GPT, tokens: np.ndarray | Tensor, lengths: list[int]
             the longest length.
     """
     model.eval()
-    tokens = torch.as_tensor(np.asarray(tokens[: max_tokens + 1]).astype(np.int64))
+    tokens = torch.as_tensor(np.asarray(tokens if max_tokens is None else tokens[: max_tokens + 1]).astype(np.int64))
     n_targets = len(tokens) - 1
     limit = model.pos.max_length
     rows = []
@@ -139,7 +141,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def run_extrapolation(model: GPT, tokens: np.ndarray, bytes_per_token: float | None, out_dir: Path, *,
                       lengths: list[int], protocol: str = "nonoverlap", stride: int | None = None,
-                      max_tokens: int = 32768, batch_size: int = 8, **_: object) -> list[dict]:
+                      max_tokens: int | None = None, batch_size: int = 8, **_: object) -> list[dict]:
     """Evaluate at each length with one protocol or ``both``; write ``extrapolation.csv`` and
     ``extrapolation.png`` (loss against length) into ``out_dir``; return the rows.
 
