@@ -247,3 +247,30 @@ def test_evaluation_loss_is_token_weighted_over_an_uneven_last_batch():
             targets += (y != -1).sum().item()
     exact = (module.eval_nats.compute() / module.eval_targets.compute()).item()
     assert targets == 3 * 8 + 8 - 6 and exact == pytest.approx(nats / targets, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluate_at_the_training_length_equals_training_validation(trained):
+    """The same checkpoint, split and windows give the same number through train.py's validation
+    (Lightning, token-weighted sums) and scripts/evaluate.py's path (evaluate_lengths), to the last
+    printed digit: whole split, non-overlapping windows of block_size."""
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from dynpos.evaluation.extrapolate import evaluate_lengths
+    from dynpos.training.run import build_datamodule
+
+    out, _ = trained
+    model, tokenizer, hp = load_model(out / "checkpoints" / "best.ckpt")
+    datamodule = build_datamodule(OmegaConf.create(hp["config"]), tokenizer_json=tokenizer.to_str(),
+                                  val_windows=None, eval_batch_size=64)
+    datamodule.setup("validate")
+    module = LitGPT(hp["config"], vocab_size=hp["vocab_size"], bytes_per_token=datamodule.bytes_per_token)
+    module.model.load_state_dict(model.state_dict())
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    validated = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    block = model.config.block_size
+    (row,) = evaluate_lengths(model, datamodule.tokens["validation"], [block], batch_size=64,
+                              bytes_per_token=datamodule.bytes_per_token["validation"])
+    assert row["tokens"] == (len(datamodule.tokens["validation"]) - 1) // block * block
+    assert f"{validated['val/loss']:.4f}" == f"{row['loss']:.4f}" and f"{validated['val/bpb']:.4f}" == f"{row['bpb']:.4f}"
