@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from dynpos.atomic import atomic_path
+from dynpos.evaluation.plots import plot_lengths, save_figure
 from dynpos.model.gpt import GPT
 
 PROTOCOLS = ("nonoverlap", "sliding")
@@ -147,8 +148,6 @@ def run_extrapolation(model: GPT, tokens: np.ndarray, bytes_per_token: float | N
 
     Keyword arguments are the ``eval`` config keys (``split`` is chosen by the caller).
     """
-    from dynpos.evaluation.plots import plot_lengths, save_figure
-
     protocols = PROTOCOLS if protocol == "both" else (protocol,)
     rows: list[dict] = []
     curves = {}

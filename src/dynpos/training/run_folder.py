@@ -28,10 +28,13 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from dynpos.training.checkpoint import CheckpointError, load_checkpoint
+from dynpos.training.cli import guard
 
 PACKAGES = ("dynpos", "torch", "lightning", "torchmetrics", "hydra-core", "omegaconf", "datasets", "tokenizers",
             "numpy", "pandas", "wandb")
@@ -149,10 +152,6 @@ class RunFolderGuard(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from hydra.core.hydra_config import HydraConfig
-
-        from dynpos.training.cli import guard
-
         HydraConfig.instance().set_config(config)  # so ${hydra:...} in the default run dir resolves this early
 
         def check() -> None:
@@ -188,7 +187,6 @@ def package_versions() -> dict[str, Any]:
             packages[name] = version(name)
         except PackageNotFoundError:
             packages[name] = None
-    import torch
 
     source = Path(__file__).resolve().parents[1]  # src/dynpos
     commit = _git(["rev-parse", "HEAD"], source)
