@@ -49,4 +49,8 @@ def wandb_logger(**kwargs) -> WandbLogger:
             f"wandb: no API key, logging offline under {kwargs.get('save_dir', '.')}/wandb; "
             "upload later with `wandb sync <that folder>/offline-run-*`"
         )
-    return WandbLogger(offline=offline, id=run_id(kwargs.get("save_dir", ".")), resume="allow", **kwargs)
+    logger = WandbLogger(offline=offline, id=run_id(kwargs.get("save_dir", ".")), resume="allow", **kwargs)
+    # Lightning passes anonymous=None to wandb.init, and wandb >= 0.19 warns that the setting "has no
+    # effect" whenever the key is present: dynpos never sets it, so the key goes.
+    logger._wandb_init.pop("anonymous", None)
+    return logger
