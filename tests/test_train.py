@@ -201,7 +201,9 @@ def test_wandb_run_id_lives_in_the_run_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     first = run_id(tmp_path)
     assert (tmp_path / "wandb_id").read_text() == first and run_id(tmp_path) == first and len(first) == 8
-    assert wandb_logger(project="dynpos", save_dir=str(tmp_path)).version == first  # a resumed run reuses it
+    logger = wandb_logger(project="dynpos", save_dir=str(tmp_path))
+    assert logger.version == first  # a resumed run reuses it
+    assert "anonymous" not in logger._wandb_init  # wandb warns that the setting has no effect whenever it is passed
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
