@@ -385,3 +385,39 @@ def test_callback_scores_logs_and_writes_at_each_validation(tmp_path):
     trainer.validate(module, datamodule=dm, verbose=False)  # as the pipeline scores the best checkpoint
     assert [r["exact_match"] for r in callback.rows] == [r["exact_match"] for r in expected]
     assert float(trainer.callback_metrics["lengthgen/exact@4"]) == expected[0]["exact_match"]
+
+
+@pytest.mark.slow  # two real Trainer runs
+def test_resumed_run_sees_the_same_batches(tmp_path):
+    import lightning as L
+
+    class Recorder(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(batch[0].clone())
+            return self.w ** 2
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class SaveAt(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 2 and not (tmp_path / "step2.ckpt").exists():
+                trainer.save_checkpoint(tmp_path / "step2.ckpt")
+
+    def trainer(callbacks=()):
+        return L.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         default_root_dir=tmp_path, callbacks=list(callbacks))
+
+    full = Recorder()
+    trainer([SaveAt()]).fit(full, datamodule=make("addition", batch_size=4))
+    batches = make("addition", batch_size=4).train_batches()
+    assert len(full.seen) == 5 and all(torch.equal(x, batches[i][0]) for i, x in enumerate(full.seen))
+    resumed = Recorder()
+    trainer().fit(resumed, datamodule=make("addition", batch_size=4), ckpt_path=tmp_path / "step2.ckpt")
+    assert len(resumed.seen) == 3 and all(torch.equal(a, b) for a, b in zip(full.seen[2:], resumed.seen))
