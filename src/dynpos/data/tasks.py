@@ -322,7 +322,7 @@ class TaskDataModule(L.LightningDataModule):
             another task, or an example longer than ``block_size``.
     """
 
-    def __init__(self, task: str, min_length: int = 1, max_length: int = 16, eval_lengths: Sequence[int] | None = None,
+    def __init__(self, task: str, min_length: int = 1, max_length: int = 8, eval_lengths: Sequence[int] | None = None,
                  alphabet: int | None = None, lsd_first: bool = False, passkey_digits: int | None = None,
                  train_examples: int | None = None, batch_size: int = 64, eval_examples: int = 64,
                  val_examples: int = 256, eval_batch_size: int | None = None, eval_seed: int = 1234,
