@@ -11,9 +11,10 @@ the scheme's or datamodule's constructor (:func:`build_pos` refuses unknown ``po
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -217,12 +218,41 @@ def register() -> None:
     store.store(name="evaluate_schema", node=EvaluateConfig)
 
 
+# Keys that moved in the one-schema rework: named in the error, with their new place.
+MOVED = {"batch_size": "data.batch_size", "val_windows": "data.val_windows"}
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Refuse keys outside the schema that Hydra let in (``+optim.lrr=1`` adds a key Hydra's own
+    check would have refused without the ``+``): a typo must not be silently ignored.
+
+    Raises:
+        ValueError: naming the key, the closest known key and where a moved key went.
+    """
+    for group, schema in (("", TrainConfig), ("model", GPTConfig), ("optim", OptimConfig), ("eval", EvalConfig),
+                          ("tokenizer", TokenizerConfig)):
+        known = [f.name for f in fields(schema)]
+        for key in cfg[group] if group else cfg:
+            if key in known:
+                continue
+            full = f"{group}.{key}" if group else str(key)
+            if full in MOVED:
+                raise ValueError(f"{full} moved to {MOVED[full]}: pass {MOVED[full]}=<value>")
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {group + '.' if group else ''}{close[0]}? " if close else ""
+            raise ValueError(f"{full} is not a config key: {hint}(the keys of {group or 'the root'}: "
+                             f"{', '.join(known)})")
+
+
 def validate(cfg: DictConfig) -> TrainConfig:
-    """The range checks of every typed group (their ``__post_init__``), and ``pos``'s keys.
+    """Every key known (:func:`check_keys`), ``trainer.max_steps``, the range checks of every typed
+    group (their ``__post_init__``), and ``pos``'s keys.
 
     Raises:
         ValueError: naming the key and the fix; omegaconf errors for a missing value (``???``).
     """
+    check_keys(cfg)
+    _whole("trainer.max_steps", OmegaConf.select(cfg, "trainer.max_steps", throw_on_resolution_failure=False), 1)
     typed = OmegaConf.to_object(cfg)
     build_pos(cfg.pos)
     return typed

@@ -279,7 +279,8 @@ class GPT(nn.Module):
 
         Once the context reaches ``block_size`` tokens, each step recomputes the last
         ``block_size`` tokens without the cache (as nanoGPT does), so the model never sees a
-        longer context than it was trained on.
+        longer context than it was trained on. Runs ``forward`` directly, so a model compiled in
+        place (``model.compile=true``) decodes eagerly instead of recompiling for every cache length.
 
         Returns:
             ``(B, t + max_new_tokens)`` token ids.
@@ -296,7 +297,7 @@ class GPT(nn.Module):
             raise ValueError(f"top_k must be in 1..{self.config.vocab_size} (vocab_size), got {top_k}")
         block = self.config.block_size
         cache = KVCache(self.config.n_layer)
-        logits, _ = self(idx[:, -block:], cache=cache)
+        logits, _ = self.forward(idx[:, -block:], cache=cache)  # forward: eager even when compiled
         for _ in range(max_new_tokens):
             logits = logits[:, -1, :] / temperature
             if top_k is not None:
@@ -306,9 +307,9 @@ class GPT(nn.Module):
             nxt = torch.multinomial(probs, num_samples=1, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)
             if cache.length < block:
-                logits, _ = self(nxt, cache=cache)
+                logits, _ = self.forward(nxt, cache=cache)
             else:
-                logits, _ = self(idx[:, -block:])
+                logits, _ = self.forward(idx[:, -block:])
         return idx
 
     def config_dict(self) -> dict:

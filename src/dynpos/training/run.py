@@ -11,6 +11,7 @@ rank 0 writes files.
 
 from __future__ import annotations
 
+import logging
 import shlex
 import sys
 import warnings
@@ -29,7 +30,7 @@ from dynpos.evaluation.extrapolate import run_extrapolation
 from dynpos.training.callbacks import BiasPlot, RunRecord, TextSample, ValidateAtEnd
 from dynpos.training.cli import guard
 from dynpos.training.module import LitGPT
-from dynpos.training.run_folder import RunStart, open_run, package_versions, remove_if_empty
+from dynpos.training.run_folder import RunStart, last_checkpoint, open_run, package_versions, remove_if_empty
 
 console = Console(stderr=False, highlight=False, soft_wrap=True)  # paths stay whole for copy-paste
 
@@ -49,6 +50,11 @@ QUIET = (
     # under DDP: val/test come from SumMetric states summed across ranks; train/tokens and train/lr
     # are the same number on every rank; train/loss is logged with sync_dist
     ".*It is recommended to use .self.log.*sync_dist=True.*",
+    # continuing from another run's checkpoint: its best score belongs to the old folder, and every
+    # run ends with a validation (ValidateAtEnd), so the new folder gets its own best checkpoint
+    ".*The dirpath has changed from.*",
+    # resume=auto continues the run folder's own checkpoints on purpose
+    ".*Checkpoint directory .* exists and is not empty.*",
 )
 
 
@@ -56,6 +62,8 @@ def quiet_known_warnings() -> None:
     """Silence the Lightning notices of :data:`QUIET` (each says why it does not apply)."""
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
+    # an advertisement Lightning logs (not warns) whenever no LitLogger is attached
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
 
 
 def build_datamodule(cfg: DictConfig, **overrides) -> L.LightningDataModule:
@@ -68,6 +76,15 @@ def continue_command(out: Path) -> str:
     """The command that continues an interrupted run in ``out``: this command plus ``resume=auto``."""
     args = [a for a in sys.argv[1:] if a.split("=", 1)[0] not in ("resume", "hydra.run.dir", "ckpt_path")]
     return shlex.join(["python", sys.argv[0], *args, "resume=auto", f"hydra.run.dir={out}"])
+
+
+def saved_progress(out: Path) -> str:
+    """What an interrupted run keeps: the step its ``last.ckpt`` holds, or that there is none yet."""
+    last = last_checkpoint(out)
+    if not last.is_file():
+        return "no checkpoint was written yet (the first comes with the first validation), so it starts over"
+    step = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+    return f"{last} holds step {step}, where it continues"
 
 
 def train(cfg: DictConfig) -> dict:
@@ -117,8 +134,8 @@ def train(cfg: DictConfig) -> dict:
         trainer.fit(module, datamodule=datamodule, ckpt_path=start.resume, weights_only=True)
     except SystemExit:  # Lightning's graceful Ctrl-C ends with exit status 1
         if trainer.interrupted and trainer.is_global_zero:
-            console.print(f"[bold]interrupted[/] at step {trainer.global_step}; the last checkpoint is "
-                          f"{out / 'checkpoints' / 'last.ckpt'}; continue with:\n{continue_command(out)}")
+            console.print(f"[bold]interrupted[/] at step {trainer.global_step}; {saved_progress(out)}; "
+                          f"continue with:\n{continue_command(out)}")
         raise
 
     checkpointer = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
