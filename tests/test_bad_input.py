@@ -198,7 +198,14 @@ def protected(paths):
     return {name: snapshot(paths[name]) for name in ("run", "unfinished")}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+# One case of each kind runs in the fast tier; the whole table runs in the full suite (CI).
+FAST = {"type-n_layer", "negative-lr", "zero-batch_size", "plus-typo", "pos-typo", "unknown-key", "data-empty-file",
+        "ckpt-truncated", "ckpt-other-model", "run-dir-finished", "resume-auto-without-folder", "gpu-without-gpu",
+        "diverging-lr", "sample-no-ckpt", "evaluate-attn", "report-a-file"}
+
+
+@pytest.mark.parametrize("case", [c if c.id in FAST else pytest.param(c, marks=pytest.mark.slow) for c in CASES],
+                         ids=[c.id for c in CASES])
 def test_bad_input_fails_with_one_clear_line(case, paths, protected, cache_dir, monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     monkeypatch.delenv("DYNPOS_DEBUG", raising=False)

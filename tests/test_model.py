@@ -135,6 +135,7 @@ def test_attention_choice_reads_the_scheme():
         assert dpb.attention_choice(8, 8, "cpu").path == "fused"
 
 
+@pytest.mark.slow
 def test_flex_agrees_with_eager_forward():
     if not flex_available():
         pytest.skip("this torch has no torch.nn.attention.flex_attention")
@@ -236,6 +237,7 @@ def test_config_errors(sizes, fragment):
         GPTConfig(**{"vocab_size": 10, "block_size": 8, **sizes})
 
 
+@pytest.mark.slow
 def test_overfits_one_batch_of_real_text_and_trains_every_dpb_parameter():
     chars = sorted(set(SONNET_18))
     data = torch.tensor([chars.index(c) for c in SONNET_18])
