@@ -406,3 +406,23 @@ def test_report_script_on_a_folder_without_results_is_one_line(tmp_path, monkeyp
     assert err.startswith("error: ") and str(folder) in err and "train.py -m" in err
     code, _, err = run_main(monkeypatch, capsys, "scripts/report.py")
     assert code == 2 and err.startswith("error: sweep is required: python scripts/report.py <multirun dir>")
+
+
+def test_report_ranks_length_generalization_by_mean_reciprocal_rank(tmp_path):
+    """Two tasks, two schemes, one seed each: a wins copy past length 8 (0.5 against 0.0) and b wins
+    sort (0.25 against 0.0), so each has ranks 1 and 2: MRR (1 + 1/2) / 2 = 0.75 for both."""
+    scores = {("copy", "a"): 0.5, ("copy", "b"): 0.0, ("sort", "a"): 0.0, ("sort", "b"): 0.25}
+    for i, ((task, pos), beyond) in enumerate(scores.items()):
+        run = tmp_path / f"{i}_{pos}-micro-{task}_seed0"
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(f"- data={task}\n- pos={pos}\n- seed=0\n")
+        (run / "result.json").write_text(json.dumps({"metrics": {"val/loss": 1.0, "test/loss": 1.0},
+                                                     "config": {"seed": 0, "model": {"block_size": 128}}}))
+        (run / "lengthgen").mkdir()
+        (run / "lengthgen" / "lengthgen.csv").write_text(
+            "task,pos,train_max_length,length,n_tokens,examples,exact_match,token_accuracy,status\n"
+            f"{task},{pos},8,8,18,64,1.0,1.0,ok\n{task},{pos},8,16,34,64,{beyond},{beyond},ok\n")
+    markdown, _, _ = write_report(tmp_path)
+    assert "| copy | a | 1 | 1.00 ± 0.00 | 0.50 ± 0.00 |" in markdown
+    assert "copy: a 1, b 2; sort: b 1, a 2. Mean reciprocal rank: a 0.75, b 0.75." in markdown
+    assert (tmp_path / "lengthgen_copy.png").read_bytes()[:8] == PNG and (tmp_path / "lengthgen_sort.png").is_file()

@@ -34,6 +34,8 @@ import pandas as pd
 import yaml
 
 from dynpos.atomic import write_text
+from dynpos.evaluation.lengthgen import METRICS, plot_accuracy, rank_schemes
+from dynpos.evaluation.lengthgen import summarize as summarize_lengthgen
 from dynpos.evaluation.plots import plot_lengths, plt, save_figure
 
 # Config keys that differ between the runs of any sweep without changing what is compared.
@@ -440,9 +442,51 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None,
     compare(summarize(long), baseline)  # a bad baseline fails before anything is drawn or written
     fig = plot_report(runs, long)
     png = folder / "report.png" if fig is not None else None
-    markdown = render_markdown(root, runs, long, baseline, png.name if png else None)
+    markdown = render_markdown(root, runs, long, baseline, png.name if png else None) + lengthgen_markdown(root, folder)
     if png:
         folder.mkdir(parents=True, exist_ok=True)
         save_figure(fig, png)
     write_text(md, markdown)
     return markdown, md, png
+
+
+def lengthgen_markdown(root: Path, folder: Path) -> str:
+    """The length-generalization section of a sweep (``experiment=lengthgen``; empty for text
+    sweeps): exact match and per-token accuracy, mean ± std over seeds per task, scheme and length,
+    then each scheme's rank per task and its mean reciprocal rank across tasks, scored past the
+    training length (Kazemnejad et al. 2023). Reads every run's ``lengthgen/lengthgen.csv``; writes
+    ``lengthgen_<task>.png`` (exact match against length, one line per scheme) into ``folder``.
+    """
+    rows = [{**r, "length": int(r["length"]), "train_max_length": int(r["train_max_length"])}
+            for path in sorted(root.rglob("lengthgen/lengthgen.csv"))
+            for r in pd.read_csv(path, keep_default_na=False).to_dict("records")]
+    if not rows:
+        return ""
+    limits = {r["task"]: r["train_max_length"] for r in rows}
+    lines = ["", "## Length generalization", ""]
+    for metric in METRICS:
+        summary = summarize_lengthgen(rows, metric)
+        lengths = sorted({r["length"] for r in summary})
+        cells = {(r["task"], r["pos"], r["length"]): r for r in summary}
+        lines += [f"{metric.replace('_', ' ')}, mean ± std over seeds (training lengths up to "
+                  f"{', '.join(f'{t} {n}' for t, n in limits.items())}):", "",
+                  "| task | pos | runs | " + " | ".join(f"@{n}" for n in lengths) + " |",
+                  "|---|---|--:|" + "--:|" * len(lengths)]
+        for task, pos in dict.fromkeys((r["task"], r["pos"]) for r in summary):
+            row = [cells.get((task, pos, n)) for n in lengths]
+            runs = next(c["runs"] for c in row if c)
+            lines.append(f"| {task} | {pos} | {runs} | " + " | ".join(
+                "" if c is None else "n/a" if c[metric] is None else f"{c[metric]:.2f} ± {c[f'{metric}_std']:.2f}"
+                for c in row) + " |")
+        ranks, mrr = rank_schemes(summary, limits, metric)
+        for task in (limits if metric == "exact_match" else ()):
+            curves = {pos: [r for r in summary if r["task"] == task and r["pos"] == pos]
+                      for pos in dict.fromkeys(r["pos"] for r in summary if r["task"] == task)}
+            save_figure(plot_accuracy(curves, limits[task], title=f"{task}: exact match against length"),
+                        folder / f"lengthgen_{task}.png")
+            lines.append(f"![{task}: exact match against length](lengthgen_{task}.png)\n")
+        lines += ["", f"Rank by mean {metric.replace('_', ' ')} past the training length: " + "; ".join(
+            f"{task}: " + ", ".join(f"{pos} {r}" for pos, r in sorted(per.items(), key=lambda kv: kv[1]))
+            for task, per in ranks.items()) + ". Mean reciprocal rank: " + ", ".join(
+            f"{pos} {value:.2f}" for pos, value in sorted(mrr.items(), key=lambda kv: -kv[1])) + ".", ""]
+    return "\n".join(lines)

@@ -27,6 +27,7 @@ from rich.console import Console
 from dynpos.atomic import write_json
 from dynpos.config import validate
 from dynpos.evaluation.extrapolate import run_extrapolation
+from dynpos.evaluation.lengthgen import LengthGenEval
 from dynpos.training.callbacks import BiasPlot, RunRecord, TextSample, ValidateAtEnd
 from dynpos.training.cli import guard
 from dynpos.training.module import LitGPT
@@ -112,6 +113,9 @@ def train(cfg: DictConfig) -> dict:
         console.print(f"resume=auto: no checkpoint in {out / 'checkpoints'} yet, starting a new run")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
+    if cfg.eval.lengths and not hasattr(datamodule, "tokens"):
+        raise ValueError(f"eval.lengths scores text at longer lengths; data={datamodule.__class__.__name__} is a task "
+                         "scored by its own eval_lengths: drop eval.lengths (eval.lengths=null)")
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
     out.mkdir(parents=True, exist_ok=True)
@@ -151,6 +155,7 @@ def train(cfg: DictConfig) -> dict:
             module.model, datamodule.tokens[split], datamodule.bytes_per_token.get(split), out / "eval",
             **OmegaConf.to_container(cfg.eval, resolve=True),
         )
+    lengthgen = next((c.rows for c in callbacks if isinstance(c, LengthGenEval)), None)
     sample = next((c.last for c in callbacks if isinstance(c, TextSample)), None)
     plot = next((c.path for c in callbacks if isinstance(c, BiasPlot)), None)
     result = {
@@ -161,6 +166,7 @@ def train(cfg: DictConfig) -> dict:
         "last_checkpoint": checkpointer.last_model_path if checkpointer else None,
         "bias_plot": str(plot) if plot else None,
         "extrapolation": result_rows,
+        "lengthgen": lengthgen,
         "config": config,
         "versions": versions,
     }
@@ -180,6 +186,11 @@ def print_result(result: dict, sample: str | None, out: Path) -> None:
         console.print("[bold]loss against evaluation length[/]: " + ", ".join(
             f"{r['length']} ({r['protocol']}) {r['loss']:.4f}" for r in result["extrapolation"] if r["loss"] is not None))
         console.print(f"[bold]extrapolation[/]: {out / 'eval' / 'extrapolation.csv'}, {out / 'eval' / 'extrapolation.png'}")
+    if result["lengthgen"]:
+        console.print("[bold]exact match by length[/]: " + ", ".join(
+            f"{r['length']} {'n/a' if r['exact_match'] is None else format(r['exact_match'], '.2f')}"
+            for r in result["lengthgen"]))
+        console.print(f"[bold]length generalization[/]: {out / 'lengthgen'}")
     if sample:
         console.print(f"[bold]sample[/]:\n{sample}")
     console.print(f"[bold]checkpoint[/]: {result['best_checkpoint'] or result['last_checkpoint']}")
