@@ -66,7 +66,7 @@ CASES = [
     Case("plus-moved-key", T, ["+batch_size=4"], ["batch_size moved to data.batch_size", "data.batch_size=<value>"]),
     Case("max_steps-negative", T, ["trainer.max_steps=-5"], ["trainer.max_steps=-5", "whole number >= 1"]),
     Case("max_steps-text", T, ["trainer.max_steps=abc"], ["trainer.max_steps='abc'", "whole number >= 1"]),
-    Case("eval-lengths-on-a-task", T, ["data=copy", "eval.lengths=[32]"], ["eval.lengths", "eval.lengths=null"],
+    Case("eval-lengths-on-a-task", T, ["data=copy", "model.block_size=128", "eval.lengths=[32]"], ["eval.lengths", "eval.lengths=null"],
          data=None),
     Case("tokenizer-vocab", T, ["tokenizer.vocab_size=100"], ["tokenizer.vocab_size=100", "tokenizer=bpe only"]),
     Case("gpu-without-gpu", T, ["trainer=gpu"], ["trainer.accelerator=gpu", "needs a CUDA GPU", "trainer=cpu"]),
