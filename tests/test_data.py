@@ -393,7 +393,7 @@ def test_fingerprint_save_load(tmp_path):
     loaded = load_tokenizer(tmp_path / "run" / "tokenizer.json")
     assert tokenizer_fingerprint(loaded) == tokenizer_fingerprint(a)
     assert loaded.encode(TEXT).ids == a.encode(TEXT).ids
-    with pytest.raises(FileNotFoundError, match="tokenizer_path: no tokenizer file"):
+    with pytest.raises(FileNotFoundError, match="no tokenizer file at"):
         load_tokenizer(tmp_path / "missing.json")
 
 

@@ -146,18 +146,18 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Read a tokenizer saved by ``save_tokenizer`` (any ``tokenizer.json``).
 
     Raises:
-        FileNotFoundError: no file at ``path`` (names ``data.tokenizer_path``).
+        FileNotFoundError: no file at ``path``.
         ValueError: the file is not a tokenizer JSON.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"data.tokenizer_path: no tokenizer file at {path!r}: point it at a run's tokenizer.json"
+            f"no tokenizer file at {path!r}: point it at a run's tokenizer.json"
         )
     try:
         return Tokenizer.from_file(path)
     except Exception as e:
-        raise ValueError(f"data.tokenizer_path: {path!r} is not a tokenizer.json ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path!r} is not a tokenizer.json ({type(e).__name__}: {e})") from None
 
 
 def tokenizer_fingerprint(tok: Tokenizer) -> str:
