@@ -110,13 +110,16 @@ class TextSample(L.Callback):
     in the run folder and log it to wandb as a table row.
 
     Args:
-        prompt: the text to continue (encoded with the datamodule's tokenizer).
+        prompt: the text to continue (encoded with the datamodule's tokenizer); None = the first
+            ``prompt_tokens`` tokens of the corpus's validation split, so every corpus is prompted
+            with its own text.
+        prompt_tokens: the length of that default prompt.
         max_new_tokens: tokens to generate; temperature, top_k: sampling settings.
     """
 
-    def __init__(self, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
+    def __init__(self, prompt: str | None = None, prompt_tokens: int = 16, max_new_tokens: int = 200, temperature: float = 0.8,
                  top_k: int | None = 20, seed: int = 0) -> None:
-        self.prompt, self.max_new_tokens = prompt, max_new_tokens
+        self.prompt, self.prompt_tokens, self.max_new_tokens = prompt, prompt_tokens, max_new_tokens
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
         self.last: str | None = None
 
@@ -124,8 +127,11 @@ class TextSample(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not during_fit(trainer):
             return
-        tokenizer = trainer.datamodule.tokenizer
-        ids = tokenizer.encode(self.prompt).ids or [0]
+        tokenizer, tokens = trainer.datamodule.tokenizer, getattr(trainer.datamodule, "tokens", {})
+        if self.prompt is None and "validation" in tokens:
+            ids = [int(t) for t in tokens["validation"][: self.prompt_tokens]]
+        else:
+            ids = tokenizer.encode(self.prompt or "\n").ids or [0]
         model = pl_module.model
         was_training = model.training
         model.eval()
