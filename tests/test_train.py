@@ -278,3 +278,11 @@ def test_evaluate_at_the_training_length_equals_training_validation(trained):
                               bytes_per_token=datamodule.bytes_per_token["validation"])
     assert row["tokens"] == (len(datamodule.tokens["validation"]) - 1) // block * block
     assert f"{validated['val/loss']:.4f}" == f"{row['loss']:.4f}" and f"{validated['val/bpb']:.4f}" == f"{row['bpb']:.4f}"
+
+
+def test_import_dynpos_lets_idle_openmp_threads_sleep_unless_the_user_chose(tmp_path):
+    code = "import os, dynpos; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout == "PASSIVE\n"
+    env["OMP_WAIT_POLICY"] = "active"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout == "active\n"
