@@ -31,7 +31,9 @@ from torch import Tensor, nn
 
 from dynpos.data.tasks import Example
 from dynpos.evaluation.extrapolate import write_csv
+from dynpos.evaluation.plots import plot_lengths, save_figure
 from dynpos.model.attention import KVCache
+from dynpos.training.callbacks import run_dir, wandb_loggers
 
 METRICS = ("exact_match", "token_accuracy")
 
@@ -164,8 +166,6 @@ def plot_accuracy(curves: dict[str, Sequence[dict]], train_length: int | None = 
 
     Returns a matplotlib ``Figure`` (``dynpos.evaluation.plots.plot_lengths`` with accuracy axes).
     """
-    from dynpos.evaluation.plots import plot_lengths
-
     fig = plot_lengths({k: list(v) for k, v in curves.items()}, train_length, metric=metric, title=title)
     ax = fig.axes[0]
     ax.set_xlabel("length (task units)")
@@ -181,8 +181,6 @@ def write_outputs(rows: Sequence[dict], out_dir: str | Path, label: str, train_l
     Returns:
         ``(csv path, png path)``.
     """
-    from dynpos.evaluation.plots import save_figure
-
     out = Path(out_dir)
     csv_path, png_path = out / f"{name}.csv", out / f"{name}.png"
     write_csv(list(rows), csv_path)
@@ -222,8 +220,6 @@ class LengthGenEval(L.Callback):
         self.rows: list[dict] | None = None
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from dynpos.training.callbacks import run_dir, wandb_loggers
-
         datamodule = getattr(trainer, "datamodule", None)
         if trainer.sanity_checking or not hasattr(datamodule, "lengthgen_examples"):
             return
