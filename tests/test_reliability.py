@@ -196,8 +196,9 @@ LAUNCHER = textwrap.dedent("""
                     buffer = io.BytesIO()
                     save(obj, buffer, *args, **kwargs)
                     data = buffer.getvalue()
-                    f.write(data[: len(data) // 2])
-                    f.flush()
+                    with open(f, "wb") as out:  # dynpos.atomic hands torch.save the temporary path
+                        out.write(data[: len(data) // 2])
+                        out.flush()
                     pause()
             return save(obj, f, *args, **kwargs)
         torch.save = slow_save
@@ -321,11 +322,13 @@ def test_a_checkpoint_is_never_written_with_non_finite_weights():
 # ------------------------------------------------------------------------------ 4. DDP on CPU
 
 
-# Runs train.py with a patch that makes every rank write a SHA-256 digest of its parameters into the
-# run folder after fit (``digest_rank<r>.txt``): data-parallel ranks must end with identical weights.
+# A sitecustomize.py (on PYTHONPATH, so Python runs it in the launching process and in every DDP
+# child Lightning starts) that makes each rank write a SHA-256 digest of its parameters into the run
+# folder after fit (``digest_rank<r>.txt``): data-parallel ranks must end with identical weights.
 DIGESTS = textwrap.dedent("""
-    import hashlib, runpy, sys
+    import hashlib
     from pathlib import Path
+
     import torch
     from dynpos.training.module import LitGPT
 
@@ -337,8 +340,6 @@ DIGESTS = textwrap.dedent("""
         Path(self.trainer.default_root_dir, f"digest_rank{self.global_rank}.txt").write_text(h.hexdigest())
 
     LitGPT.on_fit_end = on_fit_end
-    sys.argv = [sys.argv[1], *sys.argv[2:]]
-    runpy.run_path(sys.argv[0], run_name="__main__")
 """)
 
 
@@ -361,12 +362,13 @@ def test_ddp_on_two_cpu_processes_equals_one_process_at_the_same_global_batch(wo
               "callbacks.bias_plot.length=8", "data.val_windows=16"]
     ddp = work / "ddp"
     ddp_base = [("trainer=ddp" if arg == "trainer=debug" else arg) for arg in base] + ["trainer.log_every_n_steps=1"]
-    launcher = work / "digests.py"  # each rank writes a digest of its parameters after fit
-    launcher.write_text(DIGESTS)
+    site = work / "site"  # each rank writes a digest of its parameters after fit
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(DIGESTS)
     proc = subprocess.run(
-        [sys.executable, str(launcher), "train.py",
+        [sys.executable, "train.py",
          *cli_args(work, ddp, *common, f"data.batch_size={per_rank}", "logger=wandb", base=ddp_base)],
-        cwd=ROOT, env=env(work), capture_output=True, text=True, timeout=600)
+        cwd=ROOT, env=env(work, PYTHONPATH=str(site)), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((ddp / "result.json").read_text())
 
