@@ -24,7 +24,6 @@ Rows run in this order until ``--budget-s`` is spent; the rest are listed as ski
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import sys

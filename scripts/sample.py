@@ -7,7 +7,7 @@ Keys: configs/sample.yaml (``--help`` lists them).
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 
 from dynpos.config import register, validate_script

@@ -15,7 +15,7 @@ from dynpos.evaluation.extrapolate import evaluate_lengths, run_extrapolation, w
 from dynpos.evaluation.report import compare, length_changes, load_sweep, pairs, summarize, write_report
 from dynpos.positional import DPB, ALiBi, Learned, NoPE
 
-from conftest import CONFIGS, ROOT, run_main
+from conftest import ROOT, run_main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

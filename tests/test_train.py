@@ -143,7 +143,7 @@ def test_ctrl_c_says_how_to_continue_and_the_command_does(tmp_path):
     stdout = proc.stdout.read()
     proc.wait(timeout=120)
     assert proc.returncode == 1 and not (out / "result.json").exists()
-    assert f"checkpoints/last.ckpt holds step 5, where it continues" in stdout
+    assert "checkpoints/last.ckpt holds step 5, where it continues" in stdout
     command = stdout.split("continue with:\n")[1].splitlines()[0]
     assert command.endswith(f"resume=auto hydra.run.dir={out}") and "trainer.max_steps=400" in command
     again = subprocess.run([sys.executable, *shlex.split(command)[1:], "trainer.max_steps=10"], cwd=tmp_path, env=env,

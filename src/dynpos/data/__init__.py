@@ -1,8 +1,9 @@
-"""Data: named corpora -> ``datasets``; tokenizers from ``tokenizers``; the LightningDataModule."""
+"""Data: named corpora -> ``datasets``; tokenizers from ``tokenizers``; synthetic length-generalization
+tasks; the LightningDataModules."""
 
 from dynpos.data.corpora import CORPORA, SHAKESPEARE_HELD_OUT, HubUnavailableError, load_corpus, shakespeare_works
 from dynpos.data.datamodule import TextDataModule
-from dynpos.data.tasks import TASKS, TaskDataModule  # noqa: F401  (synthetic length-generalization tasks)
+from dynpos.data.tasks import TASKS, TaskDataModule
 from dynpos.data.tokenizer import (
     TOKENIZER_KINDS,
     build_tokenizer,
@@ -14,8 +15,10 @@ from dynpos.data.tokenizer import (
 __all__ = [
     "CORPORA",
     "SHAKESPEARE_HELD_OUT",
+    "TASKS",
     "TOKENIZER_KINDS",
     "HubUnavailableError",
+    "TaskDataModule",
     "TextDataModule",
     "build_tokenizer",
     "load_corpus",

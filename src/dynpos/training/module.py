@@ -10,7 +10,6 @@ import math
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from torch import Tensor
 from torchmetrics import SumMetric
 
