@@ -176,6 +176,22 @@ def _windows(tokens: np.ndarray, offsets: np.ndarray, block_size: int) -> tuple[
     return w[:, :-1], w[:, 1:]
 
 
+def train_steps(trainer: L.Trainer | None, max_steps: int | None = None) -> tuple[int, int | None]:
+    """``(start, stop)``: the training batches to serve, ``start <= s < stop`` (None: endless).
+
+    ``start = trainer.global_step * trainer.accumulate_grad_batches`` (0 without a trainer): on
+    resume Lightning builds the train loader after the checkpoint restored ``global_step``, so
+    batches continue where the run left off. ``stop = max_steps * accumulate_grad_batches`` from
+    ``max_steps``, else from ``trainer.max_steps`` when positive. Shared by every datamodule whose
+    batches are indexed by step (text windows, tasks).
+    """
+    accumulate = getattr(trainer, "accumulate_grad_batches", 1) if trainer is not None else 1
+    start = trainer.global_step * accumulate if trainer is not None else 0
+    if max_steps is None and trainer is not None and (trainer.max_steps or 0) > 0:
+        max_steps = trainer.max_steps
+    return start, None if max_steps is None else max(max_steps * accumulate, start)
+
+
 class StepBatches(_Tokens, Dataset):
     """Map-style dataset of training batches indexed by step.
 
@@ -459,20 +475,8 @@ class TextDataModule(L.LightningDataModule):
         return self.trainer.global_rank if self.trainer is not None else 0
 
     def train_steps(self) -> tuple[int, int | None]:
-        """``(start, stop)``: the training batches to serve, ``start <= s < stop`` (None: endless).
-
-        ``start = trainer.global_step * trainer.accumulate_grad_batches`` (0 without a trainer): on
-        resume Lightning builds the train loader after the checkpoint restored ``global_step``, so
-        batches continue where the run left off. ``stop = max_steps * accumulate_grad_batches`` from
-        the ``max_steps`` argument, else from ``trainer.max_steps`` when positive.
-        """
-        trainer = self.trainer
-        accumulate = getattr(trainer, "accumulate_grad_batches", 1) if trainer is not None else 1
-        start = trainer.global_step * accumulate if trainer is not None else 0
-        max_steps = self.max_steps
-        if max_steps is None and trainer is not None and trainer.max_steps is not None and trainer.max_steps > 0:
-            max_steps = trainer.max_steps
-        return start, None if max_steps is None else max(max_steps * accumulate, start)
+        """``(start, stop)`` of the training batches: :func:`train_steps` of this datamodule's trainer."""
+        return train_steps(self.trainer, self.max_steps)
 
     def train_dataloader(self) -> DataLoader:
         """Batches ``StepBatches[s]`` for the steps of ``train_steps()``; ``(x, y)`` int64 ``(B, T)``."""
@@ -546,4 +550,5 @@ __all__ = [
     "step_seed",
     "token_dtype",
     "tokenize_split",
+    "train_steps",
 ]

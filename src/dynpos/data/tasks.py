@@ -60,7 +60,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.data import DataLoader, Dataset
 
-from dynpos.data.datamodule import StepLoader, StepStream, _plain, step_seed
+from dynpos.data.datamodule import StepLoader, StepStream, _plain, step_seed, train_steps
 from dynpos.data.tokenizer import tokenizer_fingerprint
 
 TASKS = ("copy", "reverse", "sort", "addition", "recall", "passkey")
@@ -444,16 +444,8 @@ class TaskDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------- dataloaders
 
     def train_steps(self) -> tuple[int, int | None]:
-        """``(start, stop)`` of the training batches (``TextDataModule``'s rule): ``start`` =
-        ``trainer.global_step * accumulate_grad_batches`` (restored on resume), ``stop`` from
-        ``max_steps`` (else ``trainer.max_steps`` when positive; None = endless)."""
-        trainer = self.trainer
-        accumulate = getattr(trainer, "accumulate_grad_batches", 1) if trainer is not None else 1
-        start = trainer.global_step * accumulate if trainer is not None else 0
-        max_steps = self.max_steps
-        if max_steps is None and trainer is not None and (trainer.max_steps or 0) > 0:
-            max_steps = trainer.max_steps
-        return start, None if max_steps is None else max(max_steps * accumulate, start)
+        """``(start, stop)`` of the training batches (``dynpos.data.datamodule.train_steps``)."""
+        return train_steps(self.trainer, self.max_steps)
 
     def train_batches(self) -> TaskBatches:
         """The step-indexed training batches of this rank."""
