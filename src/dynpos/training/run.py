@@ -45,7 +45,6 @@ def instantiate_group(group: DictConfig | None) -> list:
 QUIET = (
     ".*IterableDataset. has .__len__. defined.*",  # StepStream splits its steps among workers itself
     ".*isinstance.treespec, LeafSpec.*",  # a deprecation inside Lightning's own code
-    ".*litlogger.*",  # an advertisement
     # on resume: RunRecord writes the earlier steps back, so the CSV log is continued, not lost
     ".*Previous log files in this directory will be deleted.*",
     # under DDP: val/test come from SumMetric states summed across ranks; train/tokens and train/lr
@@ -63,8 +62,12 @@ def quiet_known_warnings() -> None:
     """Silence the Lightning notices of :data:`QUIET` (each says why it does not apply)."""
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
-    # an advertisement Lightning logs (not warns) whenever no LitLogger is attached
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_advert)  # a filter is added once
+
+
+def _no_advert(record: logging.LogRecord) -> bool:
+    """Drop the litlogger advertisement Lightning logs (not warns) whenever no LitLogger is attached."""
+    return "litlogger" not in record.getMessage()
 
 
 def build_datamodule(cfg: DictConfig, **overrides) -> L.LightningDataModule:
