@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dynpos.atomic import write_json
-from dynpos.config import register, validate_script
+from dynpos.config import register, validate
 from dynpos.evaluation.extrapolate import run_extrapolation
 from dynpos.training.checkpoint import load_model
 from dynpos.training.cli import guard
@@ -38,7 +38,7 @@ def output_folder(cfg, ckpt: Path) -> Path:
 
 
 def evaluate(cfg: DictConfig) -> None:
-    cfg = validate_script(cfg)
+    cfg = validate(cfg)
     model, tokenizer, hp = load_model(cfg.ckpt, "ckpt")
     if cfg.attn is not None:
         model.config.attn = cfg.attn

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 from rich.console import Console
 
-from dynpos.config import register, validate_script
+from dynpos.config import register, validate
 from dynpos.training.checkpoint import load_model
 from dynpos.training.cli import guard
 
@@ -19,7 +19,7 @@ register()
 
 def sample(cfg: DictConfig) -> None:
     """Print ``num_samples`` continuations of ``prompt``; characters the tokenizer lacks are named once."""
-    cfg = validate_script(cfg)
+    cfg = validate(cfg)
     model, tokenizer, _ = load_model(cfg.ckpt, "ckpt")
     encoding = tokenizer.encode(cfg.prompt)
     if not encoding.ids:

@@ -243,7 +243,7 @@ def test_evaluation_loss_is_token_weighted_over_an_uneven_last_batch():
         for batch in batches:
             x, y = batch[:, :-1], batch[:, 1:].clone()
             y[0, :3] = -1  # ignored targets do not count
-            module._evaluate((x, y))
+            module.validation_step((x, y), 0)
             logits, _ = module.model(x)
             losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1,
                                                        reduction="none")

@@ -1,8 +1,7 @@
 """The one way dynpos writes a file: through a temporary file beside it and ``os.replace``.
 
-A process killed at any moment leaves either the old file or the new one, never a torn file, and
-never a half-written result over a good one. Every writer in dynpos (checkpoints, token arrays,
-tokenizers, JSON, CSV, PNG, reports) goes through :func:`atomic_path`.
+A process killed at any moment leaves either the old file or the new one, never a torn one. Every writer
+in dynpos (checkpoints, token arrays, tokenizers, JSON, CSV, PNG, reports) goes through :func:`atomic_path`.
 """
 
 from __future__ import annotations
@@ -20,25 +19,21 @@ TMP_MARK = ".tmp-"  # temporary files are ``.<name>.tmp-<pid>-<random><suffix>``
 
 def _alive(pid: str) -> bool:
     """Whether process ``pid`` (a string from a temporary file's name) still runs on this machine."""
-    if not pid.isdigit():
-        return False
     try:
         os.kill(int(pid), 0)
-    except ProcessLookupError:
+    except (ValueError, ProcessLookupError):
         return False
     except OSError:  # exists but belongs to someone else
-        return True
+        pass
     return True
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on a clean exit it replaces ``path`` atomically.
+    """Yield a temporary path beside ``path``; on a clean exit it replaces ``path``, on an exception it is removed.
 
-    The temporary name is unique per process and call and keeps ``path``'s suffix (so writers
-    that choose a format by suffix, such as ``savefig`` or ``np.save``, still work). Stale
-    temporary files of ``path`` left by killed processes are removed first. On an exception the
-    temporary file is removed and ``path`` is left as it was.
+    The temporary name keeps ``path``'s suffix (``savefig`` and ``np.save`` choose a format by it). Stale
+    temporary files of ``path`` left by killed processes are removed first.
 
     Args:
         path: the file to write; its folder is created.
@@ -74,7 +69,7 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_path`)."""
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 

@@ -1,12 +1,9 @@
 """The config schema: one typed tree, checked once, at composition.
 
-``configs/train.yaml`` starts from :class:`TrainConfig` (stored in Hydra's ConfigStore as
-``train_schema`` by :func:`register`), so Hydra checks every key's type while it composes and
-refuses unknown keys with its own message. Ranges are checked by each dataclass's
-``__post_init__`` when :func:`validate` turns the composed config into objects, before any data
-is read. Groups that build objects (``pos``, ``data``, ``trainer``, ``logger``, ``callbacks``)
-name a ``_target_``; their options are the target's keyword arguments, checked where they enter:
-the scheme's or datamodule's constructor (:func:`build_pos` refuses unknown ``pos`` keys).
+``configs/train.yaml`` starts from :class:`TrainConfig` (``train_schema`` in Hydra's ConfigStore), so Hydra checks
+types and refuses unknown keys while it composes; each dataclass's ``__post_init__`` checks ranges when
+:func:`validate` builds the objects, before any data is read. Groups that build objects (``pos``, ``data``,
+``trainer``, ``logger``, ``callbacks``) name a ``_target_``; their options are checked by the target's constructor.
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from dynpos.data.corpora import SPLITS
@@ -34,15 +31,11 @@ def _whole(key: str, value: Any, minimum: int) -> None:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup and cosine decay (``optim.*``).
-
-    Attributes:
-        lr: peak learning rate; min_lr: where the cosine ends; weight_decay: on >= 2-D weights;
-        betas: AdamW's two betas in [0, 1); warmup_steps: linear warmup; decay_steps: the step
-        where the cosine reaches ``min_lr`` (``${trainer.max_steps}`` in ``train.yaml``).
+    """AdamW with linear warmup and cosine decay (``optim.*``): peak ``lr``, ``min_lr`` where the cosine ends at
+    ``decay_steps``, ``weight_decay`` on >= 2-D weights, two ``betas`` in [0, 1), ``warmup_steps``.
 
     Raises:
-        ValueError: a value out of range; the message names the ``optim.<key>``.
+        ValueError: a value out of range, naming the ``optim.<key>``.
     """
 
     lr: float = 1e-3
@@ -66,13 +59,9 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
-    """Train short, test long (``eval.*``): scored after training when ``lengths`` is set.
-
-    Attributes:
-        lengths: evaluation lengths in tokens; None = none. protocol: ``nonoverlap``, ``sliding``
-        or ``both`` (ALiBi paper, section 4). stride: sliding step (None = length // 2).
-        split: the split scored. max_tokens: targets scored per length (None = the whole split).
-        batch_size: windows per batch.
+    """Train short, test long (``eval.*``), scored after training when ``lengths`` (tokens) is set: ``protocol``
+    ``nonoverlap``, ``sliding`` or ``both`` (ALiBi paper, section 4), sliding ``stride`` (None = length // 2),
+    the ``split``, ``max_tokens`` targets per length (None = the whole split), ``batch_size`` windows.
 
     Raises:
         ValueError: naming the ``eval.<key>`` and the fix.
@@ -104,11 +93,8 @@ class EvalConfig:
 
 @dataclass
 class TokenizerConfig:
-    """The tokenizer (``tokenizer.*``; see :mod:`dynpos.data.tokenizer`).
-
-    Attributes:
-        kind: char, byte, bpe or gpt2. vocab_size: BPE only (None = 4096).
-        max_train_chars: cap on the training text a char/bpe tokenizer reads (None = all).
+    """The tokenizer (``tokenizer.*``): ``kind`` (char, byte, bpe, gpt2), ``vocab_size`` (bpe only; None = 4096),
+    ``max_train_chars`` read by a char/bpe tokenizer (None = all).
 
     Raises:
         ValueError: naming the ``tokenizer.<key>`` and the fix.
@@ -126,14 +112,12 @@ class TokenizerConfig:
 
 @dataclass
 class TrainConfig:
-    """The whole training config (``configs/train.yaml`` and its groups).
-
-    Run-level keys: ``seed`` (weights, dropout and the training-window rule), ``ckpt_path``
-    (continue from a checkpoint), ``resume`` (``auto``: continue the run folder's last
-    checkpoint), ``run_name`` and ``group`` (wandb), ``paths`` (run folder, cache).
+    """The whole training config (``configs/train.yaml`` and its groups). Run-level keys: ``seed`` (weights,
+    dropout, training windows), ``ckpt_path`` (continue from a checkpoint), ``resume`` (``auto``: continue the run
+    folder's last checkpoint), ``run_name`` and ``group`` (wandb), ``paths`` (run folder, cache).
 
     Raises:
-        ValueError: a negative seed or an unknown ``resume``.
+        ValueError: a negative seed, an unknown ``resume``, or both ``resume`` and ``ckpt_path``.
     """
 
     model: GPTConfig = field(default_factory=GPTConfig)
@@ -188,12 +172,9 @@ class SampleConfig:
 
 @dataclass
 class EvaluateConfig:
-    """``scripts/evaluate.py`` (``configs/evaluate.yaml``): score a checkpoint at evaluation lengths.
-
-    Attributes:
-        ckpt: the checkpoint. out: the output folder (None = a new ``<run>/evaluate/<ckpt>-<time>``).
-        attn: the attention path to score with (None = the checkpoint's). eval: as in training;
-        ``eval.lengths`` None = 1x, 2x, 4x and 8x the model's training length.
+    """``scripts/evaluate.py`` (``configs/evaluate.yaml``): score checkpoint ``ckpt`` at evaluation lengths into
+    folder ``out`` (None = a new ``<run>/evaluate/<ckpt>-<time>``) with attention path ``attn`` (None = the
+    checkpoint's); ``eval`` as in training, ``eval.lengths`` None = 1x, 2x, 4x and 8x the training length.
 
     Raises:
         ValueError: naming the key and the fix.
@@ -210,12 +191,10 @@ class EvaluateConfig:
 
 
 def register() -> None:
-    """Store the schemas in Hydra's ConfigStore (idempotent): ``train_schema`` (:class:`TrainConfig`),
-    ``sample_schema`` and ``evaluate_schema``, the first entries of the configs' defaults lists."""
-    store = ConfigStore.instance()
-    store.store(name="train_schema", node=TrainConfig)
-    store.store(name="sample_schema", node=SampleConfig)
-    store.store(name="evaluate_schema", node=EvaluateConfig)
+    """Store the schemas in Hydra's ConfigStore: ``train_schema``, ``sample_schema``, ``evaluate_schema``."""
+    for name, node in (("train_schema", TrainConfig), ("sample_schema", SampleConfig),
+                       ("evaluate_schema", EvaluateConfig)):
+        ConfigStore.instance().store(name=name, node=node)
 
 
 # Keys that moved in the one-schema rework: named in the error, with their new place.
@@ -223,11 +202,11 @@ MOVED = {"batch_size": "data.batch_size", "val_windows": "data.val_windows"}
 
 
 def check_keys(cfg: DictConfig) -> None:
-    """Refuse keys outside the schema that Hydra let in (``+optim.lrr=1`` adds a key Hydra's own
-    check would have refused without the ``+``): a typo must not be silently ignored.
+    """Refuse keys outside the schema that Hydra let in (``+optim.lrr=1`` adds a key that Hydra's own check would
+    have refused without the ``+``) and ``pos`` keys that are not options of the scheme's class.
 
     Raises:
-        ValueError: naming the key, the closest known key and where a moved key went.
+        ValueError: naming the key, the closest known key and where a moved key went; or the scheme's options.
     """
     for group, schema in (("", TrainConfig), ("model", GPTConfig), ("optim", OptimConfig), ("eval", EvalConfig),
                           ("tokenizer", TokenizerConfig)):
@@ -242,24 +221,18 @@ def check_keys(cfg: DictConfig) -> None:
             hint = f"did you mean {group + '.' if group else ''}{close[0]}? " if close else ""
             raise ValueError(f"{full} is not a config key: {hint}(the keys of {group or 'the root'}: "
                              f"{', '.join(known)})")
+    scheme = get_class(cfg.pos._target_)
+    options = [p for p in inspect.signature(scheme).parameters
+               if p not in ("n_layer", "n_head", "n_embd", "block_size")]  # given by the model
+    for key in cfg.pos:
+        if not str(key).startswith("_") and key not in options:
+            raise ValueError(f"pos.{key} is not an option of {scheme.__name__}: its options are "
+                             f"{', '.join(options) or 'none'}")
 
 
-def validate(cfg: DictConfig) -> TrainConfig:
-    """Every key known (:func:`check_keys`), ``trainer.max_steps``, the range checks of every typed
-    group (their ``__post_init__``), and ``pos``'s keys.
-
-    Raises:
-        ValueError: naming the key and the fix; omegaconf errors for a missing value (``???``).
-    """
-    check_keys(cfg)
-    _whole("trainer.max_steps", OmegaConf.select(cfg, "trainer.max_steps", throw_on_resolution_failure=False), 1)
-    typed = OmegaConf.to_object(cfg)
-    build_pos(cfg.pos)
-    return typed
-
-
-def validate_script(cfg: DictConfig) -> Any:
-    """A script's config as its schema's object (``SampleConfig``, ``EvaluateConfig``): the ranges checked.
+def validate(cfg: DictConfig) -> Any:
+    """The composed config as its schema's object, with every range checked; for a training config also its keys
+    (:func:`check_keys`) and ``trainer.max_steps``.
 
     Raises:
         ValueError: naming the key and the fix, e.g. a missing ``ckpt``.
@@ -267,22 +240,7 @@ def validate_script(cfg: DictConfig) -> Any:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"{missing[0]} is required: pass {missing[0]}=<value>")
+    if OmegaConf.get_type(cfg) is TrainConfig:
+        check_keys(cfg)
+        _whole("trainer.max_steps", OmegaConf.select(cfg, "trainer.max_steps", throw_on_resolution_failure=False), 1)
     return OmegaConf.to_object(cfg)
-
-
-def build_pos(pos: DictConfig | dict) -> Any:
-    """The positional scheme factory of a ``pos`` config (``_target_`` with ``_partial_: true``).
-
-    Raises:
-        ValueError: a key that is not an option of the scheme (a typo such as ``pos.depthh``),
-            naming the scheme's options.
-    """
-    pos = OmegaConf.create(pos) if isinstance(pos, dict) else pos
-    target = get_class(pos._target_)
-    options = [p for p in inspect.signature(target).parameters if p not in
-               ("self", "n_layer", "n_head", "n_embd", "block_size")]
-    for key in pos:
-        if not str(key).startswith("_") and key not in options:
-            raise ValueError(f"pos.{key} is not an option of {target.__name__}: its options are "
-                             f"{', '.join(options) or 'none'}")
-    return instantiate(pos)

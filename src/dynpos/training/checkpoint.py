@@ -1,14 +1,10 @@
-"""Checkpoints that carry everything needed to use them again: weights, model and scheme config, tokenizer.
+"""Checkpoints that carry everything needed to use them again: weights, the run's config, the tokenizer.
 
-A Lightning checkpoint written by ``train.py`` holds ``state_dict`` (``model.*``), the module's
-``hyper_parameters`` (``config``: the whole resolved run config, stored once; ``vocab_size``;
-``bytes_per_token``) and the datamodule's state with the tokenizer (the ``tokenizers`` JSON). Reading uses
-``torch.load(weights_only=True)``, so a crafted file cannot run code: its pickle may only build
-tensors and plain containers. The trainer's own resume path reads through the same function
-(:class:`dynpos.training.checkpoint_io.AtomicCheckpointIO`), which also writes checkpoints atomically.
-
-This module imports neither Lightning nor the data stack, so ``scripts/sample.py`` fails fast on a
-bad checkpoint.
+A checkpoint written by ``train.py`` holds ``state_dict`` (``model.*``), the module's ``hyper_parameters``
+(``config``: the whole resolved run config, stored once; ``vocab_size``; ``bytes_per_token``) and the
+datamodule's state with the tokenizer (the ``tokenizers`` JSON). Reading uses ``torch.load(weights_only=True)``,
+so a crafted file cannot run code; the trainer reads through the same function
+(:class:`dynpos.training.checkpoint_io.AtomicCheckpointIO`).
 """
 
 from __future__ import annotations
@@ -23,7 +19,6 @@ from hydra.utils import instantiate
 from tokenizers import Tokenizer
 
 from dynpos.model.gpt import GPT, GPTConfig
-
 
 
 class CheckpointError(ValueError):
@@ -41,13 +36,11 @@ def read_checkpoint(path: str | Path, key: str = "ckpt", mmap: bool = False) -> 
     Args:
         path: the ``.ckpt`` file.
         key: the config key the path came from, named in error messages.
-        mmap: map the tensors' storage from the file instead of reading it (cheap; for inspecting
-            a checkpoint's config without holding a second copy of its weights in memory).
+        mmap: map the tensors' storage from the file instead of reading it.
 
     Raises:
-        CheckpointError: the path is missing or a directory; the file is truncated or corrupted;
-            or it holds objects other than tensors and plain containers (a pickle that could run
-            code: refused before anything in it is executed).
+        CheckpointError: the path is missing or a directory; the file is truncated or corrupted; or it holds
+            objects other than tensors and plain containers (a pickle that could run code: refused unrun).
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -56,12 +49,9 @@ def read_checkpoint(path: str | Path, key: str = "ckpt", mmap: bool = False) -> 
         raise CheckpointError(f"{key}={path} is a directory: give the checkpoint file itself, {hint}")
     if not path.is_file():
         raise CheckpointError(f"{key}={path}: no such checkpoint file (look in <run>/checkpoints/last.ckpt)")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged or no checkpoint
-        raise CheckpointError(
-            f"{key}={path}: not a readable checkpoint (truncated or corrupted, or another kind of file: not the zip "
-            "archive torch.save writes); use another one, e.g. the run's last.ckpt or best.ckpt"
-        )
     try:
+        if not zipfile.is_zipfile(path):  # what torch.save writes; pickle would misreport other files as unsafe
+            raise ValueError("not the zip archive torch.save writes")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         found = re.search(r"(?:Unsupported global|Unsupported operand)[^.\n]*", str(error))
@@ -81,16 +71,11 @@ def read_checkpoint(path: str | Path, key: str = "ckpt", mmap: bool = False) -> 
 
 
 def load_checkpoint(path: str | Path, key: str = "ckpt", mmap: bool = False) -> dict:
-    """Read a dynpos checkpoint safely (:func:`read_checkpoint`) and check it has dynpos's entries.
-
-    Args:
-        path: the ``.ckpt`` file.
-        key: the config key the path came from, named in error messages.
-        mmap: as :func:`read_checkpoint`.
+    """:func:`read_checkpoint`, then check that the file has dynpos's entries.
 
     Raises:
-        CheckpointError: as :func:`read_checkpoint`, or if the file lacks ``state_dict``,
-            ``hyper_parameters`` or the run config.
+        CheckpointError: as :func:`read_checkpoint`, or the file lacks ``state_dict``, ``hyper_parameters``
+            or the run config.
     """
     checkpoint = read_checkpoint(path, key, mmap=mmap)
     missing = [k for k in ("state_dict", "hyper_parameters") if k not in checkpoint]
@@ -117,24 +102,27 @@ def checkpoint_tokenizer(checkpoint: dict, key: str = "ckpt") -> Tokenizer:
         raise CheckpointError(f"{key}: the checkpoint's tokenizer is unreadable: {_first_line(error)}") from None
 
 
+def build_model(config: dict, vocab_size: int, **overrides) -> GPT:
+    """The GPT of a run config's ``model`` (``overrides`` on top) and ``pos``; ``vocab_size`` unless the config
+    sets ``model.vocab_size``."""
+    model = {**config["model"], "vocab_size": config["model"].get("vocab_size") or vocab_size, **overrides}
+    return GPT(GPTConfig(**model), pos=instantiate(config["pos"]))
+
+
 def load_model(path: str | Path, key: str = "ckpt") -> tuple[GPT, Tokenizer, dict]:
     """Rebuild the trained model and its tokenizer from a checkpoint alone.
 
     Returns:
-        ``(model, tokenizer, hyper_parameters)``; the model is in eval mode on the CPU, not compiled;
+        ``(model, tokenizer, hyper_parameters)``: the model in eval mode on the CPU, not compiled;
         ``hyper_parameters["config"]`` is the run's whole config.
 
     Raises:
-        CheckpointError: as :func:`load_checkpoint`, or if the weights do not fit the model
-            described by the checkpoint's own config.
+        CheckpointError: as :func:`load_checkpoint`, or the weights do not fit the model of the checkpoint's config.
     """
     checkpoint = load_checkpoint(path, key)
     hp = checkpoint["hyper_parameters"]
-    config = hp["config"]
     try:
-        model_cfg = {**config["model"], "vocab_size": config["model"].get("vocab_size") or hp["vocab_size"],
-                     "compile": False}
-        model = GPT(GPTConfig(**model_cfg), pos=instantiate(config["pos"]))
+        model = build_model(hp["config"], hp["vocab_size"], compile=False)
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{key}={path}: its model config does not build a dynpos GPT: "
                               f"{_first_line(error)}") from None
@@ -144,5 +132,4 @@ def load_model(path: str | Path, key: str = "ckpt") -> tuple[GPT, Tokenizer, dic
     except RuntimeError as error:
         raise CheckpointError(f"{key}={path}: weights do not match the model config stored in it: "
                               f"{_first_line(error)}") from None
-    tokenizer = checkpoint_tokenizer(checkpoint, f"{key}={path}")
-    return model.eval(), tokenizer, hp
+    return model.eval(), checkpoint_tokenizer(checkpoint, f"{key}={path}"), hp

@@ -1,17 +1,9 @@
 """Lightning ``CheckpointIO`` that writes checkpoints atomically and reads them safely.
 
-Wired into every trainer config (``configs/trainer/cpu.yaml``, ``plugins:``), so each checkpoint
-the ``Trainer`` saves (``ModelCheckpoint``'s ``best.ckpt`` and ``last.ckpt``) and each one it
-restores (``trainer.fit(ckpt_path=...)``, ``trainer.test(ckpt_path="best")``) goes through it:
-
-- save: :func:`dynpos.atomic.atomic_path` with ``fsync``: a process killed at any moment leaves
-  either the previous checkpoint or the new one, never a torn file; at worst a stale temporary
-  file, which the next save of that name removes once its process is gone.
-- load: :func:`dynpos.training.checkpoint.read_checkpoint`, i.e. ``torch.load(weights_only=True)``
-  with one-line errors, so a crafted checkpoint cannot run code through the trainer either.
-
-Remote paths (``s3://``, ...) fall back to Lightning's ``TorchCheckpointIO``, which uses an fsspec
-transaction.
+Every trainer preset names it under ``plugins:``, so each checkpoint the ``Trainer`` saves or restores goes
+through it: saved by :func:`dynpos.atomic.atomic_path` with ``fsync`` (a kill leaves the previous checkpoint
+or the new one, never a torn file), read by :func:`dynpos.training.checkpoint.read_checkpoint`
+(``weights_only=True``, one-line errors). Remote paths (``s3://``, ...) go to Lightning's ``TorchCheckpointIO``.
 """
 
 from __future__ import annotations
@@ -31,28 +23,20 @@ def _is_local(path: _PATH) -> bool:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` with atomic local writes and ``weights_only`` reads (see the module doc)."""
+    """``TorchCheckpointIO`` with atomic local writes and ``weights_only`` reads."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        """Write ``checkpoint`` to ``path`` atomically.
-
-        Raises:
-            TypeError: ``storage_options`` given (as Lightning's ``TorchCheckpointIO``).
-            OSError: the folder cannot be written.
-        """
+        """Write ``checkpoint`` to ``path`` atomically (``OSError``: the folder cannot be written)."""
         if not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options")
         with atomic_path(str(path).removeprefix("file://"), fsync=True) as tmp:
             torch.save(checkpoint, tmp)
 
     def load_checkpoint(self, path: _PATH, map_location: Any = None, weights_only: bool | None = None) -> dict:
-        """Read a checkpoint with ``torch.load(weights_only=True)`` onto the CPU (Lightning moves
-        the states to the device when it restores them).
+        """Read a checkpoint onto the CPU (Lightning moves the states to the device when it restores them).
 
         Raises:
-            CheckpointError: missing, truncated, corrupted or unsafe file (a ``ValueError``).
+            CheckpointError: a missing, truncated, corrupted or unsafe file.
             ValueError: ``weights_only=False`` was asked for: dynpos never unpickles arbitrary objects.
         """
         if weights_only is False:

@@ -1,5 +1,5 @@
-"""wandb without an account: offline when no API key is configured, online with one; one wandb
-run per run folder, continued on resume."""
+"""wandb without an account: offline when no API key is configured; one wandb run per run folder, continued
+on resume (the failure of lightning-hydra-template issue #128)."""
 
 from __future__ import annotations
 
@@ -13,36 +13,25 @@ from rich.console import Console
 from dynpos.atomic import write_text
 
 
-def has_api_key() -> bool:
-    """Whether a wandb API key is configured (``WANDB_API_KEY`` or a ``wandb login`` entry in ~/.netrc)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
-
-
 def run_id(save_dir: str | os.PathLike) -> str:
-    """The wandb run id of a run folder: read from ``<save_dir>/wandb_id``, or made and written
-    there the first time, so a resumed run (``resume=auto``) logs into the same wandb run instead
-    of a second one (the failure of lightning-hydra-template issue #128)."""
+    """The wandb run id of a run folder: ``<save_dir>/wandb_id``, made (8 hex digits) and written the first time."""
     path = Path(save_dir) / "wandb_id"
-    if path.is_file():
-        return path.read_text().strip()
-    new = uuid.uuid4().hex[:8]  # wandb run ids are short strings of letters and digits
-    write_text(path, new)
-    return new
+    if not path.is_file():
+        write_text(path, uuid.uuid4().hex[:8])
+    return path.read_text().strip()
 
 
 def wandb_logger(**kwargs) -> WandbLogger:
-    """A Lightning ``WandbLogger`` that never asks for an account.
+    """A Lightning ``WandbLogger`` (``kwargs``: project, name, group, tags, save_dir) that never asks for an account.
 
-    Offline when ``WANDB_MODE`` is ``offline``/``disabled`` or no API key is found (``WANDB_API_KEY``
-    or ``wandb login``); it then prints where the run is kept and the ``wandb sync`` command that
-    uploads it later. Keyword arguments go to ``WandbLogger`` (project, name, group, tags, save_dir);
-    the run id comes from :func:`run_id` and the run resumes when it exists (``resume="allow"``).
+    Offline when ``WANDB_MODE`` is ``offline``/``disabled`` or no API key is found (``WANDB_API_KEY`` or a
+    ``wandb login`` entry in ~/.netrc); it then prints the ``wandb sync`` command that uploads the run later.
+    The run id is :func:`run_id`'s, and an existing run continues (``resume="allow"``).
     """
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    has_key = os.environ.get("WANDB_API_KEY") or netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
     mode = os.environ.get("WANDB_MODE", "")
-    offline = mode in ("offline", "disabled") or not has_api_key()
+    offline = mode in ("offline", "disabled") or not has_key
     if offline and mode != "disabled":
         os.environ["WANDB_MODE"] = "offline"
         Console(stderr=True, soft_wrap=True).print(

@@ -1,8 +1,5 @@
-"""The LightningModule: loss, AdamW groups, warmup + cosine schedule, metrics in nats, perplexity and bits per byte.
-
-Lightning owns the loop, precision, gradient clipping (``trainer.gradient_clip_val``),
-checkpointing and strategies; this module owns what is specific to language modelling.
-"""
+"""The LightningModule: next-token loss, AdamW groups, warmup + cosine schedule, exact metrics in nats and bits
+per byte. Lightning owns the loop, precision, gradient clipping, checkpointing and strategies."""
 
 from __future__ import annotations
 
@@ -13,17 +10,14 @@ import torch
 from torch import Tensor
 from torchmetrics import SumMetric
 
-from dynpos.config import build_pos
 from dynpos.data.datamodule import step_seed
-from dynpos.model.gpt import GPT, GPTConfig, compile_model
+from dynpos.model.gpt import compile_model
+from dynpos.training.checkpoint import build_model
 
 
 def lr_lambda(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
-    """Learning-rate multiplier at ``step``: linear warmup (non-zero at step 0), cosine to ``min_ratio``.
-
-    ``(step + 1) / (warmup_steps + 1)`` during warmup (nanoGPT's rule), then cosine from 1 down
-    to ``min_ratio`` at ``decay_steps``, and ``min_ratio`` after that.
-    """
+    """Learning-rate multiplier at ``step``: linear warmup ``(step + 1) / (warmup_steps + 1)`` (nanoGPT's rule,
+    non-zero at step 0), then cosine from 1 down to ``min_ratio`` at ``decay_steps``, and ``min_ratio`` after."""
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
     if step >= decay_steps:
@@ -36,62 +30,42 @@ class LitGPT(L.LightningModule):
     """A :class:`~dynpos.model.gpt.GPT` trained with next-token cross-entropy.
 
     Args:
-        config: the whole resolved training config (``configs/train.yaml``), saved once, as the
-            module's hyperparameters, in every checkpoint: ``model`` (``GPTConfig`` fields),
-            ``pos`` (a Hydra ``_target_`` with ``_partial_: true``), ``optim``, ``seed``, ``data``...
+        config: the whole resolved run config (``configs/train.yaml``), saved once, as the hyperparameters, in
+            every checkpoint.
         vocab_size: from the tokenizer (``model.vocab_size`` when that is set instead).
-        bytes_per_token: UTF-8 bytes per token of each split (``validation``, ``test``), for
-            bits per byte: ``bpb = loss / ln 2 / bytes_per_token``.
+        bytes_per_token: UTF-8 bytes per token of each split, for ``bpb = loss / ln 2 / bytes_per_token``.
 
-    The global RNG (dropout) is re-seeded before every micro-batch from
-    ``step_seed(seed, micro-batch, rank)``, the rule that draws the data windows, so a resumed run
-    makes the same random choices as an uninterrupted one with no RNG state to carry in the checkpoint.
+    Dropout is re-seeded before every micro-batch from ``step_seed(seed, micro-batch, rank)``, the rule that draws
+    the data windows, so a resumed run makes the same random choices as an uninterrupted one. Training stops at
+    ``max_steps`` with a validation (whatever ``val_check_interval``), and with ``FloatingPointError`` (naming the
+    step, learning rate and precision) at the first non-finite loss; non-finite weights are never checkpointed.
 
-    Training stops with ``FloatingPointError`` (naming the step, learning rate and precision) at
-    the first non-finite training or validation loss, and a checkpoint is never written with
-    non-finite weights, so the last good ``last.ckpt`` survives a divergence.
-
-    Logged: ``train/loss`` (nats/token), ``train/lr``, ``train/tokens``, ``val/loss``, ``val/ppl``,
-    ``val/bpb`` (and ``test/*`` the same). Evaluation losses are exact token-weighted means over
-    every scored target (sum of nats / number of targets, summed across ranks), not means of
-    batch means.
+    Logs ``train/loss`` (nats/token), ``train/lr``, ``train/tokens`` and ``val/`` and ``test/`` ``loss``, ``ppl``,
+    ``bpb``: exact token-weighted means over every scored target, summed across ranks, not means of batch means.
     """
 
     def __init__(self, config: dict, vocab_size: int, bytes_per_token: dict[str, float] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        model = {**config["model"], "vocab_size": config["model"].get("vocab_size") or vocab_size}
-        self.model = GPT(GPTConfig(**model), pos=build_pos(config["pos"]))
+        self.model = build_model(config, vocab_size)
         if self.model.config.compile:
             compile_model(self.model)  # in place: the state dict keeps its keys (no ``_orig_mod.``)
         self.optim = config["optim"]
         self.bytes_per_token = bytes_per_token or {}
         self.seed = config["seed"]
-        # sums over the evaluation windows, synced across ranks; a NaN stays NaN (torchmetrics would
-        # drop it with a warning) so that divergence is caught in _log_eval
+        # a NaN stays NaN (torchmetrics would drop it with a warning), so that divergence is caught in _log_eval
         self.eval_nats = SumMetric(nan_strategy="disable")
         self.eval_targets = SumMetric(nan_strategy="disable")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse to save non-finite weights; flush the loggers, so the logs on disk reach at least
-        the checkpoint's step (a resumed run continues them from there).
-
-        Raises:
-            FloatingPointError: a parameter holds NaN or infinity.
-        """
-        weights = {k: v for k, v in checkpoint.get("state_dict", {}).items()
-                   if torch.is_tensor(v) and v.is_floating_point()}
-        if weights and not torch.stack([torch.isfinite(v).all() for v in weights.values()]).all():
-            bad = next(k for k, v in weights.items() if not torch.isfinite(v).all())
-            raise FloatingPointError(
-                f"parameters became non-finite by step {self.global_step} ({bad}), so no checkpoint was written "
-                f"and the last good one stays {self._diagnosis()}"
-            )
+        """Refuse non-finite weights (``FloatingPointError``); flush the loggers up to the checkpoint's step."""
+        bad = next((k for k, v in checkpoint.get("state_dict", {}).items()
+                    if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise FloatingPointError(f"parameters became non-finite by step {self.global_step} ({bad}), so no "
+                                     f"checkpoint was written and the last good one stays {self._diagnosis()}")
         for logger in self.loggers:
             logger.save()
-
-    def forward(self, idx: Tensor, targets: Tensor | None = None):
-        return self.model(idx, targets)
 
     def _diagnosis(self) -> str:
         """``(optim.lr=..., at this step ...; trainer.precision=...): <what to change>`` for error messages."""
@@ -113,6 +87,8 @@ class LitGPT(L.LightningModule):
         project = getattr(self.model.pos, "project_", None)  # a scheme's constraint after each step (KERPLE)
         if callable(project):
             project()
+        if 0 < self.trainer.max_steps <= self.global_step:  # a requested stop validates before the loop exits
+            self.trainer.should_stop = True
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -129,32 +105,26 @@ class LitGPT(L.LightningModule):
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True, on_epoch=False)
         return loss
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor]) -> None:
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         _, loss = self.model(x, y)
         targets = (y != -1).sum()
         self.eval_nats.update(loss.double() * targets)
         self.eval_targets.update(targets.double())
 
+    test_step = validation_step
+
     def _log_eval(self, split: str, prefix: str) -> None:
         loss = (self.eval_nats.compute() / self.eval_targets.compute()).float()
         self.eval_nats.reset()
         self.eval_targets.reset()
         if not torch.isfinite(loss):  # before any callback samples from, plots or checkpoints the weights
-            raise FloatingPointError(
-                f"non-finite {split} loss {loss.item()} at step {self.global_step}: the weights diverged "
-                f"{self._diagnosis()}"
-            )
+            raise FloatingPointError(f"non-finite {split} loss {loss.item()} at step {self.global_step}: the weights "
+                                     f"diverged {self._diagnosis()}")
         self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val")
         self.log(f"{prefix}/ppl", torch.exp(loss))
         if split in self.bytes_per_token:
             self.log(f"{prefix}/bpb", loss / math.log(2) / self.bytes_per_token[split], prog_bar=prefix == "val")
-
-    def validation_step(self, batch, batch_idx):
-        self._evaluate(batch)
-
-    def test_step(self, batch, batch_idx):
-        self._evaluate(batch)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("validation", "val")
@@ -164,11 +134,8 @@ class LitGPT(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.optim
-        optimizer = torch.optim.AdamW(
-            self.model.optimizer_groups(o["weight_decay"]), lr=o["lr"], betas=tuple(o["betas"])
-        )
+        optimizer = torch.optim.AdamW(self.model.optimizer_groups(o["weight_decay"]), lr=o["lr"],
+                                      betas=tuple(o["betas"]))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: lr_lambda(step, o["warmup_steps"], o["decay_steps"], o["min_lr"] / o["lr"]),
-        )
+            optimizer, lambda step: lr_lambda(step, o["warmup_steps"], o["decay_steps"], o["min_lr"] / o["lr"]))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,20 +1,10 @@
 """The run folder and resume policy: where a run writes, what it continues from, what it records.
 
-The run folder is ``paths.output_dir``, i.e. Hydra's ``hydra.run.dir`` (``runs/<date>_<time>_<name>``
-unless given) or in a sweep ``hydra.sweep.dir/hydra.sweep.subdir``. It holds Hydra's ``.hydra/``
-record, ``tokenizer.json``, ``versions.json``, ``wandb_id`` (with logger=wandb),
-``checkpoints/{best,last}.ckpt``, the logs, plots, samples and, once the run has finished,
-``result.json``.
-
-- A finished run (``result.json``) is never written again, and an unfinished run's checkpoints
-  only by ``resume=auto``: :class:`RunFolderGuard`, a Hydra callback (``hydra.callbacks`` in
-  ``configs/train.yaml``), checks ``hydra.run.dir`` before Hydra writes its ``.hydra/`` record
-  there; :func:`open_run` checks again in the job (sweep folders are known only then).
-- ``resume=auto`` continues ``<run folder>/checkpoints/last.ckpt``, so a job script (a SLURM
-  requeue, a preempted job) can always pass it together with an explicit ``hydra.run.dir``.
-- A resumed checkpoint must come from the same model, scheme, corpus and tokenizer
-  (:func:`check_resumable`, before any data is read).
-- A command refused before training leaves no folder behind (:func:`remove_if_empty`).
+The run folder is ``paths.output_dir``: Hydra's ``hydra.run.dir`` (``runs/<date>_<time>_<name>`` unless given),
+or in a sweep ``hydra.sweep.dir/hydra.sweep.subdir``. A finished run (``result.json``) is never written again,
+and an unfinished run's checkpoints only by ``resume=auto``, which continues ``checkpoints/last.ckpt`` (so a
+requeued job can always pass it with an explicit ``hydra.run.dir``). A resumed checkpoint must come from the
+same model, scheme, corpus and tokenizer. A command refused before training leaves no folder behind.
 """
 
 from __future__ import annotations
@@ -23,7 +13,6 @@ import os
 import platform
 import shutil
 import subprocess
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -41,8 +30,7 @@ PACKAGES = ("dynpos", "torch", "lightning", "torchmetrics", "hydra-core", "omega
 # Keys that may change when a run is continued: they leave the weights' and the data's meaning alone.
 FREE_ON_RESUME = {"model": ("dropout", "attn", "compile"), "pos": (), "tokenizer": (),
                   "data": ("batch_size", "val_windows", "num_workers", "eval_batch_size")}
-# What a run folder refused before training may hold; anything else means it is not empty.
-_EMPTY_RUN = {".hydra", "train.log"}
+_EMPTY_RUN = {".hydra", "train.log"}  # what a run folder refused before training may hold
 
 
 def last_checkpoint(out: Path) -> Path:
@@ -51,12 +39,10 @@ def last_checkpoint(out: Path) -> Path:
 
 
 def resolve_resume(cfg: DictConfig, out: Path) -> str | None:
-    """The checkpoint a run continues from: ``ckpt_path``, or with ``resume=auto`` the run folder's
-    ``last.ckpt`` if it exists; None for a fresh start. (The two keys are checked in
-    ``dynpos.config.TrainConfig``.)"""
+    """The checkpoint to continue: ``ckpt_path``, or with ``resume=auto`` the run folder's ``last.ckpt`` if it
+    exists; None for a fresh start."""
     if cfg.get("resume") == "auto":
-        last = last_checkpoint(out)
-        return str(last) if last.is_file() else None
+        return str(last_checkpoint(out)) if last_checkpoint(out).is_file() else None
     return str(cfg.ckpt_path) if cfg.get("ckpt_path") else None
 
 
@@ -64,9 +50,9 @@ def check_run_folder(out: Path, resume: str | None) -> None:
     """Refuse to write into a run folder whose contents the run would overwrite.
 
     Raises:
-        FileExistsError: ``out`` holds a finished run (``result.json``), or the checkpoints of an
-            unfinished run that ``resume`` does not continue; the message says what to pass instead.
-        NotADirectoryError: ``out`` exists and is a file.
+        FileExistsError: ``out`` holds a finished run (``result.json``), or the checkpoints of an unfinished run
+            that ``resume`` does not continue; the message says what to pass instead.
+        NotADirectoryError: ``out`` is a file.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -78,61 +64,40 @@ def check_run_folder(out: Path, resume: str | None) -> None:
             "with a new folder"
         )
     folder = out / "checkpoints"
-    existing = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
-    resuming_here = resume is not None and Path(resume).resolve().parent == folder.resolve()
-    if existing and not resuming_here:
+    existing = sorted(folder.glob("*.ckpt"))
+    if existing and (resume is None or Path(resume).resolve().parent != folder.resolve()):
         raise FileExistsError(
             f"run folder {out} holds checkpoints of an unfinished run ({existing[0].name}): continue it with "
             f"resume=auto hydra.run.dir={out}, or give another hydra.run.dir"
         )
 
 
-def check_resumable(checkpoint: dict, cfg: DictConfig, source: str) -> None:
-    """Refuse a checkpoint whose model, scheme, corpus or tokenizer differs from the config's
-    (the keys of :data:`FREE_ON_RESUME` may change).
+def open_run(cfg: DictConfig) -> tuple[str | None, int | None]:
+    """Check the run folder (:func:`check_run_folder`) and the checkpoint to continue from: that checkpoint and
+    its global step, ``(None, None)`` for a fresh start.
 
     Raises:
-        CheckpointError: naming the keys that differ and what to do instead.
+        FileExistsError, NotADirectoryError: as :func:`check_run_folder`.
+        CheckpointError: a missing, unreadable or unsafe checkpoint, or one whose model, scheme, corpus or
+            tokenizer differs from the config's (the keys of :data:`FREE_ON_RESUME` may change).
     """
+    out = Path(cfg.paths.output_dir)
+    resume = resolve_resume(cfg, out)
+    check_run_folder(out, resume)
+    if resume is None:
+        return None, None
+    key = f"ckpt_path={resume}" if cfg.get("ckpt_path") else f"resume=auto ({resume})"
+    checkpoint = load_checkpoint(resume, "ckpt_path" if cfg.get("ckpt_path") else "resume=auto", mmap=True)
     saved = checkpoint["hyper_parameters"]["config"]
     for group, free in FREE_ON_RESUME.items():
         ours, theirs = OmegaConf.to_container(cfg[group], resolve=True), saved.get(group) or {}
         changed = sorted(k for k in set(ours) | set(theirs) if k not in free and ours.get(k) != theirs.get(k))
         if changed:
             raise CheckpointError(
-                f"{source} holds a different {group} ({', '.join(f'{group}.{k}' for k in changed)} differ): "
+                f"{key} holds a different {group} ({', '.join(f'{group}.{k}' for k in changed)} differ): "
                 f"continue with the {group} it was trained with (its run's .hydra/config.yaml), or start a new run"
             )
-
-
-@dataclass
-class RunStart:
-    """What :func:`open_run` found: the run folder, the checkpoint to continue (None: fresh) and
-    that checkpoint's global step."""
-
-    out: Path
-    resume: str | None = None
-    resume_step: int | None = None
-
-
-def open_run(cfg: DictConfig) -> RunStart:
-    """Check the run folder, then open the checkpoint to continue from once (memory-mapped) and
-    :func:`check_resumable` it.
-
-    Raises:
-        ValueError: ``resume=auto`` without ``hydra.run.dir`` (it would start a new folder).
-        FileExistsError, NotADirectoryError: as :func:`check_run_folder`.
-        CheckpointError: a missing, unreadable, unsafe or incompatible checkpoint.
-    """
-    out = Path(cfg.paths.output_dir)
-    resume = resolve_resume(cfg, out)
-    check_run_folder(out, resume)
-    if resume is None:
-        return RunStart(out)
-    key = f"ckpt_path={resume}" if cfg.get("ckpt_path") else f"resume=auto ({resume})"
-    checkpoint = load_checkpoint(resume, "ckpt_path" if cfg.get("ckpt_path") else "resume=auto", mmap=True)
-    check_resumable(checkpoint, cfg, key)
-    return RunStart(out, resume, int(checkpoint["global_step"]))
+    return resume, int(checkpoint["global_step"])
 
 
 def remove_if_empty(out: Path) -> None:
@@ -143,12 +108,11 @@ def remove_if_empty(out: Path) -> None:
 
 
 class RunFolderGuard(Callback):
-    """Hydra callback: check ``hydra.run.dir`` with :func:`check_run_folder` before Hydra creates it
-    and writes ``.hydra/`` and the log into it, so a refused command leaves a finished run's
-    folder byte for byte as it was. ``resume=auto`` without ``hydra.run.dir`` is refused here too:
-    it would quietly start a new timestamped folder.
-
-    A refusal prints one ``error:`` line and exits with status 2 (:func:`dynpos.training.cli.guard`).
+    """Hydra callback (``hydra.callbacks`` in ``configs/train.yaml``): :func:`check_run_folder` on
+    ``hydra.run.dir`` before Hydra writes ``.hydra/`` and the log there, so a refused command leaves a finished
+    run's folder byte for byte as it was; :func:`open_run` checks again in the job (sweep folders are known only
+    then). ``resume=auto`` without ``hydra.run.dir`` is refused here: it would quietly start a new folder.
+    Refusals go through :func:`dynpos.training.cli.guard`.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -166,33 +130,26 @@ class RunFolderGuard(Callback):
         guard(check)
 
 
-def _git(args: list[str], cwd: Path) -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
-                              env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})  # read-only: no index refresh
+        proc = subprocess.run(["git", *args], cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                              timeout=10, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})  # read-only: no index refresh
     except (OSError, subprocess.SubprocessError):
         return None
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
+def _version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 def package_versions() -> dict[str, Any]:
-    """Python, platform, the versions of :data:`PACKAGES` and dynpos's git commit.
-
-    ``git`` is ``{"commit": sha, "dirty": bool}`` when the ``dynpos`` package runs from a git
-    checkout (an editable install), else None. Nothing from the environment is recorded.
-    """
-    packages = {}
-    for name in PACKAGES:
-        try:
-            packages[name] = version(name)
-        except PackageNotFoundError:
-            packages[name] = None
-
-    source = Path(__file__).resolve().parents[1]  # src/dynpos
-    commit = _git(["rev-parse", "HEAD"], source)
-    git = None
-    if commit:
-        status = _git(["status", "--porcelain", "--untracked-files=no"], source)
-        git = {"commit": commit, "dirty": bool(status) if status is not None else None}
-    return {"python": platform.python_version(), "platform": platform.platform(), "packages": packages,
-            "cuda": torch.version.cuda, "git": git}
+    """Python, platform, CUDA, the versions of :data:`PACKAGES` and, when dynpos runs from a git checkout,
+    ``git``: ``{"commit": sha, "dirty": bool}``. Nothing from the environment is recorded."""
+    commit = _git("rev-parse", "HEAD")
+    git = {"commit": commit, "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))} if commit else None
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "packages": {name: _version(name) for name in PACKAGES}, "cuda": torch.version.cuda, "git": git}
