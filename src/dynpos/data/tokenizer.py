@@ -26,72 +26,24 @@ from dynpos.data.corpora import HubUnavailableError
 
 TOKENIZER_KINDS = ("char", "byte", "bpe", "gpt2")
 DEFAULT_BPE_VOCAB = 4096
-UNK = "<unk>"
 
 
 def _bytes_to_chars() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map: printable Latin-1 bytes stand for
-    themselves, the other 68 bytes take code points 256, 257, ... in byte order."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
+    """GPT-2's byte -> character map: printable Latin-1 bytes stand for themselves, the other 68 take 256, 257..."""
+    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in keep else next(extra)) for b in range(256)}
 
 
-def _byte_level(tok: Tokenizer, use_regex: bool) -> Tokenizer:
+def _byte_level(model: models.Model, use_regex: bool) -> Tokenizer:
+    tok = Tokenizer(model)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=use_regex)
     tok.decoder = decoders.ByteLevel()
     return tok
 
 
-def _char(train_texts: Iterable[str]) -> Tokenizer:
-    chars: set[str] = set()
-    for text in train_texts:
-        chars.update(text)
-    vocab = {UNK: 0, **{c: i + 1 for i, c in enumerate(sorted(chars))}}
-    # A BPE model without merges and without pre-tokenizer splits text into single characters;
-    # measured 1.5x faster than WordLevel behind a one-character pre-tokenizer.
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
-    tok.decoder = decoders.Fuse()
-    return tok
-
-
-def _byte() -> Tokenizer:
-    vocab = {c: b for b, c in _bytes_to_chars().items()}
-    # No merges, so the GPT-2 regex split would change nothing but cost 2.5x the time.
-    return _byte_level(Tokenizer(models.BPE(vocab=vocab, merges=[])), use_regex=False)
-
-
-def _bpe(train_texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    tok = _byte_level(Tokenizer(models.BPE()), use_regex=True)
-    alphabet = list(_bytes_to_chars().values())
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False)
-    tok.train_from_iterator(train_texts, trainer)
-    return tok
-
-
-def _pretrained(name: str) -> Tokenizer:
-    return Tokenizer.from_pretrained(name)
-
-
-def _gpt2() -> Tokenizer:
-    try:
-        return _pretrained("gpt2")
-    except Exception as e:  # offline, or the hub refused: one line that says what to do
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise HubUnavailableError(
-            f"tokenizer.kind=gpt2 needs the Hugging Face hub (Tokenizer.from_pretrained('gpt2') failed: "
-            f"{type(e).__name__}: {reason}): connect once to fill the cache, or use tokenizer=char, byte or bpe"
-        ) from e
-
-
 def check_tokenizer_config(kind: str, vocab_size: int | None = None) -> None:
-    """Validate ``tokenizer.kind`` and ``tokenizer.vocab_size``.
+    """Validate ``tokenizer.kind`` and ``tokenizer.vocab_size`` (for ``dynpos.config.TokenizerConfig``).
 
     Raises:
         ValueError: unknown kind; ``vocab_size`` given for a kind other than ``bpe``; a ``bpe``
@@ -126,15 +78,34 @@ def build_tokenizer(kind: str, train_texts: Iterable[str] = (), vocab_size: int 
     """
     check_tokenizer_config(kind, vocab_size)
     if kind == "char":
-        tok = _char(train_texts)
-        if tok.get_vocab_size() == 1:
+        chars: set[str] = set()
+        for text in train_texts:
+            chars.update(text)
+        if not chars:
             raise ValueError("tokenizer=char found no characters in the training split: check data.*")
+        # A BPE model without merges and without pre-tokenizer splits text into single characters;
+        # measured 1.5x faster than WordLevel behind a one-character pre-tokenizer.
+        vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(sorted(chars))}}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+        tok.decoder = decoders.Fuse()
         return tok
-    if kind == "byte":
-        return _byte()
+    if kind == "byte":  # no merges, so the GPT-2 regex split would change nothing but cost 2.5x the time
+        return _byte_level(models.BPE(vocab={c: b for b, c in _bytes_to_chars().items()}, merges=[]), use_regex=False)
     if kind == "bpe":
-        return _bpe(train_texts, vocab_size or DEFAULT_BPE_VOCAB)
-    return _gpt2()
+        tok = _byte_level(models.BPE(), use_regex=True)
+        alphabet = list(_bytes_to_chars().values())
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size or DEFAULT_BPE_VOCAB, initial_alphabet=alphabet,
+                                      show_progress=False)
+        tok.train_from_iterator(train_texts, trainer)
+        return tok
+    try:
+        return Tokenizer.from_pretrained("gpt2")
+    except Exception as e:  # offline, or the hub refused: one line that says what to do
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise HubUnavailableError(
+            f"tokenizer.kind=gpt2 needs the Hugging Face hub (Tokenizer.from_pretrained('gpt2') failed: "
+            f"{type(e).__name__}: {reason}): connect once to fill the cache, or use tokenizer=char, byte or bpe"
+        ) from e
 
 
 def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
@@ -151,9 +122,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"no tokenizer file at {path!r}: point it at a run's tokenizer.json"
-        )
+        raise FileNotFoundError(f"no tokenizer file at {path!r}: point it at a run's tokenizer.json")
     try:
         return Tokenizer.from_file(path)
     except Exception as e:
@@ -165,14 +134,3 @@ def tokenizer_fingerprint(tok: Tokenizer) -> str:
     so it keys token caches and checks that a checkpoint's tokenizer matches the data."""
     canonical = json.dumps(json.loads(tok.to_str()), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-__all__ = [
-    "DEFAULT_BPE_VOCAB",
-    "TOKENIZER_KINDS",
-    "build_tokenizer",
-    "check_tokenizer_config",
-    "load_tokenizer",
-    "save_tokenizer",
-    "tokenizer_fingerprint",
-]
