@@ -1,27 +1,14 @@
-"""Causal self-attention with an additive positional bias, the KV cache, and the one function
-that picks the attention path.
+"""Causal self-attention with an additive positional bias, the KV cache, and the one function that
+picks the attention path (:func:`choose_attention`).
 
-``softmax(q k^T / sqrt(d) + bias + causal) v`` on one of several paths that compute the same
-function (tests prove it to float32 rounding):
-
-* ``fused``: :func:`dynpos.model.fused.table_attention`, the CPU flash kernel forward with a
-  hand-written backward that reduces the bias gradient straight into the per-distance table
-  (a ``torch.library`` custom op: no graph break under ``torch.compile``);
-* ``sdpa``: PyTorch's ``scaled_dot_product_attention`` with the bias and the causal mask folded
-  into one float mask (bias-free attention uses ``is_causal`` and the flash kernel);
-* ``eager``: explicit matmul, softmax, matmul: the reference;
-* ``flex``: FlexAttention with a ``score_mod`` that reads the per-distance table, so the
-  ``(heads, i, j)`` grid is never built; compiled once with dynamic shapes. On CPU, torch 2.13
-  has no FlexAttention backward: there the path serves inference (evaluation, generation) and
-  refuses to train.
-
-``auto`` (the default) and every fallback are decided by :func:`choose_attention` alone, from
-(requested path, scheme's bias, device, gradients, KV cache, dropout, length); the model, the
-tests and ``scripts/bench.py`` all call it, and each fallback is logged once with its reason.
+``softmax(q kᵀ / sqrt(d) + bias + causal) v`` on paths that agree to float32 rounding: ``fused``
+(:mod:`dynpos.model.fused`), ``sdpa`` (the bias and the causal mask folded into one float mask),
+``eager`` (the reference) and ``flex`` (FlexAttention reading the per-distance table).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -34,76 +21,46 @@ from torch import Tensor, nn
 from dynpos.model.fused import table_attention
 
 PATHS = ("auto", "fused", "sdpa", "eager", "flex")
-#: Bias kinds a positional scheme gives attention (:func:`choose_attention`'s ``bias``).
-BIAS_KINDS = ("none", "table", "grid")
-#: Longest sequence for which ``auto`` trains a learned table (DPB) on ``eager`` rather than
-#: ``fused``: attention alone, fwd + bwd, B=12 H=4 D=32, 2 threads, medians of 30:
-#: n = 64 eager 1.9 ms vs fused 3.3 (bias-free causal SDPA 1.3), n = 96 5.8 vs 6.0,
-#: n = 128 8.7 vs 7.5 (``scripts/bench_attention.py``).
-AUTO_EAGER_MAX = 64
+AUTO_EAGER_MAX = 64  # up to this length auto trains a learned table on eager, measured faster there
 
 log = logging.getLogger(__name__)
 _reported: set[str] = set()
 
 
-class AttnChoice(NamedTuple):
-    """What :func:`choose_attention` decided.
+def check_attn(attn: str) -> None:
+    """Raises ValueError unless ``attn`` (``model.attn``) is one of :data:`PATHS`."""
+    if attn not in PATHS:
+        raise ValueError(f"model.attn={attn!r} is not one of {', '.join(PATHS)}")
 
-    ``path``: ``fused``, ``sdpa``, ``eager`` or ``flex``; ``reason``: why, in one line;
-    ``fallback``: True when the path is slower or heavier than the one asked for (or than
-    ``auto``'s fast path) because of a limit, the case that is logged.
-    """
+
+class AttnChoice(NamedTuple):
+    """:func:`choose_attention`'s ``path`` and ``reason``; ``fallback``: worse than asked for (logged)."""
 
     path: str
     reason: str
     fallback: bool = False
 
 
-def _report(reason: str) -> None:
-    """Log a fallback once per distinct reason."""
-    if reason not in _reported:
-        _reported.add(reason)
-        log.warning("attention fallback: %s", reason)
-
-
 def choose_attention(attn: str, *, bias: str, learned: bool, device: torch.device | str, grad: bool,
                      cached: bool, dropout: float, length: int) -> AttnChoice:
     """Decide the attention path: the one place that does (DESIGN.md, Attention).
 
-    Args:
-        attn: the requested path, ``model.attn``: one of :data:`PATHS`.
-        bias: what the positional scheme gives: ``none`` (no logits bias: NoPE, RoPE, learned,
-            sinusoidal), ``table`` (a per-distance table ``(H, j)``: DPB, ALiBi, T5, KERPLE)
-            or ``grid`` (a full ``(H, i, j)`` bias: FIRE).
-        learned: whether the bias has trainable parameters (DPB, T5, KERPLE, FIRE; not ALiBi).
-        device: where the tensors are.
-        grad: whether autograd records (``torch.is_grad_enabled()``).
-        cached: whether the queries are fewer than the keys (decoding through a KV cache).
-        dropout: the attention dropout that applies (``model.dropout`` in training, else 0).
-        length: number of key positions ``j``.
-
-    Returns:
-        :class:`AttnChoice`. The rules: ``eager`` and ``sdpa`` are taken as asked. ``auto`` on the
-        CPU sends a table without a cache to ``fused`` when the table is learned or no gradient
-        is needed (the chunked forward keeps memory linear in the length), except to train a
-        learned table on at most :data:`AUTO_EAGER_MAX` positions, where ``eager`` is faster;
-        a fixed table in training (ALiBi) is faster as a grad-free ``sdpa`` mask; everything
-        else goes to ``sdpa`` (on CUDA too: the GPU paths are unmeasured). The fused kernel has
-        no dropout: training a table with ``dropout > 0`` falls back to ``eager`` (O(n²) memory).
-        ``fused`` asked for where it cannot run (no table, a cache, not the CPU) falls back to
-        ``sdpa``; ``flex`` without FlexAttention in this torch, to ``sdpa``. Each fallback is
-        logged once per distinct reason (logger ``dynpos.model.attention``, level WARNING);
-        while Dynamo traces, nothing is logged (a log call would break the graph):
-        :func:`dynpos.model.compile_model` reports the training and evaluation choices first.
+    ``attn`` is ``model.attn``; ``bias`` what the scheme gives: ``none``, ``table`` (per distance,
+    ``(H, j)``) or ``grid`` (``(H, i, j)``, FIRE); ``learned``: it has trainable parameters;
+    ``grad``: ``torch.is_grad_enabled()``; ``cached``: fewer queries than keys (a KV cache);
+    ``dropout``: the attention dropout that applies; ``length``: the key positions ``j``. ``auto`` on
+    the CPU takes ``fused`` for a table without a cache (``eager`` with dropout or to train a learned
+    table on up to :data:`AUTO_EAGER_MAX` positions, a grad-free ``sdpa`` mask to train a fixed one),
+    else ``sdpa`` (on CUDA too: unmeasured). Each fallback is logged once per reason (logger
+    ``dynpos.model.attention``, WARNING), but not while Dynamo traces.
 
     Raises:
-        ValueError: for an unknown ``attn`` or ``bias``, and for ``flex`` with gradients on
-            the CPU (torch has no CPU FlexAttention backward).
+        ValueError: for an unknown ``attn`` or ``bias``, or ``flex`` with gradients on the CPU
+            (torch has no CPU FlexAttention backward).
     """
-    if attn not in PATHS:
-        raise ValueError(f"model.attn={attn!r} is not one of {', '.join(PATHS)}")
-    if bias not in BIAS_KINDS:
-        raise ValueError(f"bias={bias!r} is not one of {', '.join(BIAS_KINDS)}")
+    check_attn(attn)
+    if bias not in ("none", "table", "grid"):
+        raise ValueError(f"bias={bias!r} is not one of none, table, grid")
     cpu = torch.device(device).type == "cpu"
     choice = AttnChoice(attn, "asked for")
     if attn == "flex":
@@ -127,21 +84,20 @@ def choose_attention(attn: str, *, bias: str, learned: bool, device: torch.devic
                                 f"(model.dropout={dropout:g}); training on eager, O(n^2) memory: "
                                 "set model.dropout=0 for the fused path", True)
         elif attn == "auto" and grad and length <= AUTO_EAGER_MAX:
-            choice = AttnChoice("eager", f"auto: learned table at {length} <= {AUTO_EAGER_MAX} positions trains faster on eager")
+            choice = AttnChoice("eager", f"auto: learned table at {length} <= {AUTO_EAGER_MAX} positions "
+                                "trains faster on eager")
         else:
             choice = AttnChoice("fused", "asked for" if attn == "fused" else "auto: per-distance table on the CPU")
-    if choice.fallback and not torch.compiler.is_compiling():  # compile_model reports before compiling
-        _report(choice.reason)
+    # nothing is logged inside a compiled graph (a log call would break it)
+    if choice.fallback and not torch.compiler.is_compiling() and choice.reason not in _reported:
+        _reported.add(choice.reason)
+        log.warning("attention fallback: %s", choice.reason)
     return choice
 
 
 class AttnInputs(NamedTuple):
-    """What one block's attention receives from the positional scheme, for the path chosen.
-
-    ``path``: the resolved path (``fused``, ``sdpa``, ``eager`` or ``flex``); ``mask``: the folded float
-    mask ``(1, H, i, j)`` (sdpa/eager; None: plain causal); ``table``: per-distance bias ``(H, j)``
-    (fused/flex); ``bias``: full bias ``(H, i, j)`` (flex, schemes without a table).
-    """
+    """One block's inputs for ``path``: float ``mask (1, H, i, j)`` (sdpa, eager; None: plain causal),
+    ``table (H, j)`` (fused, flex) or ``bias (H, i, j)`` (flex without a table)."""
 
     path: str
     mask: Tensor | None = None
@@ -151,24 +107,12 @@ class AttnInputs(NamedTuple):
 
 def flex_available() -> bool:
     """Whether this torch has FlexAttention (``torch.nn.attention.flex_attention``)."""
-    try:
-        import torch.nn.attention.flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
 def causal_mask(bias: Tensor | None, i: int, j: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """Fold the causal mask into a float attention mask.
-
-    Args:
-        bias: ``(heads, i, j)`` additive bias, or None.
-        i, j: query and key lengths, the queries being the last ``i`` of the ``j`` positions.
-
-    Returns:
-        ``(1, heads, i, j)`` (``(1, 1, i, j)`` without bias): ``bias`` where key ``y <= j - i + x``,
-        ``-inf`` above that diagonal.
-    """
+    """Fold the causal mask into a float mask: ``(1, heads, i, j)`` (``(1, 1, i, j)`` for ``bias``
+    None) holding ``bias (heads, i, j)`` (or 0) where key ``y <= j - i + x``, ``-inf`` above."""
     future = torch.ones(i, j, dtype=torch.bool, device=device).triu(j - i + 1)
     base = bias if bias is not None else torch.zeros(1, i, j, device=device, dtype=dtype)
     return base.to(dtype).masked_fill(future, float("-inf")).unsqueeze(0)
@@ -176,18 +120,13 @@ def causal_mask(bias: Tensor | None, i: int, j: int, device: torch.device, dtype
 
 @dataclass
 class KVCache:
-    """Keys and values of every block, for decoding one token at a time.
-
-    ``keys[layer]``/``values[layer]``: ``(B, n_head, length, head_dim)`` or None before the first step.
-    ``tables``: the per-distance bias tables ``(n_head, m)`` of every block, for table schemes
-    decoding without gradients: computed once for ``m >= block_size`` distances and sliced at
-    each step, instead of running the positional MLP on ``0 .. length-1`` at every token.
-    """
+    """Keys and values ``(B, n_head, length, head_dim)`` of every block (None before the first step),
+    and the blocks' bias ``tables`` that the GPT keeps for decoding without gradients."""
 
     n_layer: int
-    keys: list[Tensor | None] = field(default_factory=list)
-    values: list[Tensor | None] = field(default_factory=list)
-    tables: list[Tensor] | None = None
+    keys: list[Tensor | None] = field(init=False)
+    values: list[Tensor | None] = field(init=False)
+    tables: list[Tensor | None] | None = None
 
     def __post_init__(self) -> None:
         self.keys = [None] * self.n_layer
@@ -208,7 +147,7 @@ class KVCache:
 
 
 def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float = 0.0) -> Tensor:
-    """Reference attention: ``q (B, H, i, D)``, ``k, v (B, H, j, D)``, float ``mask`` broadcastable to ``(B, H, i, j)``."""
+    """Reference attention: ``q (B, H, i, D)``, ``k, v (B, H, j, D)``, float ``mask`` broadcast to ``(B, H, i, j)``."""
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + mask
     weights = F.dropout(torch.softmax(scores.float(), dim=-1).to(q.dtype), dropout_p)
     return weights @ v
@@ -241,21 +180,13 @@ _compiled_flex: dict[str, object] = {}
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, bias: Tensor | None) -> Tensor:
-    """FlexAttention with the causal mask and a ``score_mod`` reading the positional bias.
+    """Causal FlexAttention ``(B, H, i, D)`` of ``q (B, H, i, D)`` (the last ``i`` of ``j`` positions),
+    ``k, v (B, H, j, D)``, adding ``table (H, m >= j)`` at distance ``j - i + q_idx - kv_idx``, or
+    ``bias (H, i, j)``, or neither.
 
-    Compiled once per kind (table, grid) with ``dynamic=True``: the lengths are symbolic and the
-    offset ``j - i`` of the queries reaches ``score_mod`` as a 0-d tensor (a symbolic int there
-    fails Inductor's CPU lowering in torch 2.13, a plain int recompiles at every length), so
-    generation compiles two graphs (the prompt, then one-token steps: Dynamo specialises size 1)
-    instead of one per key length.
-
-    Args:
-        q: ``(B, H, i, D)``; ``k``, ``v``: ``(B, H, j, D)``; queries are the last ``i`` of ``j``.
-        table: per-distance bias ``(H, m)``, ``m >= j`` (read at ``j - i + q_idx - kv_idx``), or None.
-        bias: full bias ``(H, i, j)`` for schemes without a table, or None.
-
-    Returns:
-        ``(B, H, i, D)``.
+    Compiled once per kind with ``dynamic=True``; ``j - i`` reaches ``score_mod`` as a 0-d tensor
+    (a symbolic int fails Inductor's CPU lowering in torch 2.13, a plain int recompiles at every
+    length), so generation compiles two graphs, not one per key length.
     """
     kind = "table" if table is not None else "grid"
     if kind not in _compiled_flex:
@@ -265,13 +196,8 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, bias: 
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention whose logits receive the positional scheme's bias.
-
-    Args:
-        n_embd: model width; n_head: number of heads (``n_embd % n_head == 0``).
-        dropout: attention and residual dropout probability.
-        bias: whether the Linear layers have biases.
-    """
+    """Multi-head causal self-attention whose logits receive the positional scheme's bias; ``dropout``
+    applies to the attention weights and the residual, ``bias`` to the Linear layers."""
 
     def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool) -> None:
         super().__init__()
@@ -296,14 +222,11 @@ class CausalSelfAttention(nn.Module):
             y = table_attention(q, k, v, inputs.table)
         elif path == "flex":
             y = flex_attention(q, k, v, inputs.table, inputs.bias)
-        elif path == "eager":
-            if mask is None:
-                mask = causal_mask(None, i, j, x.device, q.dtype)
-            y = eager_attention(q, k, v, mask, dropout_p)
-        elif mask is None and i == j:
+        elif path == "sdpa" and mask is None and i == j:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
-            if mask is None and i > 1:
+            if mask is None and (path == "eager" or i > 1):
                 mask = causal_mask(None, i, j, x.device, q.dtype)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            attend = eager_attention if path == "eager" else F.scaled_dot_product_attention
+            y = attend(q, k, v, mask, dropout_p)
         return self.resid_dropout(self.c_proj(rearrange(y, "b h t d -> b t (h d)")))

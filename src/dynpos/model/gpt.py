@@ -9,38 +9,35 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynpos.model.attention import (
-    PATHS, AttnChoice, AttnInputs, CausalSelfAttention, KVCache, causal_mask, choose_attention,
-)
-from dynpos.positional.base import PositionalScheme, toeplitz
+from dynpos.model.attention import AttnChoice, AttnInputs, CausalSelfAttention, KVCache, causal_mask, check_attn
+from dynpos.model.attention import choose_attention
+from dynpos.positional.base import PositionalScheme, check_model_sizes, toeplitz
 from dynpos.positional.dpb import DPB
 
 
 @dataclass
 class GPTConfig:
-    """Model sizes.
-
-    Also the schema of the ``model`` config group (Hydra's ConfigStore, ``dynpos.config``): Hydra
-    checks the types and refuses unknown keys at composition, ``__post_init__`` the ranges.
+    """Model sizes: the schema of the ``model`` config group (Hydra's ConfigStore, ``dynpos.config``).
 
     Attributes:
         vocab_size: number of token ids; None (the config default) = the tokenizer's, set by the
             training pipeline. A larger number pads the embedding (nanoGPT's 50304 for GPT-2).
         block_size: the training context length, in tokens.
         n_layer, n_head, n_embd: depth, heads per block, width (``n_embd % n_head == 0``).
-        dropout: dropout probability (0 for pretraining small models).
+        dropout: dropout probability, in ``[0, 1)``.
         bias: biases in Linear layers and LayerNorms (GPT-2: True).
-        attn: attention path: ``auto`` (default: ``fused`` on CPU for schemes with a per-distance
-            table, ``eager`` to train one on up to 64 positions, else ``sdpa``), ``fused``,
-            ``sdpa``, ``eager``, ``flex``; the rules and fallbacks are
-            :func:`dynpos.model.attention.choose_attention`'s.
+        attn: attention path, one of ``auto`` (default), ``fused``, ``sdpa``, ``eager``, ``flex``:
+            :func:`dynpos.model.attention.choose_attention` gives the rules and fallbacks.
         compile: compile the model with ``torch.compile`` for training and evaluation.
+
+    Raises:
+        ValueError: naming the ``model.<key>`` out of range.
     """
 
     vocab_size: int | None = None
@@ -54,12 +51,8 @@ class GPTConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, key)
-            if key == "vocab_size" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.{key} must be a positive int, got {value!r}")
+        sizes = ("block_size", "n_layer", "n_head", "n_embd") + (("vocab_size",) if self.vocab_size is not None else ())
+        check_model_sizes(**{key: getattr(self, key) for key in sizes})
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}: "
@@ -67,8 +60,7 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.attn not in PATHS:
-            raise ValueError(f"model.attn={self.attn!r} is not one of {', '.join(PATHS)}")
+        check_attn(self.attn)
 
 
 class MLP(nn.Module):
@@ -103,13 +95,16 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Decoder-only language model with a pluggable positional scheme.
 
+    The LM head shares its weight with the token embedding (weight tying, Press & Wolf 2017).
+
     Args:
-        config: the sizes.
+        config: the sizes (``vocab_size`` set).
         pos: a factory ``(n_layer=, n_head=, n_embd=, block_size=) -> PositionalScheme``: a scheme
             class or a ``functools.partial`` of one with its options (what Hydra's ``_partial_``
             builds from ``configs/pos/*.yaml``). Default: :class:`~dynpos.positional.dpb.DPB`.
 
-    The LM head shares its weight with the token embedding (weight tying, Press & Wolf 2017).
+    Raises:
+        ValueError: if ``config.vocab_size`` is None.
     """
 
     def __init__(self, config: GPTConfig, pos: Callable[..., PositionalScheme] | None = None) -> None:
@@ -117,10 +112,8 @@ class GPT(nn.Module):
         if config.vocab_size is None:
             raise ValueError("GPTConfig.vocab_size is None: give the tokenizer's vocabulary size")
         self.config = config
-        factory = pos if pos is not None else DPB
-        self.pos = factory(
-            n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, block_size=config.block_size
-        )
+        self.pos = (pos or DPB)(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
+                                block_size=config.block_size)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
@@ -148,24 +141,14 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, t: int) -> float:
-        """Training FLOPs (forward + backward) per token at context length ``t``.
-
-        ``6 N + 12 n_layer n_embd t`` (PaLM, Chowdhery et al. 2022, appendix B), the attention
-        term counted in full as nanoGPT's MFU estimate does.
-        """
+        """Training FLOPs per token at context length ``t``: ``6 N + 12 n_layer n_embd t`` (PaLM,
+        Chowdhery et al. 2022, appendix B; the attention term in full, as nanoGPT's MFU estimate)."""
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * t
 
-    def _tables(self, j: int) -> list[Tensor | None]:
-        """Per-distance tables ``(H, j)`` of every block; a shared scheme's is computed once."""
-        if self.pos.shared:
-            return [self.pos.table(0, j)] * self.config.n_layer
-        return [self.pos.table(layer, j) for layer in range(self.config.n_layer)]
-
     def attention_choice(self, i: int, j: int, device: torch.device | str, cache: KVCache | None = None) -> AttnChoice:
-        """The attention path a forward of ``i`` new tokens over ``j`` positions takes now (grad
-        mode and ``self.training`` included): :func:`~dynpos.model.attention.choose_attention`
-        called with this model's config and scheme, as :meth:`forward` calls it."""
+        """The path a forward of ``i`` new tokens over ``j`` positions takes now (grad mode and
+        ``self.training`` included): :func:`~dynpos.model.attention.choose_attention` for this model."""
         scheme = type(self.pos)
         bias = ("table" if scheme.table is not PositionalScheme.table else
                 "grid" if scheme.bias is not PositionalScheme.bias else "none")
@@ -178,52 +161,29 @@ class GPT(nn.Module):
 
     def _layer_inputs(self, path: str, i: int, j: int, dtype: torch.dtype, device: torch.device,
                       cache: KVCache | None = None) -> list[AttnInputs]:
-        """Give each block the bias in the form ``path`` needs: the per-distance table (fused,
-        flex), else the bias folded with the causal mask. Decoding through a ``cache`` without
-        gradients reads the tables kept in it."""
+        """Each block's bias in the form ``path`` needs: the per-distance table (fused, flex), else
+        the bias folded with the causal mask once per distinct tensor (a shared scheme repeats one).
+        Decoding through a ``cache`` without gradients reads tables kept in it for
+        ``max(block_size, j, twice the last)`` distances."""
         if cache is not None and i != j and not torch.is_grad_enabled():
-            tables = self._decoding_tables(cache, j)
+            kept = cache.tables
+            if kept is None or kept[0] is not None and kept[0].shape[1] < j:
+                have = 0 if kept is None else kept[0].shape[1]
+                cache.tables = self.pos.tables(max(self.config.block_size, j, 2 * have))
+            tables = cache.tables
         else:
-            tables = self._tables(j)
-        if tables is None or tables[0] is None:
-            if path == "flex":
-                return [AttnInputs("flex", bias=b) for b in self.pos.biases(i, j)]
-            return self._masked(path, self.pos.biases(i, j), i, j, dtype, device)
-        if path in ("fused", "flex"):
+            tables = self.pos.tables(j)
+        if tables[0] is not None and path in ("fused", "flex"):
             return [AttnInputs(path, table=t) for t in tables]
-        return self._masked(path, self._grids(tables, i, j), i, j, dtype, device)
-
-    def _decoding_tables(self, cache: KVCache, j: int) -> list[Tensor] | None:
-        """The blocks' per-distance tables for at least ``j`` distances, kept in ``cache`` (no
-        gradient): computed for ``max(block_size, j, twice the last)`` distances when too short.
-        None for schemes without a table."""
-        if cache.tables is None or cache.tables[0].shape[1] < j:
-            have = 0 if cache.tables is None else cache.tables[0].shape[1]
-            tables = self._tables(max(self.config.block_size, j, 2 * have))
-            if tables[0] is None:
-                return None
-            cache.tables = tables
-        return cache.tables
-
-    @staticmethod
-    def _grids(tables: list[Tensor], i: int, j: int) -> list[Tensor]:
-        """Each block's ``(H, i, j)`` bias from its per-distance table (the first ``j`` distances),
-        expanded once per distinct table (a shared scheme repeats one)."""
-        grids = {id(t): toeplitz(t[:, :j], i) for t in tables}
-        return [grids[id(t)] for t in tables]
-
-    @staticmethod
-    def _masked(path: str, biases: list[Tensor | None], i: int, j: int, dtype: torch.dtype,
-                device: torch.device) -> list[AttnInputs]:
-        """Each block's bias ``(H, i, j)`` (or None) folded with the causal mask, once per distinct
-        tensor (a shared scheme repeats one)."""
-        folded: dict[int, Tensor | None] = {}
-        inputs = []
-        for bias in biases:
-            if id(bias) not in folded:
-                folded[id(bias)] = None if bias is None else causal_mask(bias, i, j, device, dtype)
-            inputs.append(AttnInputs(path, mask=folded[id(bias)]))
-        return inputs
+        biases = self.pos.biases(i, j) if tables[0] is None else tables
+        if path == "flex":
+            return [AttnInputs("flex", bias=b) for b in biases]
+        masks = {}
+        for b in biases:
+            if id(b) not in masks:
+                grid = b if tables[0] is None else toeplitz(b[:, :j], i)
+                masks[id(b)] = None if b is None else causal_mask(grid, i, j, device, dtype)
+        return [AttnInputs(path, mask=masks[id(b)]) for b in biases]
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None):
         """Logits for each position, and the loss when ``targets`` are given.
@@ -277,10 +237,9 @@ class GPT(nn.Module):
                  generator: torch.Generator | None = None) -> Tensor:
         """Sample ``max_new_tokens`` tokens after ``idx (B, t)``, one at a time through a KV cache.
 
-        Once the context reaches ``block_size`` tokens, each step recomputes the last
-        ``block_size`` tokens without the cache (as nanoGPT does), so the model never sees a
-        longer context than it was trained on. Runs ``forward`` directly, so a model compiled in
-        place (``model.compile=true``) decodes eagerly instead of recompiling for every cache length.
+        Past ``block_size`` tokens each step recomputes the last ``block_size`` without the cache
+        (as nanoGPT does). Calls ``forward`` directly, so a model compiled in place decodes
+        eagerly instead of recompiling for every cache length.
 
         Returns:
             ``(B, t + max_new_tokens)`` token ids.
@@ -297,7 +256,7 @@ class GPT(nn.Module):
             raise ValueError(f"top_k must be in 1..{self.config.vocab_size} (vocab_size), got {top_k}")
         block = self.config.block_size
         cache = KVCache(self.config.n_layer)
-        logits, _ = self.forward(idx[:, -block:], cache=cache)  # forward: eager even when compiled
+        logits, _ = self.forward(idx[:, -block:], cache=cache)
         for _ in range(max_new_tokens):
             logits = logits[:, -1, :] / temperature
             if top_k is not None:
@@ -312,33 +271,18 @@ class GPT(nn.Module):
                 logits, _ = self.forward(idx[:, -block:])
         return idx
 
-    def config_dict(self) -> dict:
-        """The model config as a plain dict (saved in checkpoints)."""
-        return asdict(self.config)
-
 
 def compile_model(model: GPT, mode: str | None = None) -> GPT:
-    """Compile ``model`` in place for training and evaluation (``nn.Module.compile``).
+    """Compile ``model`` in place (``nn.Module.compile``, ``torch.compile`` ``mode``) and return it.
 
-    First asks :meth:`GPT.attention_choice` for the training and the evaluation path at
-    ``block_size``, so that any fallback is logged (nothing is logged while Dynamo traces).
-    In place, so ``model.state_dict()`` keeps its keys: checkpoints carry no ``_orig_mod.``
-    prefix (nanoGPT issues #325, #351) and load into an uncompiled model. The fused CPU
-    attention is a registered custom op, so a DPB model compiles with no graph break. Dynamic
-    shapes are left to Dynamo's default (``dynamic=None``): the training block compiles
-    static, and a second length (evaluation at other lengths) recompiles once as dynamic.
-
-    Args:
-        model: the GPT.
-        mode: ``torch.compile`` mode (None: the default; ``max-autotune-no-cudagraphs`` measured
-            no better on the CPU, README Performance).
-
-    Returns:
-        The same ``model``.
+    First reports any fallback of the training and evaluation paths at ``block_size`` (nothing is
+    logged while Dynamo traces). In place, so checkpoints carry no ``_orig_mod.`` prefix (nanoGPT
+    issues #325, #351). The fused attention is a custom op: no graph break. Dynamic shapes are
+    Dynamo's default: a second length (evaluation) recompiles once as dynamic.
     """
     block, training = model.config.block_size, model.training
     device = next(model.parameters()).device
-    for train in (True, False):  # report fallbacks now: nothing is logged inside a compiled graph
+    for train in (True, False):
         model.train(train)
         with torch.set_grad_enabled(train):
             model.attention_choice(block, block, device)

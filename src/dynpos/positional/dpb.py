@@ -15,82 +15,65 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from dynpos.positional.base import PositionalScheme, check_sizes
+from dynpos.positional.base import PositionalScheme, check_sizes, is_count
 
 
 class DynamicPositionBias(nn.Module):
-    """MLP mapping a relative distance to an additive attention bias for each head.
+    """MLP mapping a relative distance (in positions) to an additive attention bias for each head.
 
     Args:
         dim: hidden width of the MLP.
         heads: number of attention heads (the MLP's output width).
-        depth: number of hidden layers (>= 1). ``depth=2`` gives
+        depth: number of hidden layers; ``depth=2`` gives
             Linear(1, dim) -> SiLU -> Linear(dim, dim) -> SiLU -> Linear(dim, heads).
         log_distance: feed ``sign(r) * log(1 + |r|)`` instead of ``r`` (SwinV2).
         norm: LayerNorm after each hidden Linear.
-        signed: use the signed distance ``x - y`` (asymmetric bias, for bidirectional use)
-            instead of ``|x - y|``.
+        signed: the signed distance ``x - y`` (asymmetric, for bidirectional use) instead of ``|x - y|``.
 
     Raises:
-        ValueError: if ``dim``, ``heads`` or ``depth`` is not a positive integer.
+        ValueError: if ``dim``, ``heads`` or ``depth`` is not a positive int.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        *,
-        depth: int = 2,
-        log_distance: bool = False,
-        norm: bool = False,
-        signed: bool = False,
-    ) -> None:
+    def __init__(self, dim: int, heads: int, *, depth: int = 2, log_distance: bool = False, norm: bool = False,
+                 signed: bool = False) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("heads", heads), ("depth", depth)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_count(value):
                 raise ValueError(f"DynamicPositionBias: {name} must be a positive int, got {value!r}")
         self.dim, self.heads, self.depth = dim, heads, depth
         self.log_distance, self.norm, self.signed = log_distance, norm, signed
         layers: list[nn.Module] = []
-        width_in = 1
-        for _ in range(depth):
-            layers.append(nn.Linear(width_in, dim))
-            if norm:
-                layers.append(nn.LayerNorm(dim))
-            layers.append(nn.SiLU())
-            width_in = dim
-        layers.append(nn.Linear(dim, heads))
-        self.mlp = nn.Sequential(*layers)
+        for layer in range(depth):
+            layers.append(nn.Linear(1 if layer == 0 else dim, dim))
+            layers += [nn.LayerNorm(dim), nn.SiLU()] if norm else [nn.SiLU()]
+        self.mlp = nn.Sequential(*layers, nn.Linear(dim, heads))
 
     def extra_repr(self) -> str:
         return f"log_distance={self.log_distance}, signed={self.signed}"
 
     def embed(self, distances: Tensor) -> Tensor:
-        """Bias for each distance: ``(n,)`` distances (float, in positions) -> ``(heads, n)``."""
+        """Bias ``(heads, n)`` of ``(n,)`` distances."""
         r = distances.to(self.mlp[0].weight.dtype).unsqueeze(-1)
         if self.log_distance:
             r = torch.sign(r) * torch.log1p(r.abs())
         return rearrange(self.mlp(r), "n h -> h n")
 
     def distance_table(self, j: int) -> Tensor:
-        """Per-distance table ``(heads, j)``: column ``r`` is the bias at distance ``r = 0 .. j-1``.
-
-        This is all a causal query ever sees, so fused attention paths (FlexAttention's
-        ``score_mod``, the Toeplitz expansion) read it without building the ``(heads, i, j)`` grid.
+        """Per-distance table ``(heads, j)``: column ``r`` is the bias at distance ``r = 0 .. j-1``,
+        all a causal query sees (fused paths read it without building the ``(heads, i, j)`` grid).
 
         Raises:
-            ValueError: if ``j`` is not a non-negative int.
+            ValueError: if ``j`` is not an int ``>= 0``.
         """
         check_sizes(0, j)
         return self.embed(torch.arange(j, device=self.mlp[0].weight.device))
 
     def forward(self, i: int, j: int) -> Tensor:
-        """Bias ``(heads, i, j)`` for ``i`` queries that are the last ``i`` of ``j`` positions.
-
+        """Bias ``(heads, i, j)`` for ``i`` queries that are the last ``i`` of ``j`` positions:
         ``bias[h, x, y] = MLP_h(|x' - y|)`` (``x' - y`` when ``signed``), ``x' = j - i + x``.
 
         Raises:
-            ValueError: if ``i`` or ``j`` is negative or not an int, or ``j < i``.
+            ValueError: if ``i`` or ``j`` is not an int ``>= 0``, or ``j < i``.
         """
         check_sizes(i, j)
         device = self.mlp[0].weight.device
@@ -104,38 +87,30 @@ class DynamicPositionBias(nn.Module):
         else:
             table = self.embed(torch.arange(j, device=device))  # (heads, j)
             index = rel.abs()
-        return table[:, index]  # (heads, i, j)
+        return table[:, index]
 
 
 class DPB(PositionalScheme):
-    """DPB as a positional scheme of the GPT (``pos=dpb``): one DPB per block, or one shared.
+    """DPB as a positional scheme of the GPT (``pos=dpb``): one DPB per block, or one ``shared``.
 
     Args:
         n_layer, n_head, n_embd, block_size: the model's sizes (filled in by the model).
-        dim: the MLP's hidden width; ``None`` means ``n_embd // 4`` (as in x-transformers).
+        dim: the MLP's hidden width; None means ``n_embd // 4`` (as in x-transformers).
+        depth, log_distance, norm, signed: as in :class:`DynamicPositionBias`.
         shared: one module for all blocks, its bias computed once per forward.
-        depth, log_distance, norm, signed: passed to :class:`DynamicPositionBias`.
+
+    Raises:
+        ValueError: as :class:`DynamicPositionBias`.
     """
 
     name = "dpb"
 
-    def __init__(
-        self,
-        n_layer: int,
-        n_head: int,
-        n_embd: int,
-        block_size: int,
-        *,
-        dim: int | None = None,
-        depth: int = 2,
-        log_distance: bool = False,
-        norm: bool = False,
-        signed: bool = False,
-        shared: bool = False,
-    ) -> None:
+    def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int, *, dim: int | None = None,
+                 depth: int = 2, log_distance: bool = False, norm: bool = False, signed: bool = False,
+                 shared: bool = False) -> None:
         super().__init__(n_layer, n_head, n_embd, block_size)
         self.shared = shared
-        dim = dim or max(n_embd // 4, 1)
+        dim = max(n_embd // 4, 1) if dim is None else dim
         self.dpbs = nn.ModuleList(
             DynamicPositionBias(dim, n_head, depth=depth, log_distance=log_distance, norm=norm, signed=signed)
             for _ in range(1 if shared else n_layer)

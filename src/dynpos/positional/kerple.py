@@ -2,19 +2,12 @@
 
 Source: Chi, Fan, Ramadge & Rudnicky (2022), "KERPLE: Kernelized Relative Positional Embedding for
 Length Extrapolation" (NeurIPS). The logit of query ``x'`` and key ``y`` receives
-``-r1_h * log(1 + r2_h * (x' - y))``, a conditionally positive definite kernel of the distance with
-two learned positive parameters per head and per block. (The paper's other variant, the power
-kernel ``-r1 |x' - y|^r2``, is not implemented here.)
-
-Initialisation and parameterisation follow the authors' code (github.com/chijames/KERPLE,
-``ParallelKerpleLog`` in ``megatron/mpu/layers.py``: ``bias_p`` is ``r1``, ``bias_a`` is ``r2``):
-``r1 ~ U(0, 2)`` and ``r2 ~ U(0, 1)`` per head (``torch.rand``, drawn layer by layer, ``r1`` before
-``r2``), stored as they are and kept at least ``eps = 0.01``. The authors clamp the stored values
-in place at every forward; dynpos clamps them once at initialisation, reads them as
-``max(r, eps)`` with the gradient passed straight through (so a value that an optimizer step takes
-below ``eps`` can still come back), and offers ``project_()`` to clamp the stored values in place
-after an optimizer step, which makes the training dynamics the authors' exactly. ``init: ones``
-starts every head at ``r1 = r2 = 1`` instead (dynpos before issue 12).
+``-r1_h * log(1 + r2_h * (x' - y))``, two learned positive parameters per head and block (the
+paper's power variant is not implemented). Initialisation as in the authors' code
+(github.com/chijames/KERPLE, ``ParallelKerpleLog``): ``r1 ~ U(0, 2)``, ``r2 ~ U(0, 1)`` per head,
+layer by layer, ``r1`` first, kept at least ``eps = 0.01``. The authors clamp the stored values in
+place at every forward; dynpos reads them as ``max(r, eps)`` with a straight-through gradient, and
+``project_()`` clamps them in place after an optimizer step, which reproduces the authors' updates.
 """
 
 from __future__ import annotations
@@ -23,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynpos.positional.base import PositionalScheme, check_option, check_sizes
+from dynpos.positional.base import PositionalScheme, check_option
 
 
 class KERPLE(PositionalScheme):
@@ -31,14 +24,12 @@ class KERPLE(PositionalScheme):
 
     Args:
         n_layer, n_head, n_embd, block_size: the model's sizes (filled in by the model).
-        init: ``"uniform"`` (the authors': ``r1 ~ U(0, 2)``, ``r2 ~ U(0, 1)`` per head, from the
-            global torch RNG, clamped at ``eps``) or ``"ones"`` (``r1 = r2 = 1``).
+        init: ``"uniform"`` (the authors', from the global torch RNG) or ``"ones"`` (``r1 = r2 = 1``,
+            dynpos before issue 12).
 
     Attributes:
-        r1, r2: one ``(n_head,)`` parameter per block, the kernel's coefficients as stored
-            (read through ``coefficients``). One-dimensional, so the optimizer puts them in the
-            no-weight-decay group.
-        eps: the smallest coefficient, 0.01 (the authors' ``self.eps``).
+        r1, r2: one ``(n_head,)`` parameter per block, as stored (read through ``coefficients``);
+            one-dimensional, so the optimizer does not decay them.
 
     Raises:
         ValueError: if a model size is not a positive int, or ``init`` is neither value.
@@ -66,27 +57,18 @@ class KERPLE(PositionalScheme):
     def extra_repr(self) -> str:
         return f"init={self.init}"
 
-    def _floor(self, r: Tensor) -> Tensor:
-        """``max(r, eps)`` in value; the gradient reaches ``r`` unchanged (straight-through)."""
-        return r + (r.clamp(min=self.eps) - r).detach()
-
     def coefficients(self, layer: int) -> tuple[Tensor, Tensor]:
-        """``(r1, r2)`` of block ``layer``, each ``(n_head,)`` and ``>= eps``."""
-        return self._floor(self.r1[layer]), self._floor(self.r2[layer])
+        """``(r1, r2)`` of block ``layer``, each ``(n_head,)``: ``max(r, eps)``, gradient straight through."""
+        return tuple(r + (r.clamp(min=self.eps) - r).detach() for r in (self.r1[layer], self.r2[layer]))
 
     @torch.no_grad()
     def project_(self) -> None:
-        """Clamp the stored ``r1``, ``r2`` at ``eps`` in place, as the authors' code does at every forward.
-
-        Called after each optimizer step, it makes training follow the authors' projected updates
-        exactly; without it a stored value below ``eps`` reads as ``eps`` and keeps its gradient.
-        """
+        """Clamp the stored ``r1``, ``r2`` at ``eps`` in place (call after each optimizer step)."""
         for r in (*self.r1, *self.r2):
             r.clamp_(min=self.eps)
 
     def table(self, layer: int, j: int) -> Tensor:
         """``(n_head, j)``: ``-r1_h * log(1 + r2_h * r)`` at distance ``r = 0 .. j-1`` (logit units)."""
-        check_sizes(0, j)
         r1, r2 = self.coefficients(layer)
         distances = torch.arange(j, device=r1.device, dtype=r1.dtype)
         return -r1.unsqueeze(-1) * torch.log1p(r2.unsqueeze(-1) * distances)

@@ -1,10 +1,8 @@
 """Learned absolute position embedding, GPT-2 style.
 
 Source: Radford et al. (2019), "Language Models are Unsupervised Multitask Learners" (GPT-2), after
-the learned position embeddings that Gehring et al. (2017) and Vaswani et al. (2017, section 3.5)
-compared with sinusoids. One trained vector per position ``0 .. block_size - 1``, initialised
-``N(0, 0.02)``; a position the model never trained does not exist, so ``max_length = block_size``
-and the GPT refuses longer sequences.
+Gehring et al. (2017) and Vaswani et al. (2017, section 3.5). One trained vector per position
+``0 .. block_size - 1``: ``max_length = block_size`` and the GPT refuses longer sequences.
 """
 
 from __future__ import annotations
@@ -23,8 +21,7 @@ class Learned(PositionalScheme):
         init_std: standard deviation of the normal init (GPT-2: 0.02).
 
     Raises:
-        ValueError: if a model size is not a positive int (``block_size >= 1`` is needed), or
-            ``init_std < 0``.
+        ValueError: if a model size is not a positive int, or ``init_std < 0``.
     """
 
     name = "learned"
@@ -33,12 +30,9 @@ class Learned(PositionalScheme):
         super().__init__(n_layer, n_head, n_embd, block_size)
         if not (isinstance(init_std, (int, float)) and init_std >= 0):
             raise ValueError(f"pos.init_std={init_std!r} is invalid for pos=learned: use a standard deviation >= 0")
+        self.max_length = block_size
         self.wpe = nn.Parameter(torch.empty(block_size, n_embd))
         nn.init.normal_(self.wpe, mean=0.0, std=float(init_std))
-
-    @property
-    def max_length(self) -> int:
-        return self.block_size
 
     def absolute(self, t: int, offset: int = 0) -> Tensor:
         """Rows ``offset .. offset + t - 1`` of ``wpe``: ``(t, n_embd)``.

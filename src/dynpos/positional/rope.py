@@ -1,17 +1,10 @@
 """RoPE: rotary position embedding of queries and keys.
 
-Source: Su et al. (2021), "RoFormer: Enhanced Transformer with Rotary Position Embedding".
-Channel pair ``i`` of a query or key at position ``p`` is rotated by the angle ``p * theta_i``,
-``theta_i = base^(-2i/d)``; since rotations compose, ``q_p . k_p'`` depends on ``p - p'`` only,
-and no bias or absolute embedding is needed.
-
-Pairing: the *rotate-half* layout (GPT-NeoX, LLaMA as released in Hugging Face), which pairs channel
-``i`` with channel ``i + d/2`` of the rotated part, rather than the paper's interleaved ``(2i, 2i+1)``
-pairs. The two are the same function up to a fixed permutation of the q/k channels (which the
-learned projection absorbs); rotate-half needs only slices and one concatenation.
-
-Partial rotation (GPT-NeoX's ``rotary_pct``): only the first ``rotary_dim * head_dim`` channels of
-each head rotate; the rest pass through unchanged.
+Source: Su et al. (2021), "RoFormer: Enhanced Transformer with Rotary Position Embedding". Channel
+pair ``i`` of a query or key at position ``p`` turns by ``p * base^(-2i/d)``, so ``q_p . k_p'``
+depends on ``p - p'`` only. Pairs are laid out *rotate-half* (GPT-NeoX, LLaMA in Hugging Face):
+channel ``i`` with ``i + d/2``, the paper's interleaved pairs up to a fixed channel permutation.
+Only the first ``rotary_dim * head_dim`` channels rotate (GPT-NeoX's ``rotary_pct``).
 """
 
 from __future__ import annotations
@@ -23,24 +16,17 @@ from dynpos.positional.base import PositionalScheme, check_option
 from dynpos.positional.sinusoidal import inverse_frequencies
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    """``(..., d) -> (..., d)``: ``[x1, x2] -> [-x2, x1]`` with ``x1, x2`` the two halves of the last dim."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
 class RoPE(PositionalScheme):
     """Rotary position embedding (``pos=rope``): rotates the new queries and keys in every block.
 
-    The cos/sin tables (float32, ``(positions, rotary channels)``) are cached in non-persistent
-    buffers covering ``block_size`` positions, and grow (to the next power of two) when a longer
-    sequence or a deeper KV cache asks for more.
+    The cos/sin tables (float32, ``(positions, rotary channels)``) cover ``block_size`` positions in
+    non-persistent buffers and grow to the next power of two when a longer sequence asks for more.
 
     Args:
         n_layer, n_head, n_embd, block_size: the model's sizes (filled in by the model).
-        base: wavelength base (10000 in the paper); must be > 1.
-        rotary_dim: fraction of each head's channels that rotate, in ``(0, 1]``; the resulting
-            channel count ``round(rotary_dim * head_dim)`` must be even.
+        base: wavelength base (> 1; 10000 in the paper).
+        rotary_dim: fraction of each head's channels that rotate, in ``(0, 1]``; the channel count
+            ``round(rotary_dim * head_dim)`` must be even.
 
     Raises:
         ValueError: if the head dimension ``n_embd // n_head`` is odd, ``base <= 1``, or
@@ -81,22 +67,17 @@ class RoPE(PositionalScheme):
         angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: channel i pairs with i + channels/2
         self.cos, self.sin = angles.cos(), angles.sin()
 
-    def _tables(self, offset: int, t: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        end = offset + t
-        if self.cos.shape[0] < end or self.cos.dtype != torch.float32 or self.cos.device != device:
-            self._build(max(self.block_size, 1 << max(end - 1, 0).bit_length()), device)
-        return self.cos[offset:end], self.sin[offset:end]
-
     def rotate(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
-        """Rotate ``q, k (B, H, t, head_dim)`` at positions ``offset .. offset + t - 1``.
+        """Rotate ``q, k (B, H, t, head_dim)`` at positions ``offset .. offset + t - 1``: computed in
+        float32, returned in the inputs' dtype; the channels past ``channels`` are left as they are."""
+        end = offset + q.shape[-2]
+        if self.cos.shape[0] < end or self.cos.dtype != torch.float32 or self.cos.device != q.device:
+            self._build(max(self.block_size, 1 << max(end - 1, 0).bit_length()), q.device)
+        cos, sin = self.cos[offset:end], self.sin[offset:end]
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
-        Computed in float32 and returned in the inputs' dtype; the channels past ``channels``
-        are returned unchanged.
-        """
-        cos, sin = self._tables(offset, q.shape[-2], q.device)
-        return self._apply_rotation(q, cos, sin), self._apply_rotation(k, cos, sin)
-
-    def _apply_rotation(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         rotated, rest = x[..., : self.channels].float(), x[..., self.channels:]
-        rotated = (rotated * cos + rotate_half(rotated) * sin).to(x.dtype)
+        x1, x2 = rotated.chunk(2, dim=-1)
+        rotated = (rotated * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
         return torch.cat([rotated, rest], dim=-1) if rest.shape[-1] else rotated

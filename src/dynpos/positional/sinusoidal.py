@@ -1,13 +1,10 @@
 """Fixed sinusoidal absolute position embedding.
 
 Source: Vaswani et al. (2017), "Attention Is All You Need", section 3.5:
-``PE[p, 2i] = sin(p / base^(2i/d))`` and ``PE[p, 2i+1] = cos(p / base^(2i/d))``, ``base = 10000``.
-The embedding is computed on the fly for any position, so the scheme has no length limit.
-
-Scale: the paper multiplies the token embeddings by ``sqrt(d)`` so that they and the unit-amplitude
-sinusoids have comparable size. dynpos keeps GPT-2's token embedding (init std 0.02, tied with the
-LM head) and scales the sinusoids instead, by ``n_embd ** -0.5`` unless ``scale`` says otherwise
-(the convention of x-transformers' scaled sinusoidal embedding).
+``PE[p, 2i] = sin(p / base^(2i/d))``, ``PE[p, 2i+1] = cos(p / base^(2i/d))``, computed for any
+position. The paper scales the token embeddings by ``sqrt(d)``; dynpos keeps GPT-2's (init std
+0.02, tied with the LM head) and scales the sinusoids by ``n_embd ** -0.5`` instead (x-transformers'
+scaled sinusoidal embedding).
 """
 
 from __future__ import annotations
@@ -19,10 +16,7 @@ from dynpos.positional.base import PositionalScheme, check_option
 
 
 def inverse_frequencies(dim: int, base: float, device: torch.device | None = None) -> Tensor:
-    """Angular frequencies ``base^(-2i/dim)`` for ``i = 0 .. ceil(dim/2) - 1``, float32, radians per position.
-
-    Shared by the sinusoidal embedding and RoPE (whose frequencies are the same).
-    """
+    """``base^(-2i/dim)`` for ``i = 0 .. ceil(dim/2) - 1``: float32, radians per position (also RoPE's)."""
     exponents = torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim
     return base ** -exponents
 
@@ -32,8 +26,8 @@ class Sinusoidal(PositionalScheme):
 
     Args:
         n_layer, n_head, n_embd, block_size: the model's sizes (filled in by the model).
-        base: wavelength base (10000 in the paper); must be > 1.
-        scale: amplitude of the sinusoids; ``None`` means ``n_embd ** -0.5``.
+        base: wavelength base (> 1; 10000 in the paper).
+        scale: amplitude of the sinusoids (> 0); None means ``n_embd ** -0.5``.
 
     Raises:
         ValueError: if ``base <= 1`` or ``scale <= 0``.
@@ -50,18 +44,15 @@ class Sinusoidal(PositionalScheme):
                      "use a positive amplitude, or null for n_embd ** -0.5")
         self.base = float(base)
         self.scale = float(scale) if scale is not None else n_embd ** -0.5
-        # Carries the device; recomputed in float32 if the model was cast to a lower precision.
+        # Carries the device and the model's dtype; recomputed in float32 for a lower precision.
         self.register_buffer("inv_freq", inverse_frequencies(n_embd, self.base), persistent=False)
 
     def extra_repr(self) -> str:
         return f"base={self.base:g}, scale={self.scale:g}"
 
     def absolute(self, t: int, offset: int = 0) -> Tensor:
-        """``(t, n_embd)`` embedding of positions ``offset .. offset + t - 1``.
-
-        Channel ``2i`` holds ``scale * sin(p * base^(-2i/n_embd))``, channel ``2i + 1`` the cosine.
-        Computed in float32, returned in the model's dtype (that of the ``inv_freq`` buffer).
-        """
+        """``(t, n_embd)`` embedding of positions ``offset .. offset + t - 1``, ``scale`` times sin in
+        the even channels and cos in the odd ones; computed in float32, returned in the model's dtype."""
         inv_freq = self.inv_freq
         if inv_freq.dtype != torch.float32:
             inv_freq = inverse_frequencies(self.n_embd, self.base, inv_freq.device)

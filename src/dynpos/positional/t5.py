@@ -1,18 +1,9 @@
 """T5 relative position bias: one learned scalar per head for each bucket of distances.
 
 Source: Raffel et al. (2020), "Exploring the Limits of Transfer Learning with a Unified Text-to-Text
-Transformer" (JMLR), section 2.1. Distances are bucketed: the first half of the buckets hold one
-distance each, the rest are log-spaced so that the scale reaches the last bucket at
-``max_distance``; flooring makes the last bucket begin earlier (at 113 with 32 buckets and
-``max_distance`` 128) and every longer distance shares it. This is the causal (unidirectional,
-decoder) bucketing: a query sees only keys at distance ``>= 0``, so no buckets are spent on the
-other direction. As in T5, one bias table is
-shared by all blocks (``shared: true``); ``shared: false`` gives each block its own.
-
-Which buckets a model trained on ``T`` tokens has trained: those of distances ``0 .. T - 1``. With
-the defaults (32 buckets, ``max_distance`` 128) and ``T = 64`` that is buckets 0 .. 26; bucket 26
-holds distances 59 .. 66, so 64 .. 66 still read a trained bucket, and distances from 67 on fall
-in buckets 27 .. 31, which never trained (31 holds every distance from 113 on).
+Transformer" (JMLR), section 2.1, causal (decoder) bucketing: the first half of the buckets hold
+one distance each, the rest are log-spaced up to ``max_distance``, and every longer distance
+shares the last. As in T5, one table serves all blocks (``shared: true``).
 """
 
 from __future__ import annotations
@@ -23,7 +14,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from dynpos.positional.base import PositionalScheme, check_option, check_sizes
+from dynpos.positional.base import PositionalScheme, check_option, is_count
 
 
 def t5_bucket(distance: Tensor, num_buckets: int = 32, max_distance: int = 128) -> Tensor:
@@ -31,15 +22,13 @@ def t5_bucket(distance: Tensor, num_buckets: int = 32, max_distance: int = 128) 
 
     Args:
         distance: integer tensor of distances ``x' - y >= 0`` (in positions), any shape.
-        num_buckets: number of buckets; the first ``num_buckets // 2`` are exact.
-        max_distance: the scale of the log-spaced buckets: bucket ``k >= e`` begins at
-            ``ceil(e * (max_distance / e) ** ((k - e) / (num_buckets - e)))``, so every distance
-            from ``max_distance`` on is in the last bucket (which begins before it).
+        num_buckets: number of buckets; the first ``e = num_buckets // 2`` are exact.
+        max_distance: the scale of the log-spaced buckets: every distance from it on is in the
+            last bucket (which begins earlier, at 113 with the defaults, because of the flooring).
 
     Returns:
-        ``torch.long`` tensor of the same shape: ``d`` for ``d < num_buckets // 2``, else
-        ``min(num_buckets - 1, e + floor(log(d / e) / log(max_distance / e) * (num_buckets - e)))``
-        with ``e = num_buckets // 2``.
+        ``torch.long``, the same shape: ``d`` for ``d < e``, else
+        ``min(num_buckets - 1, e + floor(log(d / e) / log(max_distance / e) * (num_buckets - e)))``.
     """
     exact = num_buckets // 2
     distance = distance.long()
@@ -52,17 +41,16 @@ class T5(PositionalScheme):
     """T5 bucketed relative bias (``pos=t5``): ``table[h, r] = embedding[bucket(r), h]``.
 
     The embedding ``(num_buckets, n_head)`` is initialised ``N(0, n_embd ** -0.5)``, as Hugging
-    Face's T5 does (the GPT leaves schemes' own init alone).
+    Face's T5 does.
 
     Args:
         n_layer, n_head, n_embd, block_size: the model's sizes (filled in by the model).
-        num_buckets: number of buckets (>= 2); T5 uses 32.
-        max_distance: the scale of the log-spaced buckets (> num_buckets // 2); T5 uses 128.
-            Every distance from it on is in the last bucket (which begins at 113 with the defaults).
+        num_buckets: number of buckets (>= 2; T5: 32).
+        max_distance: the scale of the log-spaced buckets (> ``num_buckets // 2``; T5: 128).
         shared: one table for all blocks (T5), or one per block.
 
     Raises:
-        ValueError: on ``num_buckets < 2`` or ``max_distance <= num_buckets // 2``.
+        ValueError: on ``num_buckets < 2``, ``max_distance <= num_buckets // 2`` or a non-bool ``shared``.
     """
 
     name = "t5"
@@ -70,10 +58,8 @@ class T5(PositionalScheme):
     def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int, *,
                  num_buckets: int = 32, max_distance: int = 128, shared: bool = True) -> None:
         super().__init__(n_layer, n_head, n_embd, block_size)
-        check_option(isinstance(num_buckets, int) and not isinstance(num_buckets, bool) and num_buckets >= 2,
-                     self.name, "num_buckets", num_buckets, "use an int >= 2 (T5 uses 32)")
-        check_option(isinstance(max_distance, int) and not isinstance(max_distance, bool)
-                     and max_distance > num_buckets // 2, self.name, "max_distance", max_distance,
+        check_option(is_count(num_buckets, 2), self.name, "num_buckets", num_buckets, "use an int >= 2 (T5 uses 32)")
+        check_option(is_count(max_distance, num_buckets // 2 + 1), self.name, "max_distance", max_distance,
                      f"it must be an int > num_buckets // 2 = {num_buckets // 2}, where the log-spaced buckets "
                      "begin (T5 uses 128 with 32 buckets)")
         check_option(isinstance(shared, bool), self.name, "shared", shared, "use true or false")
@@ -87,8 +73,6 @@ class T5(PositionalScheme):
 
     def table(self, layer: int, j: int) -> Tensor:
         """``(n_head, j)``: the learned bias of the bucket of each distance ``r = 0 .. j-1``."""
-        check_sizes(0, j)
         embedding = self.embeddings[0 if self.shared else layer]
-        distances = torch.arange(j, device=embedding.weight.device)
-        buckets = t5_bucket(distances, self.num_buckets, self.max_distance)
+        buckets = t5_bucket(torch.arange(j, device=embedding.weight.device), self.num_buckets, self.max_distance)
         return rearrange(embedding(buckets), "j h -> h j")
