@@ -108,7 +108,7 @@ CASES = [
          ["non-finite training loss", "at step", "optim.lr=1e+06", "trainer.precision=32-true", "lower optim.lr"],
          trains=True),
     # --- scripts/sample.py
-    Case("sample-temperature-0", S, ["ckpt={ckpt}", "temperature=0"], ["temperature=0.0", "> 0", "1e-3"]),
+    Case("sample-temperature-0", S, ["ckpt={ckpt}", "temperature=0"], ["temperature must be > 0", "0.0", "1e-3"]),
     Case("sample-top_k-too-big", S, ["ckpt={ckpt}", "top_k=100000"], ["top_k", "vocab_size", "100000"]),
     Case("sample-type", S, ["ckpt={ckpt}", "max_new_tokens=abc"], ["max_new_tokens=abc", "Integer"], hydra=True),
     Case("sample-top_k-text", S, ["ckpt={ckpt}", "top_k=abc"], ["top_k=abc", "Integer"], hydra=True),

@@ -2,10 +2,8 @@
 
 import os
 
-# Idle OpenMP threads sleep instead of spinning, unless the user chose otherwise. Must be set before
-# torch loads libgomp. On a machine shared with other jobs, spinning threads took the cores the
-# others needed: a micro DPB step went from 388 ms (passive) to 2,794 ms (libgomp's default); idle,
-# the two were within run-to-run noise (README, Performance: threads).
+# Idle OpenMP threads sleep instead of spinning (set before torch loads libgomp): on a shared machine a micro
+# DPB step took 388 ms instead of 2,794 ms; idle, within noise (README, Performance: threads).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from dynpos.model.attention import KVCache  # noqa: E402

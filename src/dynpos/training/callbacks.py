@@ -152,17 +152,10 @@ def _csv_rows(logger: CSVLogger, before: int) -> list[tuple[int, dict[str, float
 
 
 class RunRecord(L.Callback):
-    """Write ``tokenizer.json`` and ``versions.json`` into the run folder at ``setup("fit")``, when even a DDP
-    child process knows it is not rank 0; on resume, also the CSV log's rows of the steps before the checkpoint,
-    so ``metrics.csv`` reads as one uninterrupted run. Those rows are read here, at construction: Lightning's CSV
-    writer deletes the file when the trainer sets up.
-
-    Args:
-        out: the run folder.
-        tokenizer: the datamodule's tokenizer.
-        versions: ``dynpos.training.run_folder.package_versions()``.
-        resume_step: the global step of the checkpoint being resumed, or None.
-        loggers: the trainer's loggers.
+    """Write ``tokenizer.json`` and ``versions.json`` (``package_versions()``) into the run folder ``out`` at
+    ``setup("fit")``, when even a DDP child process knows it is not rank 0. On resume from step ``resume_step``,
+    also write back the rows of each CSV logger's ``metrics.csv`` before that step, so it reads as one
+    uninterrupted run: they are read here, at construction, since Lightning's CSV writer deletes the file in setup.
     """
 
     def __init__(self, out: Path, tokenizer: Tokenizer, versions: dict, resume_step: int | None = None,

@@ -15,7 +15,6 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
@@ -122,7 +121,7 @@ def train(cfg: DictConfig) -> dict:
             console.print(f"[bold]interrupted[/] at step {trainer.global_step}; {_interrupted(out)}")
         raise
 
-    checkpointer = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    checkpointer = trainer.checkpoint_callback
     best = checkpointer.best_model_path if checkpointer and checkpointer.best_model_path else None
     metrics = {}
     for evaluate in (trainer.validate, trainer.test):  # both scored with the best checkpoint
