@@ -1,13 +1,9 @@
 """Synthetic length-generalization tasks, generated from the seed: train short, test long.
 
 The instrument of Kazemnejad et al. 2023 ("The Impact of Positional Encoding on Length
-Generalization in Transformers", NeurIPS; code: McGill-NLP/length-generalization) and of Ruoss et
-al. 2023 (randomized positional encodings) / Delétang et al. 2023 (neural networks and the Chomsky
-hierarchy): train on instances up to a length ``L``, score exact match at ``L``, ``1.5L``, ``2L``,
-``4L``. Nothing is downloaded or read from disk.
-
-Every example is ``prompt, "=", answer, "."``: the separator ``=`` closes the prompt, the end
-token ``.`` closes the answer. The *length* ``n`` of an instance is counted in task units:
+Generalization in Transformers", NeurIPS; code: McGill-NLP/length-generalization), Ruoss et al. 2023
+and Delétang et al. 2023: train on lengths up to ``L``, score exact match at ``L``, ``1.5L``, ``2L``,
+``4L``. An example is ``prompt = answer .``; its length ``n`` counts task units:
 
 =========  ==========================================================  ==================
 task       prompt -> answer (length n)                                 tokens in example
@@ -17,40 +13,29 @@ reverse    n symbols ``x`` -> ``x`` reversed                           ``2n + 2`
 sort       n symbols ``x`` -> ``x`` sorted by symbol index             ``2n + 2``
 addition   two n-digit numbers ``a + b`` -> ``a + b`` in ``n + 1``       ``3n + 4``
            digits (base ``alphabet``, leading zeros kept; with
-           ``lsd_first`` every number is written least-significant
-           digit first)
+           ``lsd_first`` least-significant digit first)
 recall     n pairs ``k v`` with distinct keys, then a query key ->     ``2n + 4``
            its value (associative recall, Ba et al. 2016)
 passkey    n filler words with ``key d1 .. dD`` hidden at a random     ``n + 2D + 3``
            place -> ``d1 .. dD`` (Mohtashami & Jaggi 2023)
 =========  ==========================================================  ==================
 
-Tokens are words of a ``tokenizers`` ``WordLevel`` vocabulary split on whitespace: ids 0-3 are
-``<pad>``, ``<unk>``, ``=``, ``.``, then the task's symbols (``a`` .. ``z`` for an alphabet of at
-most 26 symbols, else ``s0``, ``s1``, ...; digits ``0`` .. ``9`` and beyond for addition and the
-passkey; ``k0..``/``v0..`` for recall keys and values; ``f0..`` and ``key`` for passkey filler).
+Tokens are the words of a ``tokenizers`` ``WordLevel`` vocabulary: ids 0-3 are ``<pad> <unk> = .``,
+then the task's symbols (``a`` .. ``z``, or ``s0 s1 ..`` past 26; digits; ``k0 ..``/``v0 ..`` recall
+keys and values; ``key`` and ``f0 ..`` passkey filler).
 
-Batches are ``(x, y)`` int64 ``(B, T)``, one example per row, right-padded to the longest row of
-the batch: ``x`` the example without its last token (``<pad>`` after it), ``y`` the next token
-at the answer positions (the answer and its end token) and ``-1`` everywhere else, so the model's
-``cross_entropy(ignore_index=-1)`` counts answer tokens only.
-
-Splits: an instance is *held out* when BLAKE2b of its prompt ids falls in one of
-``HELD_OUT_BUCKETS`` buckets (``held_out``). Training draws reject held-out instances; validation,
-test and length-generalization sets draw only held-out ones, so training and evaluation never
-share an instance, whatever the seeds.
-
-Seeds: training batch ``s`` on ``rank`` is drawn from ``random.Random(step_seed(seed, s, rank))``
-(``dynpos.data.datamodule.step_seed``), so a resumed run sees the batches an uninterrupted one
-would. Evaluation sets use ``step_seed(eval_seed, ...)`` with negative ranks (``_STREAMS``) that no
-real rank uses: they are the same for every training seed and every positional scheme.
+An instance is held out for evaluation when BLAKE2b of its prompt ids is 0 modulo
+``HELD_OUT_BUCKETS``: training draws reject held-out instances, evaluation draws keep only them.
+Training batch ``s`` on ``rank`` is drawn from ``random.Random(step_seed(seed, s, rank))``, so a
+resumed run sees the batches an uninterrupted one would; evaluation sets use ``eval_seed`` and the
+negative ranks of ``_STREAMS``, the same for every training seed and scheme.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +46,6 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.data import DataLoader, Dataset
 
 from dynpos.data.datamodule import StepLoader, StepStream, _plain, step_seed, train_steps
-from dynpos.data.tokenizer import tokenizer_fingerprint
 
 TASKS = ("copy", "reverse", "sort", "addition", "recall", "passkey")
 PAD, UNK, SEP, END = "<pad>", "<unk>", "=", "."
@@ -71,19 +55,13 @@ HELD_OUT_BUCKETS = 8  # 1 in 8 instances (by hash) is reserved for evaluation
 DEFAULT_ALPHABET = {"copy": 10, "reverse": 10, "sort": 10, "addition": 10, "recall": 64, "passkey": 10}
 DEFAULT_PASSKEY_DIGITS = 5
 _MAX_TRIES = 10_000  # draws per instance before a length is declared impossible for a split
-# step_seed(eval_seed, length or index, rank) with these ranks seeds the evaluation streams.
-_STREAMS = {"validation": -1, "test": -2, "lengthgen": -3, "pool": -4}
+_STREAMS = {"validation": -1, "test": -2, "lengthgen": -3, "pool": -4}  # ranks of the evaluation streams
 
 
 @dataclass(frozen=True)
 class Example:
-    """One task instance: ``prompt`` ends with the separator, ``answer`` ends with the end token.
-
-    Attributes:
-        length: the instance's length in task units (symbols, digits, pairs, filler words).
-        prompt: token ids, separator included.
-        answer: token ids, end token included.
-    """
+    """One instance: ``length`` in task units, ``prompt`` token ids ending with the separator,
+    ``answer`` token ids ending with the end token."""
 
     length: int
     prompt: tuple[int, ...]
@@ -101,31 +79,24 @@ def held_out(prompt: Sequence[int]) -> bool:
     return int.from_bytes(digest, "little") % HELD_OUT_BUCKETS == 0
 
 
-def _letters(count: int, prefix: str) -> list[str]:
-    """``a`` .. ``z`` for up to 26 symbols, else ``<prefix>0``, ``<prefix>1``, ..."""
-    if count <= 26:
-        return [chr(ord("a") + i) for i in range(count)]
-    return [f"{prefix}{i}" for i in range(count)]
-
-
 class Task:
-    """A task's vocabulary and its instance generator.
+    """A task's vocabulary and instance generator.
 
     Args:
         name: one of ``TASKS``.
         alphabet: symbols (copy, reverse, sort), base (addition), keys and values each (recall),
-            filler words (passkey).
-        lsd_first: addition only: write numbers least-significant digit first.
-        passkey_digits: passkey only: digits of the hidden number.
+            filler words (passkey); default ``DEFAULT_ALPHABET[name]``.
+        lsd_first: addition: numbers least-significant digit first. passkey_digits: passkey: digits.
 
     Raises:
-        ValueError: unknown task, or an alphabet too small for it.
+        ValueError: an unknown task, or an alphabet that is not an integer >= 2.
     """
 
-    def __init__(self, name: str, alphabet: int, lsd_first: bool = False,
+    def __init__(self, name: str, alphabet: int | None = None, lsd_first: bool = False,
                  passkey_digits: int = DEFAULT_PASSKEY_DIGITS) -> None:
         if name not in TASKS:
             raise ValueError(f"data.task={name!r} is not a task: choose one of {', '.join(TASKS)}")
+        alphabet = DEFAULT_ALPHABET[name] if alphabet is None else alphabet
         if isinstance(alphabet, bool) or not isinstance(alphabet, int) or alphabet < 2:
             raise ValueError(f"data.alphabet={alphabet!r} is too small for task {name}: give an integer >= 2")
         self.name, self.alphabet, self.lsd_first, self.passkey_digits = name, alphabet, lsd_first, passkey_digits
@@ -136,19 +107,15 @@ class Task:
         elif name == "addition":
             words = [*map(str, range(alphabet)), "+"]
         else:
-            words = _letters(alphabet, "s")
+            words = [chr(ord("a") + i) if alphabet <= 26 else f"s{i}" for i in range(alphabet)]
         self.words = [*SPECIALS, *words]
         self.first = len(SPECIALS)  # id of the first task symbol
 
     def n_tokens(self, n: int) -> int:
         """Tokens in a whole example of length ``n`` (prompt, separator, answer, end token)."""
-        if self.name == "addition":
-            return 3 * n + 4
-        if self.name == "recall":
-            return 2 * n + 4
-        if self.name == "passkey":
-            return n + 2 * self.passkey_digits + 3
-        return 2 * n + 2
+        extra = {"addition": (3, 4), "recall": (2, 4), "passkey": (1, 2 * self.passkey_digits + 3)}
+        scale, offset = extra.get(self.name, (2, 2))
+        return scale * n + offset
 
     def tokenizer(self) -> Tokenizer:
         """A ``WordLevel`` tokenizer over ``words`` (whitespace-split; ``<unk>`` for other words)."""
@@ -161,18 +128,15 @@ class Task:
         """One instance of length ``n`` from ``rng`` (whatever its split)."""
         a, f = self.alphabet, self.first
         if self.name in ("copy", "reverse", "sort"):
-            x = [f + rng.randrange(a) for _ in range(n)]
-            y = {"copy": x, "reverse": x[::-1], "sort": sorted(x)}[self.name]
-            prompt, answer = x, list(y)
-        elif self.name == "addition":
-            da = [rng.randrange(a) for _ in range(n)]  # most-significant digit first
-            db = [rng.randrange(a) for _ in range(n)]
-            total = _value(da, a) + _value(db, a)
+            prompt = [f + rng.randrange(a) for _ in range(n)]
+            answer = {"copy": prompt, "reverse": prompt[::-1], "sort": sorted(prompt)}[self.name]
+        elif self.name == "addition":  # digits most significant first, then reversed with lsd_first
+            da, db = [rng.randrange(a) for _ in range(n)], [rng.randrange(a) for _ in range(n)]
+            total = sum((x + y) * a ** (n - 1 - k) for k, (x, y) in enumerate(zip(da, db)))
             ds = [(total // a**k) % a for k in range(n, -1, -1)]  # n + 1 digits, leading zero kept
-            order = (lambda d: d[::-1]) if self.lsd_first else (lambda d: d)
-            plus = f + a
-            prompt = [f + d for d in order(da)] + [plus] + [f + d for d in order(db)]
-            answer = [f + d for d in order(ds)]
+            order = -1 if self.lsd_first else 1
+            prompt = [f + d for d in da[::order]] + [f + a] + [f + d for d in db[::order]]  # f + a: "+"
+            answer = [f + d for d in ds[::order]]
         elif self.name == "recall":
             keys = rng.sample(range(a), n)
             values = [rng.randrange(a) for _ in range(n)]
@@ -181,62 +145,52 @@ class Task:
             answer = [f + a + values[q]]
         else:  # passkey: ids f..f+9 digits, f+10 "key", f+11.. filler
             filler = [f + 11 + rng.randrange(a) for _ in range(n)]
-            digits = [f + rng.randrange(10) for _ in range(self.passkey_digits)]
+            answer = [f + rng.randrange(10) for _ in range(self.passkey_digits)]
             at = rng.randrange(n + 1)
-            prompt = filler[:at] + [f + 10] + digits + filler[at:]
-            answer = digits
+            prompt = filler[:at] + [f + 10] + answer + filler[at:]
         return Example(n, (*prompt, SEP_ID), (*answer, END_ID))
 
     def sample(self, rng: random.Random, n: int, evaluation: bool) -> Example:
         """An instance of length ``n`` of the evaluation split (``held_out``) or the training split.
 
         Raises:
-            ValueError: no instance of that split found in ``_MAX_TRIES`` draws (a tiny instance
-                space at this length: raise ``data.min_length`` or ``data.alphabet``).
+            ValueError: no instance of that split in ``_MAX_TRIES`` draws (a tiny instance space at
+                this length: raise ``data.min_length`` or ``data.alphabet``).
         """
         for _ in range(_MAX_TRIES):
             ex = self.draw(rng, n)
             if held_out(ex.prompt) == evaluation:
                 return ex
-        split = "evaluation" if evaluation else "training"
         raise ValueError(
-            f"data: task {self.name} has no {split} instance of length {n} in {_MAX_TRIES} draws "
-            "(too few distinct instances): raise data.min_length or data.alphabet"
+            f"data: task {self.name} has no {'evaluation' if evaluation else 'training'} instance of length {n} "
+            f"in {_MAX_TRIES} draws (too few distinct instances): raise data.min_length or data.alphabet"
         )
-
-
-def _value(digits: Sequence[int], base: int) -> int:
-    """The number whose digits (most significant first) are ``digits``."""
-    total = 0
-    for d in digits:
-        total = total * base + d
-    return total
 
 
 def collate(examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
     """Examples -> ``(x, y)`` int64 ``(B, T)``, ``T`` = the longest example minus one.
 
-    Row ``b``: ``x[b, t] = tokens[t]``, ``y[b, t] = tokens[t + 1]`` where ``tokens[t + 1]`` is an
-    answer token (end token included), ``-1`` elsewhere; past the example ``x`` is ``<pad>`` and
-    ``y`` is ``-1``.
+    Row ``b``: ``x[b, t] = tokens[t]`` (``<pad>`` past the example), ``y[b, t] = tokens[t + 1]``
+    where that is an answer token (end token included), ``-1`` elsewhere: the model's
+    ``cross_entropy(ignore_index=-1)`` counts answer tokens only.
     """
     width = max(len(ex.tokens) for ex in examples) - 1
     x = torch.full((len(examples), width), PAD_ID, dtype=torch.int64)
     y = torch.full((len(examples), width), -1, dtype=torch.int64)
     for b, ex in enumerate(examples):
         tokens = torch.tensor(ex.tokens, dtype=torch.int64)
-        p = len(ex.prompt)
         x[b, : len(tokens) - 1] = tokens[:-1]
-        y[b, p - 1 : len(tokens) - 1] = tokens[p:]
+        y[b, len(ex.prompt) - 1 : len(tokens) - 1] = tokens[len(ex.prompt):]
     return x, y
 
 
 class TaskBatches(Dataset):
-    """Training batches indexed by step: ``self[s]`` is ``collate`` of ``batch_size`` examples.
+    """Training batches indexed by step: ``self[s]`` is ``collate`` of ``batch_size`` examples drawn
+    from ``random.Random(step_seed(seed, s, rank))``: per row a length uniform in ``[min_length,
+    max_length]`` and a training instance of it, or (with a fixed training ``pool``) a pool index.
 
-    Batch ``s`` draws from ``random.Random(step_seed(seed, s, rank))``: per row a length uniform in
-    ``[min_length, max_length]`` and a training-split instance of it, or (with a ``pool``, the
-    fixed training set) a uniformly drawn pool index. Any ``s >= 0`` is valid.
+    Raises:
+        IndexError: a negative step.
     """
 
     def __init__(self, task: Task, min_length: int, max_length: int, batch_size: int, seed: int = 0,
@@ -258,27 +212,9 @@ class TaskBatches(Dataset):
         return collate(self.examples(step))
 
 
-class ExampleBatches(Dataset):
-    """A fixed list of examples served ``batch_size`` at a time (the last batch may be smaller)."""
-
-    def __init__(self, examples: Sequence[Example], batch_size: int) -> None:
-        self.examples, self.batch_size = list(examples), batch_size
-
-    def __len__(self) -> int:
-        return -(-len(self.examples) // self.batch_size)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        return collate(self.examples[i * self.batch_size: (i + 1) * self.batch_size])
-
-
 def _positive(key: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        fix = "a positive integer, or null" if allow_none else "a positive integer"
-        raise ValueError(f"data.{key}={value!r}: give {fix}")
+    if (value is not None or not allow_none) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"data.{key}={value!r}: give a positive integer" + (", or null" if allow_none else ""))
 
 
 def default_eval_lengths(max_length: int) -> list[int]:
@@ -287,33 +223,10 @@ def default_eval_lengths(max_length: int) -> list[int]:
 
 
 class TaskDataModule(L.LightningDataModule):
-    """A synthetic task as a LightningDataModule (the ``data`` group: ``configs/data/<task>.yaml``).
-
-    Built by Hydra: ``instantiate(cfg.data, block_size=..., seed=..., cache_dir=..., max_steps=...)``.
-
-    Args:
-        task: one of ``TASKS``.
-        min_length, max_length: the training lengths (task units, both included).
-        eval_lengths: lengths scored by exact match (``lengthgen_examples``); default ``1x, 1.5x,
-            2x, 4x`` ``max_length``.
-        alphabet: the task's symbol count (see :class:`Task`); default ``DEFAULT_ALPHABET[task]``.
-        lsd_first: addition: numbers least-significant digit first.
-        passkey_digits: passkey: digits of the hidden number (default 5).
-        train_examples: size of a fixed training set drawn once from ``seed``; None = an endless
-            stream of fresh instances.
-        batch_size: examples per training batch.
-        eval_examples: held-out examples per evaluation length (greedy-scored).
-        val_examples: held-out examples of the training lengths in the validation and in the test
-            loader (teacher-forced loss).
-        eval_batch_size: examples per evaluation batch (default ``batch_size``).
-        eval_seed: seed of every evaluation set (the same for all training seeds and schemes).
-        block_size: the model's context (``model.block_size``): a whole example of the longest
-            evaluation length must fit.
-        seed: the run's seed (training batches).
-        cache_dir: unused (nothing is cached); accepted for the pipeline's common call.
-        max_steps: the run's optimizer steps (the train loader stops after them; default
-            ``trainer.max_steps``, endless without).
-        num_workers: DataLoader worker processes.
+    """A synthetic task as a LightningDataModule: the keys of ``configs/data/<task>.yaml`` (each
+    documented there), the run's ``block_size`` (``model.block_size``: a whole example of the longest
+    length must fit), ``seed`` (training batches), ``max_steps`` (the train loader's end; default
+    ``trainer.max_steps``), ``num_workers``, and ``cache_dir``, unused (nothing is cached).
 
     Raises:
         ValueError: one line naming the ``data.<key>`` and the fix: unknown task, a length or
@@ -329,8 +242,7 @@ class TaskDataModule(L.LightningDataModule):
                  block_size: int = 128, seed: int = 0, cache_dir: str | None = None, max_steps: int | None = None,
                  num_workers: int = 0) -> None:
         super().__init__()
-        if task not in TASKS:
-            raise ValueError(f"data.task={task!r} is not a task: choose one of {', '.join(TASKS)}")
+        self.task = Task(task, alphabet, bool(lsd_first), passkey_digits or DEFAULT_PASSKEY_DIGITS)
         for key, value in (("min_length", min_length), ("max_length", max_length), ("batch_size", batch_size),
                            ("eval_examples", eval_examples), ("val_examples", val_examples)):
             _positive(key, value)
@@ -343,63 +255,41 @@ class TaskDataModule(L.LightningDataModule):
             raise ValueError(f"data.lsd_first applies to task=addition only, not {task}: remove it")
         if passkey_digits is not None and task != "passkey":
             raise ValueError(f"data.passkey_digits applies to task=passkey only, not {task}: remove it")
-        if task == "passkey":
-            _positive("passkey_digits", passkey_digits, allow_none=True)
+        _positive("passkey_digits", passkey_digits, allow_none=True)
         eval_lengths = default_eval_lengths(max_length) if eval_lengths is None else _plain(eval_lengths)
         if not isinstance(eval_lengths, list) or not eval_lengths:
-            raise ValueError(f"data.eval_lengths={eval_lengths!r}: give a list of lengths, or null for 1x-4x max_length")
+            raise ValueError(f"data.eval_lengths={eval_lengths!r}: give a list of lengths, "
+                             "or null for 1x-4x max_length")
         for n in eval_lengths:
             _positive("eval_lengths", n)
-        alphabet = DEFAULT_ALPHABET[task] if alphabet is None else alphabet
-        self.task = Task(task, alphabet, lsd_first=bool(lsd_first),
-                         passkey_digits=passkey_digits or DEFAULT_PASSKEY_DIGITS)
         longest = max(max_length, *eval_lengths)
-        if task == "recall" and alphabet < longest:
-            raise ValueError(f"data.alphabet={alphabet} is too small for task recall at length {longest} "
+        if task == "recall" and self.task.alphabet < longest:
+            raise ValueError(f"data.alphabet={self.task.alphabet} is too small for task recall at length {longest} "
                              f"(keys are distinct): give data.alphabet >= {longest}")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"model.block_size={block_size!r}: give a positive integer")
         if self.task.n_tokens(longest) > block_size:
             key = "data.eval_lengths" if longest in eval_lengths else "data.max_length"
             raise ValueError(
                 f"{key}: an example of length {longest} of task {task} has {self.task.n_tokens(longest)} tokens, "
                 f"more than model.block_size={block_size}: raise model.block_size or shorten {key}"
             )
-        self.min_length, self.max_length = min_length, max_length
-        self.eval_lengths = sorted(set(eval_lengths))
+        self.min_length, self.max_length, self.eval_lengths = min_length, max_length, sorted(set(eval_lengths))
         self.train_examples, self.batch_size = train_examples, batch_size
         self.eval_examples, self.val_examples = eval_examples, val_examples
         self.eval_batch_size = eval_batch_size or batch_size
         self.eval_seed, self.block_size, self.seed = eval_seed, block_size, seed
         self.max_steps, self.num_workers = max_steps, num_workers
-        self.options = {"task": task, "min_length": min_length, "max_length": max_length,
-                        "eval_lengths": self.eval_lengths, "alphabet": alphabet, "lsd_first": bool(lsd_first),
-                        "passkey_digits": self.task.passkey_digits if task == "passkey" else None,
-                        "train_examples": train_examples, "eval_seed": eval_seed}
         self.tokenizer: Tokenizer | None = None
-        self.fingerprint: str | None = None
-        self.bytes_per_token: dict[str, float] = {}
+        self.bytes_per_token: dict[str, float] = {}  # no bytes: tasks report no bits per byte
         self.pool: list[Example] | None = None
         self.splits: dict[str, list[Example]] = {}
-
-    # ---------------------------------------------------------------- sets
 
     @property
     def vocab_size(self) -> int:
         """Number of token ids: the 4 specials and the task's symbols."""
         return len(self.task.words)
 
-    def _held_out_set(self, stream: str, lengths: Iterator[int] | Sequence[int], count: int) -> list[Example]:
-        """``count`` held-out examples per length (``lengths`` given) from ``step_seed(eval_seed, n, rank)``."""
-        out = []
-        for n in lengths:
-            rng = random.Random(step_seed(self.eval_seed, n, _STREAMS[stream]))
-            out += [self.task.sample(rng, n, evaluation=True) for _ in range(count)]
-        return out
-
     def _mixed_set(self, stream: str, count: int) -> list[Example]:
-        """``count`` held-out examples, lengths uniform in the training range (validation, test);
-        a length without held-out instances (a tiny instance space) is left out of the draw."""
+        """``count`` held-out examples, lengths uniform in the training range, leaving out a length without any."""
         rng = random.Random(step_seed(self.eval_seed, 0, _STREAMS[stream]))
         lengths = list(range(self.min_length, self.max_length + 1))
         out: list[Example] = []
@@ -418,34 +308,24 @@ class TaskDataModule(L.LightningDataModule):
         self._require_setup()
         return self.splits["lengthgen"]
 
-    def prepare_data(self) -> None:
-        """Nothing to download or cache: every instance is generated."""
-
     def setup(self, stage: str | None = None) -> None:
-        """Build the tokenizer, the evaluation sets and (with ``train_examples``) the training set; idempotent.
+        """Build the evaluation sets, the fixed training set (with ``train_examples``) and the tokenizer; idempotent.
 
         Raises:
             ValueError: a length with no instance of the split it needs (``Task.sample``).
         """
         if self.tokenizer is not None:
             return
-        self.splits = {
-            "validation": self._mixed_set("validation", self.val_examples),
-            "test": self._mixed_set("test", self.val_examples),
-            "lengthgen": self._held_out_set("lengthgen", self.eval_lengths, self.eval_examples),
-        }
+        self.splits = {"validation": self._mixed_set("validation", self.val_examples),
+                       "test": self._mixed_set("test", self.val_examples), "lengthgen": []}
+        for n in self.eval_lengths:
+            rng = random.Random(step_seed(self.eval_seed, n, _STREAMS["lengthgen"]))
+            self.splits["lengthgen"] += [self.task.sample(rng, n, evaluation=True) for _ in range(self.eval_examples)]
         if self.train_examples is not None:
             rng = random.Random(step_seed(self.seed, 0, _STREAMS["pool"]))
             self.pool = [self.task.sample(rng, rng.randint(self.min_length, self.max_length), evaluation=False)
                          for _ in range(self.train_examples)]
-        tok = self.task.tokenizer()
-        self.tokenizer, self.fingerprint = tok, tokenizer_fingerprint(tok)
-
-    # ---------------------------------------------------------------- dataloaders
-
-    def train_steps(self) -> tuple[int, int | None]:
-        """``(start, stop)`` of the training batches (``dynpos.data.datamodule.train_steps``)."""
-        return train_steps(self.trainer, self.max_steps)
+        self.tokenizer = self.task.tokenizer()
 
     def train_batches(self) -> TaskBatches:
         """The step-indexed training batches of this rank."""
@@ -454,15 +334,22 @@ class TaskDataModule(L.LightningDataModule):
         return TaskBatches(self.task, self.min_length, self.max_length, self.batch_size, self.seed, rank, self.pool)
 
     def train_dataloader(self) -> DataLoader:
-        """``TaskBatches[s]`` for the steps of ``train_steps()``: ``(x, y)`` int64 ``(B, T)``."""
-        return self._loader(StepStream(self.train_batches(), *self.train_steps()), cls=StepLoader)
+        """``TaskBatches[s]`` for the steps of ``train_steps``: ``(x, y)`` int64 ``(B, T)``."""
+        stream = StepStream(self.train_batches(), *train_steps(self.trainer, self.max_steps))
+        return StepLoader(stream, batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
 
     def eval_dataloader(self, split: str = "validation") -> DataLoader:
-        """Teacher-forced loader over a held-out split (``validation``, ``test`` or ``lengthgen``)."""
+        """Teacher-forced batches of a held-out split (``validation``, ``test`` or ``lengthgen``).
+
+        Raises:
+            ValueError: an unknown split.
+        """
         self._require_setup()
         if split not in self.splits:
             raise ValueError(f"split={split!r}: choose one of {', '.join(self.splits)}")
-        return self._loader(ExampleBatches(self.splits[split], self.eval_batch_size))
+        return DataLoader(self.splits[split], batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader("validation")
@@ -470,43 +357,18 @@ class TaskDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.eval_dataloader("test")
 
-    def _loader(self, dataset, cls: type[DataLoader] = DataLoader) -> DataLoader:
-        return cls(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                   persistent_workers=self.num_workers > 0)
-
     def _require_setup(self) -> None:
         if self.tokenizer is None:
             raise RuntimeError("TaskDataModule: call prepare_data() and setup() first")
 
-    # ---------------------------------------------------------------- checkpoints
-
     def state_dict(self) -> dict[str, Any]:
-        """The tokenizer (JSON) and its fingerprint, the task options, seed, block and batch sizes."""
+        """The tokenizer (JSON), the seed and the batch size; the rest of the data config is compared
+        on resume by ``dynpos.training.run_folder.check_resumable``."""
         self._require_setup()
-        return {"tokenizer": self.tokenizer.to_str(), "tokenizer_fingerprint": self.fingerprint,
-                "task": self.options, "seed": self.seed, "block_size": self.block_size,
-                "batch_size": self.batch_size}
+        return {"tokenizer": self.tokenizer.to_str(), "seed": self.seed, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Warn when a checkpoint's data settings differ from this datamodule's (batches will differ)."""
-        mine = {"task": self.options, "seed": self.seed, "block_size": self.block_size, "batch_size": self.batch_size}
-        changed = [k for k in mine if k in state and state[k] != mine[k]]
+        """Warn when a checkpoint's seed or batch size differs from this datamodule's (batches will differ)."""
+        changed = [k for k in ("seed", "batch_size") if k in state and state[k] != getattr(self, k)]
         if changed:
             rank_zero_warn(f"resuming with different data settings {changed}: batches differ from the original run")
-
-
-__all__ = [
-    "END_ID",
-    "HELD_OUT_BUCKETS",
-    "PAD_ID",
-    "SEP_ID",
-    "TASKS",
-    "Example",
-    "ExampleBatches",
-    "Task",
-    "TaskBatches",
-    "TaskDataModule",
-    "collate",
-    "default_eval_lengths",
-    "held_out",
-]
