@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -23,7 +24,8 @@ from dynpos.data.tasks import (
     default_eval_lengths,
     held_out,
 )
-from dynpos.evaluation.lengthgen import greedy_decode, judge, metrics, rank_schemes, score, summarize
+from dynpos.evaluation.lengthgen import greedy_decode, judge, metrics, score
+from dynpos.evaluation.report import lengthgen_summary, rank_schemes
 from dynpos.model.gpt import GPT, GPTConfig
 from dynpos.positional import Learned
 
@@ -309,13 +311,16 @@ def test_summary_and_mean_reciprocal_rank():
                 rows.append({"task": task, "pos": pos, "length": 4, "status": "ok", "exact_match": 1.0})
                 rows.append({"task": task, "pos": pos, "length": 8, "status": "n/a" if values is None else "ok",
                              "exact_match": None if values is None else values[seed]})
-    summary = summarize(rows)
-    copy_a8 = next(r for r in summary if (r["task"], r["pos"], r["length"]) == ("copy", "a", 8))
+    summary = lengthgen_summary(pd.DataFrame(rows))
+    copy_a8 = summary.loc[("copy", "a", 8)]
     assert copy_a8["exact_match"] == 0.75 and copy_a8["exact_match_std"] == pytest.approx(0.5 ** 0.5 / 2)
-    assert next(r for r in summary if (r["task"], r["pos"], r["length"]) == ("sort", "c", 8))["status"] == "n/a"
-    ranks, mrr = rank_schemes(summary, train_max_length=4)
-    assert ranks == {"copy": {"a": 1, "b": 3, "c": 1}, "sort": {"a": 2, "b": 1, "c": 3}}
-    assert mrr == {"a": pytest.approx(0.75), "b": pytest.approx(2 / 3), "c": pytest.approx(2 / 3)}
+    assert copy_a8["runs"] == 2 and summary.loc[("copy", "a", 4), "exact_match_std"] == 0.0
+    assert summary.loc[("sort", "c", 8)].isna()[["exact_match", "exact_match_std"]].all()  # an n/a run: n/a
+    assert summary.loc[("sort", "c", 4), "exact_match"] == 1.0
+    ranks, mrr = rank_schemes(summary, {"copy": 4, "sort": 4})
+    assert ranks.to_dict() == {("copy", "a"): 1, ("copy", "b"): 3, ("copy", "c"): 1,
+                               ("sort", "a"): 2, ("sort", "b"): 1, ("sort", "c"): 3}
+    assert mrr.to_dict() == {"a": pytest.approx(0.75), "b": pytest.approx(2 / 3), "c": pytest.approx(2 / 3)}
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -1,18 +1,12 @@
 """Train short, test long: loss and bits per byte against evaluation length.
 
 Two protocols, as the ALiBi paper discusses (Press et al. 2022, "Train Short, Test Long", §4 and
-appendix B):
-
-* ``nonoverlap``: the text is cut into disjoint windows of ``length`` tokens and every token is
-  scored. Early tokens of each window see little context, so this understates long-context gains.
-* ``sliding``: windows of ``length`` tokens advance by ``stride``; only the last ``stride`` tokens
-  of each window are scored (all of the first window's), so nearly every token sees close to
-  ``length - stride`` tokens of context.
-
-Every length scores the same span of text (the first ``max_tokens + 1`` tokens of the split), so
-rows are comparable. A scheme that cannot encode a length (learned absolute positions beyond
-``block_size``) gets a row with ``loss = None`` and the reason: an explicit choice, never an index
-error from inside torch.
+appendix B): ``nonoverlap`` cuts the text into disjoint windows of ``length`` tokens and scores
+every token (early tokens of a window see little context, understating long-context gains);
+``sliding`` advances windows of ``length`` tokens by ``stride`` and scores only the last ``stride``
+tokens of each (all of the first window's), so nearly every token sees ``length - stride`` tokens
+of context. Every length scores the same span of text, so rows are comparable; a length the scheme
+cannot encode (learned positions past ``block_size``) gets a row with ``loss = None`` and the reason.
 """
 
 from __future__ import annotations
@@ -23,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from dynpos.atomic import atomic_path
 from dynpos.evaluation.plots import plot_lengths, save_figure
@@ -54,12 +48,12 @@ def window_plan(n_tokens: int, length: int, protocol: str, stride: int | None = 
         raise ValueError(f"eval.stride={stride} must be in 1..{length} (the evaluation length)")
     if n_tokens < length:
         return []
-    plan = [(0, length)]
-    start = stride
-    while start + length <= n_tokens:
-        plan.append((start, stride))
-        start += stride
-    return plan
+    return [(0, length)] + [(s, stride) for s in range(stride, n_tokens - length + 1, stride)]
+
+
+def encodable(model: nn.Module, n_tokens: int) -> bool:
+    """Whether ``model.pos`` can encode ``n_tokens`` positions (its ``max_length`` None or larger)."""
+    return model.pos.max_length is None or n_tokens <= model.pos.max_length
 
 
 @torch.no_grad()
@@ -73,10 +67,8 @@ def windowed_loss(model: GPT, tokens: Tensor, plan: list[tuple[int, int]], lengt
         for row, (_, scored) in enumerate(chunk):
             y[row, : length - scored] = -1  # not scored: ignore_index
         logits, _ = model(x)
-        losses = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="sum"
-        )
-        total += losses.item()
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1,
+                                                   reduction="sum").item()
         count += int((y >= 0).sum())
     return total / max(count, 1)
 
@@ -107,33 +99,26 @@ def evaluate_lengths(model: GPT, tokens: np.ndarray | Tensor, lengths: list[int]
     """
     model.eval()
     tokens = torch.as_tensor(np.asarray(tokens if max_tokens is None else tokens[: max_tokens + 1]).astype(np.int64))
-    n_targets = len(tokens) - 1
-    limit = model.pos.max_length
     rows = []
-    for length in lengths:
-        plan = window_plan(n_targets, int(length), protocol, stride)
-        used = (max(1, int(length) // 2) if stride is None else stride) if protocol == "sliding" else None
-        row = {"length": int(length), "protocol": protocol, "stride": used,
-               "loss": None, "ppl": None, "bpb": None, "tokens": 0, "note": ""}
+    for length in map(int, lengths):
+        plan = window_plan(len(tokens) - 1, length, protocol, stride)
         if not plan:
-            raise ValueError(
-                f"eval.lengths: {length} tokens exceed the {n_targets} evaluated targets: "
-                "raise eval.max_tokens or use a split with more text"
-            )
-        if limit is not None and length > limit:
-            row["note"] = f"pos={model.pos.name} encodes at most {limit} positions"
-            rows.append(row)
+            raise ValueError(f"eval.lengths: {length} tokens exceed the {len(tokens) - 1} evaluated targets: "
+                             "raise eval.max_tokens or use a split with more text")
+        used = (max(1, length // 2) if stride is None else stride) if protocol == "sliding" else None
+        row = {"length": length, "protocol": protocol, "stride": used, "loss": None, "ppl": None, "bpb": None,
+               "tokens": 0, "note": ""}
+        if not encodable(model, length):
+            rows.append({**row, "note": f"pos={model.pos.name} encodes at most {model.pos.max_length} positions"})
             continue
-        loss = windowed_loss(model, tokens, plan, int(length), batch_size)
-        row.update(loss=loss, ppl=math.exp(loss), tokens=sum(s for _, s in plan))
-        if bytes_per_token:
-            row["bpb"] = loss / math.log(2) / bytes_per_token
-        rows.append(row)
+        loss = windowed_loss(model, tokens, plan, length, batch_size)
+        rows.append({**row, "loss": loss, "ppl": math.exp(loss), "tokens": sum(s for _, s in plan),
+                     "bpb": loss / math.log(2) / bytes_per_token if bytes_per_token else None})
     return rows
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    """Write the evaluation rows as CSV, atomically (temporary file, then rename)."""
+    """Write rows (dicts with the same keys) as CSV, atomically (temporary file, then rename)."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -148,14 +133,10 @@ def run_extrapolation(model: GPT, tokens: np.ndarray, bytes_per_token: float | N
 
     Keyword arguments are the ``eval`` config keys (``split`` is chosen by the caller).
     """
-    protocols = PROTOCOLS if protocol == "both" else (protocol,)
-    rows: list[dict] = []
-    curves = {}
-    for name in protocols:
-        curve = evaluate_lengths(model, tokens, list(lengths), protocol=name, stride=stride,
-                                 max_tokens=max_tokens, batch_size=batch_size, bytes_per_token=bytes_per_token)
-        curves[name] = curve
-        rows.extend(curve)
+    curves = {name: evaluate_lengths(model, tokens, list(lengths), protocol=name, stride=stride, max_tokens=max_tokens,
+                                     batch_size=batch_size, bytes_per_token=bytes_per_token)
+              for name in (PROTOCOLS if protocol == "both" else (protocol,))}
+    rows = [row for curve in curves.values() for row in curve]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out_dir / "extrapolation.csv")
     title = f"pos={model.pos.name}: loss against evaluation length"

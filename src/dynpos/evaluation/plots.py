@@ -1,4 +1,5 @@
-"""Pictures a person would rather look at than read: learned bias against distance, per head and layer."""
+"""Pictures a person would rather look at than read: learned bias against distance, per head and
+block, and loss or accuracy against evaluation length."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
@@ -14,11 +16,11 @@ from dynpos.positional.base import PositionalScheme  # noqa: E402
 
 
 @torch.no_grad()
-def bias_curves(pos: PositionalScheme, n: int) -> list[torch.Tensor] | None:
-    """Bias against distance for each block: ``n_layer`` tensors ``(n_head, n)``, column ``r`` at distance ``r``.
-
-    Read from the scheme's per-distance table, or (FIRE) from the last query row of its bias grid,
-    which sees every distance ``0 .. n-1``. None for a scheme that adds no bias.
+def plot_bias(pos: PositionalScheme, n: int, title: str = "") -> Figure | None:
+    """One panel per block (bias in logits against distance ``0 .. n-1``, a line per head) and a
+    heatmap of head 0's ``(n, n)`` bias in block 0 (blank above the causal diagonal). The curves come
+    from the scheme's per-distance table or (FIRE) the last query row of its bias grid. None when the
+    scheme adds no bias.
     """
     curves = []
     for layer in range(pos.n_layer):
@@ -29,17 +31,6 @@ def bias_curves(pos: PositionalScheme, n: int) -> list[torch.Tensor] | None:
                 return None
             table = grid[:, -1, :].flip(-1)
         curves.append(table.float().cpu())
-    return curves
-
-
-@torch.no_grad()
-def plot_bias(pos: PositionalScheme, n: int, title: str = "") -> Figure | None:
-    """One panel per block (bias against distance, a line per head) and a heatmap of head 0's
-    ``(n, n)`` bias in block 0 (blank above the causal diagonal). None when the scheme adds no bias.
-    """
-    curves = bias_curves(pos, n)
-    if curves is None:
-        return None
     shared = all(c is curves[0] or torch.equal(c, curves[0]) for c in curves)
     shown = curves[:1] if shared else curves
     fig, axes = plt.subplots(1, len(shown) + 1, figsize=(3.6 * (len(shown) + 1), 3.2), squeeze=False)
@@ -63,24 +54,21 @@ def plot_bias(pos: PositionalScheme, n: int, title: str = "") -> Figure | None:
     return fig
 
 
-def plot_lengths(curves: dict[str, list[dict]], train_length: int | None = None, metric: str = "loss",
-                 title: str = "") -> Figure:
-    """Loss (or bpb) against evaluation length, one line per label (scheme or protocol).
+def plot_lengths(curves: dict, train_length: int | None = None, metric: str = "loss", title: str = "") -> Figure:
+    """``metric`` (loss in nats/token, bpb, accuracy) against evaluation length, a line per label.
 
     Args:
-        curves: label -> rows of :func:`dynpos.evaluation.extrapolate.evaluate_lengths`
-            (rows may carry ``std`` for error bars); rows with ``None`` values are left out.
+        curves: label -> rows (a list of dicts or a DataFrame) with ``length``, ``metric`` and, for
+            error bars, ``<metric>_std``; rows without a value are left out.
         train_length: drawn as a dashed vertical line.
     """
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, rows in curves.items():
-        kept = [r for r in rows if r.get(metric) is not None]
-        if not kept:
-            continue
-        xs = [r["length"] for r in kept]
-        ys = [r[metric] for r in kept]
-        errs = [r.get(f"{metric}_std") or 0.0 for r in kept]
-        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label, linewidth=1.2)
+        frame = pd.DataFrame(rows).reindex(columns=["length", metric, f"{metric}_std"])
+        kept = frame[frame[metric].notna()]
+        if not kept.empty:
+            ax.errorbar(kept["length"].tolist(), kept[metric].tolist(), yerr=kept[f"{metric}_std"].fillna(0.0).tolist(),
+                        marker="o", capsize=3, label=label, linewidth=1.2)
     if train_length:
         ax.axvline(train_length, color="grey", linestyle="--", linewidth=1, label="training length")
     ax.set_xscale("log", base=2)

@@ -1,26 +1,17 @@
 """Sweep reports: a multirun folder of runs -> mean ± std per scheme, a plot, and which differences
 are within the seed noise (each scheme against a baseline, each scheme's loss at longer lengths
-against its loss at the training length, and every pair of schemes).
+against its loss at the training length, and every pair of schemes); for task sweeps, accuracy
+against length with each scheme's rank and mean reciprocal rank (Kazemnejad et al. 2023).
 
-``python train.py -m experiment=ablate_pos pos=... seed=0,1,2`` writes one run folder per job,
-``multirun/<date>_<time>/<num>_<run_name>_seed<seed>/result.json`` (see
-:func:`dynpos.training.run.train`); ``scripts/evaluate.py`` adds ``extrapolation.csv`` files inside
-a run folder. :func:`load_sweep` reads them into one long pandas table (a row per run × metric ×
-split × protocol × length); :func:`write_report` groups it by what the sweep varied other than the
-seed (normally ``pos``) and writes ``report.md`` (printed by ``scripts/report.py``) and
-``report.png`` (loss against evaluation length, or val/test loss per scheme when the sweep scored
-no lengths; error bars of one standard deviation over seeds).
-
-The noise rule, stated once here and in the report: for a metric with per-seed values ``a`` (scheme)
-and ``b`` (baseline), the difference of means ``d = mean(a) - mean(b)`` has the Welch standard error
-``se = sqrt(s_a² / n_a + s_b² / n_b)`` (``s``: sample standard deviation, ``n``: seeds). A difference
-is *within seed noise* when ``|d| < 2·se``. The change of one scheme's loss from the training length
-to a longer one is paired by seed instead (the same model scores the same text at every length):
-``se = sd(d_seed) / sqrt(n)``, same rule. With few seeds this is a lenient screen, not a
-significance test: with 3 seeds a side a Welch t-test at the 5% level would need ``|d| / se`` of
-about 2.8 to 4.3 (2 to 4 degrees of freedom); the report states the figures for the sweep's own
-seed counts. ``t = d / se`` is printed so a reader can apply a stricter threshold. One seed gives
-no standard deviation: no error bars and no verdict.
+The noise rule: for per-seed values ``a`` (scheme) and ``b`` (baseline), the difference of means
+``d = mean(a) - mean(b)`` has the Welch standard error ``se = sqrt(s_a² / n_a + s_b² / n_b)``
+(``s``: sample standard deviation, ``n``: seeds), and is *within seed noise* when ``|d| < 2·se``.
+The change of one scheme's loss from the training length to a longer one is paired by seed instead
+(the same model scores the same text at every length): ``se = sd(d_seed) / sqrt(n)``, same rule.
+With few seeds this is a lenient screen, not a significance test: with 3 seeds a side a Welch
+t-test at the 5% level needs ``|d| / se`` of about 2.8 to 4.3; the report states the figures for
+its own seed counts and prints ``t = d / se``. One seed gives no standard deviation: no error bars
+and no verdict.
 """
 
 from __future__ import annotations
@@ -34,8 +25,7 @@ import pandas as pd
 import yaml
 
 from dynpos.atomic import write_text
-from dynpos.evaluation.lengthgen import METRICS, plot_accuracy, rank_schemes
-from dynpos.evaluation.lengthgen import summarize as summarize_lengthgen
+from dynpos.evaluation.lengthgen import METRICS, plot_accuracy
 from dynpos.evaluation.plots import plot_lengths, plt, save_figure
 
 # Config keys that differ between the runs of any sweep without changing what is compared.
@@ -51,22 +41,20 @@ def _job_order(path: Path) -> tuple:
 
 
 def load_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read every ``result.json`` below ``sweep_dir`` (in job order) into ``(runs, long)``.
+    """Read every ``result.json`` below ``sweep_dir`` (``python train.py -m`` writes one per run
+    folder ``<num>_<run_name>_seed<seed>/``), in job order, into ``(runs, long)``.
 
     ``runs``: a row per run: ``path`` (its folder), ``label``, ``seed``, ``pos``, ``num_params``,
-    ``block_size`` (training length, tokens), ``config`` (the resolved run config, a dict) and
-    ``disagree`` (how many of its scores its evaluation files give differently). The label is built
-    from the overrides (``.hydra/overrides.yaml``) that vary across runs, the seed excluded:
-    ``pos=<name>`` shows as ``<name>``, others as ``key=value`` (``dpb, pos.depth=3``).
+    ``block_size`` (training length, tokens), ``config`` (the resolved run config) and ``disagree``
+    (how many of its scores its evaluation files give differently). The label names the overrides
+    (``.hydra/overrides.yaml``) that vary across runs, the seed excluded: ``dpb, pos.depth=3``.
 
-    ``long``: a row per run × metric × split × protocol × length: ``run`` (row of ``runs``),
-    ``label``, ``metric`` (a ``result.json`` metric such as ``test/loss``, ``length`` NaN; or
-    ``loss``/``bpb`` at an evaluation ``length``), ``value`` (nats/token or bits per byte, NaN where
-    not scored), ``note`` (why), ``variant`` and ``column`` (the report's header: ``test loss``,
-    ``loss @256``, plus the protocol and split where the sweep has several). Evaluation rows come
-    from ``result.json``'s ``extrapolation``, then from every ``extrapolation.csv`` in the run folder
-    (``scripts/evaluate.py``'s, its split read from the ``extrapolation.json`` beside it); of rows
-    repeating a run's column the first with a value is kept.
+    ``long``: a row per run × metric × split × protocol × length (``KEYS``) with ``label``,
+    ``value`` (nats/token or bits per byte, NaN where not scored), ``note`` (why), ``variant`` and
+    ``column`` (the report's header: ``test loss``, ``loss @256``, plus the protocol and split where
+    the sweep has several). Lengths come from ``result.json``'s ``extrapolation``, then from every
+    ``extrapolation.csv`` in the run folder (``scripts/evaluate.py``'s, its split read from the
+    ``extrapolation.json`` beside it); of rows repeating a run's column the first with a value is kept.
 
     Raises:
         NotADirectoryError: ``sweep_dir`` is a file. FileNotFoundError: it does not exist.
@@ -118,7 +106,7 @@ def load_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     long["label"] = runs["label"].to_numpy()[long["run"]]
     at = long["length"].notna()
     several = [k for k in ("protocol", "split") if long.loc[at, k].nunique() > 1]
-    long["variant"] = (long[several].agg(" ".join, axis=1) if several else pd.Series("", index=long.index)).where(at, "")
+    long["variant"] = long[several].agg(" ".join, axis=1).where(at, "") if several else ""
     lengths = long["length"].astype("Int64").astype(str)
     long["column"] = (long["metric"] + " @" + lengths + (" " + long["variant"]).str.rstrip()).where(
         at, long["metric"].str.replace("/", " "))
@@ -137,15 +125,12 @@ def _labels(runs: pd.DataFrame) -> list[str]:
 
 
 def _lengths(long: pd.DataFrame) -> pd.DataFrame:
-    """The rows of ``long`` that hold a loss at an evaluation length."""
     return long[(long["metric"] == "loss") & long["length"].notna()]
 
 
 def columns(long: pd.DataFrame) -> list[str]:
-    """The report's metric columns: test loss and bpb, then the loss at each evaluation length
-    (ordered by protocol, split, length)."""
-    at = _lengths(long)
-    return ["test loss", "test bpb", *dict.fromkeys(at.sort_values(["variant", "length"])["column"])]
+    """The report's metric columns: test loss and bpb, then the loss at each length (by protocol, split, length)."""
+    return ["test loss", "test bpb", *dict.fromkeys(_lengths(long).sort_values(["variant", "length"])["column"])]
 
 
 def _agg(frame: pd.DataFrame, by: list[str], value: str = "value") -> pd.DataFrame:
@@ -154,19 +139,17 @@ def _agg(frame: pd.DataFrame, by: list[str], value: str = "value") -> pd.DataFra
 
 
 def summarize(long: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± std over seeds: a frame indexed by ``(label, column)`` (labels in job order, every
-    column of :func:`columns`) with ``mean``, ``std``, ``n`` and ``note`` (why a value is missing)."""
-    stats = _agg(long, ["label", "column"])
-    labels = list(dict.fromkeys(long["label"]))
-    index = pd.MultiIndex.from_product([labels, columns(long)], names=["label", "column"])
-    stats = stats.reindex(index).fillna({"n": 0})
+    """Mean ± std over seeds, indexed by ``(label, column)`` (labels in job order, every column of
+    :func:`columns`), with ``mean``, ``std``, ``n`` and ``note`` (why a value is missing)."""
+    index = pd.MultiIndex.from_product([list(dict.fromkeys(long["label"])), columns(long)], names=["label", "column"])
+    stats = _agg(long, ["label", "column"]).reindex(index).fillna({"n": 0})
     notes = long[long["note"] != ""].groupby(["label", "column"])["note"].first()
     return stats.assign(note=notes.reindex(stats.index).fillna(""))
 
 
 def _verdict(diff: pd.Series, se: pd.Series) -> pd.DataFrame:
-    """``diff``, ``se``, ``t = diff / se`` and ``noise`` (True: within seed noise, ``|diff| < 2·se``;
-    False: beyond; None: undecidable, a side with fewer than two seeds or no value)."""
+    """``diff``, ``se``, ``t = diff / se`` and ``noise``: True within seed noise (``|diff| < 2·se``),
+    False beyond, None undecidable (a side with fewer than two seeds or no value)."""
     zero = (se == 0) & (diff == 0)
     noise = ((diff.abs() < 2 * se) | zero).astype(object).where(diff.notna() & se.notna(), None)
     return pd.DataFrame({"diff": diff, "se": se, "t": (diff / se).mask(zero, 0.0), "noise": noise})
@@ -183,7 +166,8 @@ def compare(stats: pd.DataFrame, baseline: str) -> pd.DataFrame:
     if baseline not in labels:
         raise ValueError(f"baseline={baseline!r} is not a scheme of this sweep: choose one of {', '.join(labels)}")
     both = stats.drop(index=baseline, level="label").join(stats.xs(baseline, level="label"), on="column", rsuffix="_b")
-    return _verdict(both["mean"] - both["mean_b"], np.sqrt(both["std"] ** 2 / both["n"] + both["std_b"] ** 2 / both["n_b"]))
+    se = np.sqrt(both["std"] ** 2 / both["n"] + both["std_b"] ** 2 / both["n_b"])
+    return _verdict(both["mean"] - both["mean_b"], se)
 
 
 def pairs(stats: pd.DataFrame) -> pd.DataFrame:
@@ -196,19 +180,16 @@ def pairs(stats: pd.DataFrame) -> pd.DataFrame:
 def length_changes(runs: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
     """How each label's loss moves from the training length to each longer evaluation length.
 
-    Paired by seed (the same model scores the same text at every length): per run
-    ``d = loss@N - loss@ref``, then the mean of ``d`` and its standard error ``sd(d) / sqrt(n)``
-    with the ``2·se`` rule. ``ref`` is the evaluation length equal to the training length
+    Paired by seed: per run ``d = loss@N - loss@ref``, then the mean of ``d`` and its standard error
+    ``sd(d) / sqrt(n)``. ``ref`` is the evaluation length equal to the training length
     (``block_size``, when the runs share one), else the shortest, per protocol and split.
 
     Returns:
         A frame indexed by ``(label, column)`` (the longer columns) with :func:`_verdict`'s
         columns and ``ref`` (tokens); empty when the sweep scored no lengths.
     """
-    at = _lengths(long)
-    block = runs["block_size"].unique()
-    out = []
-    for _, curve in at.groupby("variant", sort=False):
+    block, out = runs["block_size"].unique(), []
+    for _, curve in _lengths(long).groupby("variant", sort=False):
         lengths = sorted(curve["length"].unique())
         ref = next((n for n in lengths if len(block) == 1 and n == block[0]), lengths[0])
         wide = curve.pivot(index="run", columns="length", values="value")
@@ -248,13 +229,12 @@ def consistency_notes(runs: pd.DataFrame) -> list[str]:
 
 
 def markdown_table(frame: pd.DataFrame) -> list[str]:
-    """``frame`` (its index as the first column) as markdown lines, numbers right-aligned. A few
-    lines rather than ``DataFrame.to_markdown``, which needs the optional ``tabulate`` package and
-    pads cells, so the report is byte-identical wherever it is written."""
-    header = [frame.index.name or "", *map(str, frame.columns)]
-    rows = [[str(i), *map(str, row)] for i, row in zip(frame.index, frame.itertuples(index=False))]
-    return (["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["--:"] * (len(header) - 1)) + "|"]
-            + ["| " + " | ".join(row) + " |" for row in rows])
+    """``frame`` as markdown lines, its index levels left-aligned, its columns right-aligned. Not
+    ``DataFrame.to_markdown``, which needs the optional ``tabulate`` package and pads cells."""
+    flat = frame.reset_index().astype(str)
+    align = ["---"] * frame.index.nlevels + ["--:"] * len(frame.columns)
+    return (["| " + " | ".join(flat.columns) + " |", "|" + "|".join(align) + "|"]
+            + ["| " + " | ".join(row) + " |" for row in flat.to_numpy()])
 
 
 def _grid(cells: pd.Series, labels: list[str], cols: list[str]) -> pd.DataFrame:
@@ -299,15 +279,16 @@ def noise_text(runs: pd.DataFrame) -> str:
              f"need |t| of about {t[1]:.1f}–{t[0]:.1f}, so treat |t| between 2 and {t[0]:.1f} as suggestive.")
     single = list(counts[counts < 2].index)
     if single:
-        text += f" {', '.join(single)} ran 1 seed: no error bars and no noise verdict for {'it' if len(single) == 1 else 'them'}."
+        text += (f" {', '.join(single)} ran 1 seed: no error bars and no noise verdict for "
+                 f"{'it' if len(single) == 1 else 'them'}.")
     return text
 
 
 def render_markdown(sweep_dir: Path, runs: pd.DataFrame, long: pd.DataFrame, baseline: str,
                     png_name: str | None = "report.png") -> str:
     """The report as markdown: the mean ± std table; the differences from ``baseline``, how each
-    scheme's loss changes with evaluation length, and which pairs of schemes are within seed noise
-    (rule: :data:`NOISE_RULE`); any consistency notes; the plot.
+    scheme's loss changes with evaluation length, and which pairs of schemes are within seed noise;
+    any consistency notes; the plot.
 
     Raises:
         ValueError: ``baseline`` is not a label of the sweep (see :func:`compare`).
@@ -382,9 +363,9 @@ def plot_report(runs: pd.DataFrame, long: pd.DataFrame):
     at = _lengths(long)
     if at["value"].notna().any():
         stats = _agg(at, ["label", "variant", "length"]).reset_index()
-        curves = {f"{label} ({variant})" if variant else label: [
-            {"length": int(r.length), "loss": None if pd.isna(r.mean) else r.mean, "loss_std": None if pd.isna(r.std) else r.std}
-            for r in group.itertuples()] for (label, variant), group in stats.groupby(["label", "variant"], sort=False)}
+        stats = stats.rename(columns={"mean": "loss", "std": "loss_std"})
+        curves = {f"{label} ({variant})" if variant else label: group
+                  for (label, variant), group in stats.groupby(["label", "variant"], sort=False)}
         block = runs["block_size"].dropna().unique()
         fig = plot_lengths(curves, int(block[0]) if len(block) == 1 else None, title=_plot_title(runs, long))
         fig.set_size_inches(8, 4.5)  # room for a legend beside the axes, which nine schemes would cover
@@ -410,16 +391,71 @@ def plot_report(runs: pd.DataFrame, long: pd.DataFrame):
     return fig
 
 
+def lengthgen_summary(rows: pd.DataFrame, metric: str = "exact_match") -> pd.DataFrame:
+    """Mean and sample std over seeds of a task sweep's scored rows (``task``, ``pos``, ``length``,
+    ``status``, ``metric``; :func:`dynpos.evaluation.lengthgen.evaluate_datamodule`'s), indexed by
+    ``(task, pos, length)``, sorted, with ``runs``, ``<metric>`` and ``<metric>_std``: NaN for a
+    group with an n/a run, std 0 for one run."""
+    keys = [rows["task"], rows["pos"], rows["length"]]
+    stats = rows.groupby(keys)[metric].agg(runs="size", mean="mean", std="std").fillna({"std": 0.0})
+    stats.loc[rows["status"].ne("ok").groupby(keys).any(), ["mean", "std"]] = np.nan
+    return stats.rename(columns={"mean": metric, "std": f"{metric}_std"})
+
+
+def rank_schemes(summary: pd.DataFrame, limits: dict[str, int],
+                 metric: str = "exact_match") -> tuple[pd.Series, pd.Series]:
+    """Each scheme's rank per task and its mean reciprocal rank across tasks (Kazemnejad et al. 2023).
+
+    A scheme's score on a task is its mean ``metric`` of :func:`lengthgen_summary` over the lengths
+    past the task's longest training length (``limits[task]``; n/a counts as 0); rank 1 is best, ties
+    share the best rank they cover (competition ranking); MRR is the mean of ``1 / rank`` over the
+    tasks. Returns ``(ranks indexed by (task, pos), mrr indexed by pos)``.
+    """
+    rows = summary.reset_index()
+    past = rows[rows["length"] > rows["task"].map(limits)]
+    score = past[metric].fillna(0.0).groupby([past["task"], past["pos"]]).mean()
+    ranks = score.groupby(level="task").rank(method="min", ascending=False).astype(int)
+    return ranks, (1.0 / ranks).groupby(level="pos").sum() / ranks.index.unique("task").size
+
+
+def lengthgen_markdown(root: Path, folder: Path) -> str:
+    """The length-generalization section of a task sweep (``experiment=lengthgen``; empty for text
+    sweeps) from every run's ``lengthgen/lengthgen.csv``: per metric, mean ± std over seeds per task,
+    scheme and length, then :func:`rank_schemes`; writes ``lengthgen_<task>.png`` (exact match
+    against length, one line per scheme) into ``folder``."""
+    paths = sorted(root.rglob("lengthgen/lengthgen.csv"))
+    if not paths:
+        return ""
+    rows = pd.concat([pd.read_csv(path, keep_default_na=False, na_values=[""]) for path in paths], ignore_index=True)
+    limits = dict(zip(rows["task"], rows["train_max_length"]))
+    lines = ["", "## Length generalization", ""]
+    for metric in METRICS:
+        summary = lengthgen_summary(rows, metric)
+        cells = summary.apply(lambda r: "n/a" if pd.isna(r[metric]) else f"{r[metric]:.2f} ± {r[f'{metric}_std']:.2f}",
+                              axis=1)
+        table = cells.unstack("length", fill_value="").rename(columns=lambda n: f"@{n}")
+        table.insert(0, "runs", summary["runs"].groupby(level=["task", "pos"]).first())
+        lines += [f"{metric.replace('_', ' ')}, mean ± std over seeds (training lengths up to "
+                  f"{', '.join(f'{t} {n}' for t, n in limits.items())}):", "", *markdown_table(table)]
+        for task in (limits if metric == "exact_match" else ()):
+            curves = dict(list(summary.loc[task].reset_index().groupby("pos", sort=False)))
+            save_figure(plot_accuracy(curves, limits[task], title=f"{task}: exact match against length"),
+                        folder / f"lengthgen_{task}.png")
+            lines.append(f"![{task}: exact match against length](lengthgen_{task}.png)\n")
+        ranks, mrr = rank_schemes(summary, limits, metric)
+        lines += ["", f"Rank by mean {metric.replace('_', ' ')} past the training length: " + "; ".join(
+            f"{task}: " + ", ".join(f"{pos} {r}" for pos, r in ranks[task].sort_values(kind="stable").items())
+            for task in ranks.index.unique("task")) + ". Mean reciprocal rank: " + ", ".join(
+            f"{pos} {value:.2f}" for pos, value in mrr.sort_values(ascending=False, kind="stable").items()) + ".", ""]
+    return "\n".join(lines)
+
+
 def write_report(sweep_dir: str | Path, baseline: str | None = None,
                  out: str | Path | None = None) -> tuple[str, Path, Path | None]:
-    """Read a sweep, write ``report.md`` and ``report.png`` and return ``(markdown, md path, png path
-    or None)``.
-
-    Args:
-        sweep_dir: the multirun folder (any folder with ``result.json`` files below it).
-        baseline: the label the others are compared with; default ``dpb`` when present, else the
-            first label in job order.
-        out: the folder for the two files; default ``sweep_dir``.
+    """Read a sweep, write ``report.md`` and ``report.png`` (and a task sweep's ``lengthgen_<task>.png``)
+    into ``out`` (default ``sweep_dir``) and return ``(markdown, md path, png path or None)``.
+    ``baseline`` is the label the others are compared with: default ``dpb`` when present, else the
+    first label in job order.
 
     Raises:
         FileNotFoundError, NotADirectoryError, ValueError: see :func:`load_sweep` and :func:`compare`;
@@ -448,45 +484,3 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None,
         save_figure(fig, png)
     write_text(md, markdown)
     return markdown, md, png
-
-
-def lengthgen_markdown(root: Path, folder: Path) -> str:
-    """The length-generalization section of a sweep (``experiment=lengthgen``; empty for text
-    sweeps): exact match and per-token accuracy, mean ± std over seeds per task, scheme and length,
-    then each scheme's rank per task and its mean reciprocal rank across tasks, scored past the
-    training length (Kazemnejad et al. 2023). Reads every run's ``lengthgen/lengthgen.csv``; writes
-    ``lengthgen_<task>.png`` (exact match against length, one line per scheme) into ``folder``.
-    """
-    rows = [{**r, "length": int(r["length"]), "train_max_length": int(r["train_max_length"])}
-            for path in sorted(root.rglob("lengthgen/lengthgen.csv"))
-            for r in pd.read_csv(path, keep_default_na=False).to_dict("records")]
-    if not rows:
-        return ""
-    limits = {r["task"]: r["train_max_length"] for r in rows}
-    lines = ["", "## Length generalization", ""]
-    for metric in METRICS:
-        summary = summarize_lengthgen(rows, metric)
-        lengths = sorted({r["length"] for r in summary})
-        cells = {(r["task"], r["pos"], r["length"]): r for r in summary}
-        lines += [f"{metric.replace('_', ' ')}, mean ± std over seeds (training lengths up to "
-                  f"{', '.join(f'{t} {n}' for t, n in limits.items())}):", "",
-                  "| task | pos | runs | " + " | ".join(f"@{n}" for n in lengths) + " |",
-                  "|---|---|--:|" + "--:|" * len(lengths)]
-        for task, pos in dict.fromkeys((r["task"], r["pos"]) for r in summary):
-            row = [cells.get((task, pos, n)) for n in lengths]
-            runs = next(c["runs"] for c in row if c)
-            lines.append(f"| {task} | {pos} | {runs} | " + " | ".join(
-                "" if c is None else "n/a" if c[metric] is None else f"{c[metric]:.2f} ± {c[f'{metric}_std']:.2f}"
-                for c in row) + " |")
-        ranks, mrr = rank_schemes(summary, limits, metric)
-        for task in (limits if metric == "exact_match" else ()):
-            curves = {pos: [r for r in summary if r["task"] == task and r["pos"] == pos]
-                      for pos in dict.fromkeys(r["pos"] for r in summary if r["task"] == task)}
-            save_figure(plot_accuracy(curves, limits[task], title=f"{task}: exact match against length"),
-                        folder / f"lengthgen_{task}.png")
-            lines.append(f"![{task}: exact match against length](lengthgen_{task}.png)\n")
-        lines += ["", f"Rank by mean {metric.replace('_', ' ')} past the training length: " + "; ".join(
-            f"{task}: " + ", ".join(f"{pos} {r}" for pos, r in sorted(per.items(), key=lambda kv: kv[1]))
-            for task, per in ranks.items()) + ". Mean reciprocal rank: " + ", ".join(
-            f"{pos} {value:.2f}" for pos, value in sorted(mrr.items(), key=lambda kv: -kv[1])) + ".", ""]
-    return "\n".join(lines)
