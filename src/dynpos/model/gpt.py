@@ -25,39 +25,26 @@ from dynpos.positional.dpb import DPB
 class GPTConfig:
     """Model sizes: the schema of the ``model`` config group (Hydra's ConfigStore, ``dynpos.config``).
 
-    Attributes:
-        vocab_size: number of token ids; None (the config default) = the tokenizer's, set by the
-            training pipeline. A larger number pads the embedding (nanoGPT's 50304 for GPT-2).
-        block_size: the training context length, in tokens.
-        n_layer, n_head, n_embd: depth, heads per block, width (``n_embd % n_head == 0``).
-        dropout: dropout probability, in ``[0, 1)``.
-        bias: biases in Linear layers and LayerNorms (GPT-2: True).
-        attn: attention path, one of ``auto`` (default), ``fused``, ``sdpa``, ``eager``, ``flex``:
-            :func:`dynpos.model.attention.choose_attention` gives the rules and fallbacks.
-        compile: compile the model with ``torch.compile`` for training and evaluation.
-
     Raises:
         ValueError: naming the ``model.<key>`` out of range.
     """
 
-    vocab_size: int | None = None
-    block_size: int = 128
+    vocab_size: int | None = None  # None: the tokenizer's (set by the pipeline); larger pads (nanoGPT's 50304)
+    block_size: int = 128  # the training context length, in tokens
     n_layer: int = 4
     n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = True
-    attn: str = "auto"
-    compile: bool = False
+    n_embd: int = 128  # a multiple of n_head
+    dropout: float = 0.0  # in [0, 1)
+    bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2)
+    attn: str = "auto"  # auto | fused | sdpa | eager | flex: see dynpos.model.attention.choose_attention
+    compile: bool = False  # torch.compile for training and evaluation
 
     def __post_init__(self) -> None:
         sizes = ("block_size", "n_layer", "n_head", "n_embd") + (("vocab_size",) if self.vocab_size is not None else ())
         check_model_sizes(**{key: getattr(self, key) for key in sizes})
         if self.n_embd % self.n_head:
-            raise ValueError(
-                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}: "
-                "choose n_embd a multiple of n_head"
-            )
+            raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}: "
+                             "choose n_embd a multiple of n_head")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         check_attn(self.attn)
@@ -147,8 +134,7 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * t
 
     def attention_choice(self, i: int, j: int, device: torch.device | str, cache: KVCache | None = None) -> AttnChoice:
-        """The path a forward of ``i`` new tokens over ``j`` positions takes now (grad mode and
-        ``self.training`` included): :func:`~dynpos.model.attention.choose_attention` for this model."""
+        """:func:`~dynpos.model.attention.choose_attention` for ``i`` new tokens over ``j`` positions, now."""
         scheme = type(self.pos)
         bias = ("table" if scheme.table is not PositionalScheme.table else
                 "grid" if scheme.bias is not PositionalScheme.bias else "none")
@@ -161,10 +147,8 @@ class GPT(nn.Module):
 
     def _layer_inputs(self, path: str, i: int, j: int, dtype: torch.dtype, device: torch.device,
                       cache: KVCache | None = None) -> list[AttnInputs]:
-        """Each block's bias in the form ``path`` needs: the per-distance table (fused, flex), else
-        the bias folded with the causal mask once per distinct tensor (a shared scheme repeats one).
-        Decoding through a ``cache`` without gradients reads tables kept in it for
-        ``max(block_size, j, twice the last)`` distances."""
+        """Each block's bias as ``path`` needs it: the table (fused, flex), else folded with the causal
+        mask once per distinct tensor. Decoding without gradients keeps the tables in the ``cache``."""
         if cache is not None and i != j and not torch.is_grad_enabled():
             kept = cache.tables
             if kept is None or kept[0] is not None and kept[0].shape[1] < j:
@@ -205,10 +189,9 @@ class GPT(nn.Module):
         j = offset + t
         limit = self.pos.max_length
         if limit is not None and j > limit:
-            raise ValueError(
-                f"sequence of {j} tokens exceeds the {limit} positions that pos={self.pos.name} can encode: "
-                "use a relative scheme (pos=dpb, alibi, rope, ...) or evaluate at lengths <= block_size"
-            )
+            raise ValueError(f"sequence of {j} tokens exceeds the {limit} positions that pos={self.pos.name} can "
+                             "encode: use a relative scheme (pos=dpb, alibi, rope, ...) or evaluate at lengths <= "
+                             "block_size")
         x = self.wte(idx)
         absolute = self.pos.absolute(t, offset)
         if absolute is not None:
@@ -235,14 +218,10 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  generator: torch.Generator | None = None) -> Tensor:
-        """Sample ``max_new_tokens`` tokens after ``idx (B, t)``, one at a time through a KV cache.
+        """Sample ``max_new_tokens`` tokens after ``idx (B, t)``: ``(B, t + max_new_tokens)`` token ids.
 
-        Past ``block_size`` tokens each step recomputes the last ``block_size`` without the cache
-        (as nanoGPT does). Calls ``forward`` directly, so a model compiled in place decodes
-        eagerly instead of recompiling for every cache length.
-
-        Returns:
-            ``(B, t + max_new_tokens)`` token ids.
+        Decodes through a KV cache; past ``block_size`` tokens each step recomputes the last
+        ``block_size`` (as nanoGPT). ``forward`` is called directly: a compiled model decodes eagerly.
 
         Raises:
             ValueError: if ``temperature <= 0``, ``top_k`` is outside ``1 .. vocab_size`` or
@@ -273,12 +252,10 @@ class GPT(nn.Module):
 
 
 def compile_model(model: GPT, mode: str | None = None) -> GPT:
-    """Compile ``model`` in place (``nn.Module.compile``, ``torch.compile`` ``mode``) and return it.
+    """Compile ``model`` in place with ``torch.compile``'s ``mode`` and return it.
 
-    First reports any fallback of the training and evaluation paths at ``block_size`` (nothing is
-    logged while Dynamo traces). In place, so checkpoints carry no ``_orig_mod.`` prefix (nanoGPT
-    issues #325, #351). The fused attention is a custom op: no graph break. Dynamic shapes are
-    Dynamo's default: a second length (evaluation) recompiles once as dynamic.
+    Any fallback of the training and evaluation paths is reported first (nothing is logged while
+    Dynamo traces). In place, so checkpoints carry no ``_orig_mod.`` prefix (nanoGPT #325, #351).
     """
     block, training = model.config.block_size, model.training
     device = next(model.parameters()).device

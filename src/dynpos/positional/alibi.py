@@ -14,9 +14,8 @@ from dynpos.positional.base import PositionalScheme
 
 
 def alibi_slopes(n_head: int) -> list[float]:
-    """The paper's head slopes, largest first: ``2^(-8k/n_head)``, ``k = 1 .. n_head``, for a power
-    of two (8 heads: ``1/2 .. 1/256``); otherwise those of the power of two ``p`` below ``n_head``,
-    then every other slope of ``2p`` heads (``2^(-8k/2p)``, ``k`` odd) until there are ``n_head``."""
+    """The paper's slopes: ``2^(-8k/n_head)``, ``k = 1 .. n_head``, for a power of two; otherwise those
+    of the power of two ``p`` below, then the odd-``k`` slopes of ``2p`` heads until there are ``n_head``."""
 
     def geometric(n: int) -> list[float]:
         return [2.0 ** (-8.0 * k / n) for k in range(1, n + 1)]
@@ -28,16 +27,8 @@ def alibi_slopes(n_head: int) -> list[float]:
 
 
 class ALiBi(PositionalScheme):
-    """ALiBi as a positional scheme (``pos=alibi``): ``table[h, r] = -m_h * r``, the same in every block.
-
-    The slopes are a non-persistent buffer (never learned, not saved in checkpoints).
-
-    Args:
-        n_layer, n_head, n_embd, block_size: the model's sizes (filled in by the model).
-
-    Raises:
-        ValueError: if a model size is not a positive int.
-    """
+    """ALiBi (``pos=alibi``): ``table[h, r] = -m_h * r`` in every block; the slopes are a fixed,
+    non-persistent buffer (not saved in checkpoints)."""
 
     name = "alibi"
     shared = True

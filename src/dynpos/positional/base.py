@@ -1,13 +1,8 @@
 """The one interface every positional scheme implements (DESIGN.md, "Positional schemes").
 
-The model asks a scheme for at most three things: ``absolute(t, offset)``, an embedding
-``(t, n_embd)`` added to the token embeddings (learned, sinusoidal); ``rotate(q, k, offset)``, a
-rotation of queries and keys (RoPE); an additive attention-logit bias, as a per-distance
-``table(layer, j)`` ``(n_head, j)`` (DPB, ALiBi, T5, KERPLE) or as the full ``bias(layer, i, j)``
-``(n_head, i, j)`` (FIRE, whose bias also depends on the query position). A scheme that needs
-nothing does not override the hook. The ``i`` queries are the last ``i`` of ``j`` key positions
-(the KV-cache convention): query ``x`` sits at ``j - i + x``, its distance to key ``y`` is
-``j - i + x - y``.
+The model asks a scheme for an absolute embedding, a rotation of q and k, or an additive logits
+bias (per-distance table or full grid); a scheme overrides only the hooks it needs. The ``i``
+queries are the last ``i`` of ``j`` key positions: query ``x`` sits at ``j - i + x``.
 """
 
 from __future__ import annotations
@@ -29,11 +24,7 @@ def check_model_sizes(**sizes: object) -> None:
 
 
 def check_sizes(i: int, j: int) -> None:
-    """Validate query/key lengths for a ``(heads, i, j)`` bias.
-
-    Raises:
-        ValueError: if ``i`` or ``j`` is not an int ``>= 0``, or ``j < i``.
-    """
+    """Raises ValueError unless ``i`` and ``j`` are ints ``>= 0`` with ``j >= i``."""
     for name, value in (("i", i), ("j", j)):
         if not is_count(value, 0):
             raise ValueError(f"{name} must be an int >= 0 (a number of positions), got {name}={value!r}")
@@ -49,12 +40,9 @@ def check_option(ok: bool, scheme: str, key: str, value: object, fix: str) -> No
 
 
 def toeplitz(table: Tensor, i: int) -> Tensor:
-    """Expand a per-distance table ``(heads, j)`` into the causal bias grid ``(heads, i, j)``.
-
-    ``out[h, x, y] = table[h, j - i + x - y]`` where ``y <= j - i + x``, else 0 (the causal mask
-    removes it): a strided ``unfold`` view of the zero-padded table, an order of magnitude cheaper
-    than fancy indexing (DESIGN.md, performance facts).
-    """
+    """Expand a per-distance table ``(heads, j)`` into the causal bias ``(heads, i, j)``:
+    ``table[h, j - i + x - y]`` where ``y <= j - i + x``, else 0; a strided view of the padded table
+    (DESIGN.md, performance facts: an order of magnitude cheaper than fancy indexing)."""
     heads, j = table.shape
     # padded[h, m] = table[h, j - 1 - m] for m < j, then j - 1 zeros (future keys).
     padded = torch.cat([table.flip(-1), table.new_zeros(heads, j - 1)], dim=-1)
@@ -63,12 +51,9 @@ def toeplitz(table: Tensor, i: int) -> Tensor:
 
 
 class PositionalScheme(nn.Module):
-    """Base class: a scheme overrides only the hooks it needs.
-
-    Built from ``configs/pos/<name>.yaml`` with the model's sizes filled in:
-    ``Scheme(n_layer=..., n_head=..., n_embd=..., block_size=..., **options)``. Class attributes:
-    ``name`` (``pos=<name>``); ``shared``, whether every block uses one bias (computed once per
-    forward); ``max_length``, the longest sequence the scheme can encode (None: unbounded).
+    """Base class, built as ``Scheme(n_layer=, n_head=, n_embd=, block_size=, **options)`` from
+    ``configs/pos/<name>.yaml``. ``name``: ``pos=<name>``; ``shared``: one bias for every block,
+    computed once per forward; ``max_length``: the longest sequence it encodes (None: unbounded).
 
     Raises:
         ValueError: if a model size is not a positive int.
@@ -88,8 +73,7 @@ class PositionalScheme(nn.Module):
         return None
 
     def rotate(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
-        """Rotate the new queries and keys ``(B, H, t, D)`` at positions ``offset .. offset + t - 1``
-        (``offset``: the KV-cache length); by default both are returned unchanged."""
+        """The new ``q, k (B, H, t, D)`` at positions ``offset .. offset + t - 1``, rotated (or not)."""
         return q, k
 
     def table(self, layer: int, j: int) -> Tensor | None:
@@ -97,12 +81,8 @@ class PositionalScheme(nn.Module):
         return None
 
     def bias(self, layer: int, i: int, j: int) -> Tensor | None:
-        """Additive logits bias ``(n_head, i, j)`` for block ``layer``, or None: by default
-        :meth:`table` through :func:`toeplitz`.
-
-        Raises:
-            ValueError: from :func:`check_sizes`.
-        """
+        """Additive logits bias ``(n_head, i, j)`` for block ``layer`` (default: the :meth:`table`'s
+        :func:`toeplitz`), or None. Raises ValueError from :func:`check_sizes`."""
         check_sizes(i, j)
         table = self.table(layer, j)
         return None if table is None else toeplitz(table, i)

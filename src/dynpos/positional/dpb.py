@@ -1,12 +1,9 @@
 """Dynamic Position Bias (DPB): a small MLP from relative distance to one logit bias per head.
 
-Source: CrossFormer (Wang et al., 2021, "CrossFormer: A Versatile Vision Transformer Hinging on
-Cross-scale Attention"), which introduced DPB; log-spaced distances from SwinV2 (Liu et al.,
-2022, "Swin Transformer V2"); the call signature follows the zeta and x-transformers libraries
-(``DynamicPositionBias(dim, heads)``, ``bias = dpb(i, j)``).
-
-The MLP runs over the distinct distances only (``j`` of them, ``i + j - 1`` when signed) and the
-``(i, j)`` grid is gathered from that table: O(j * dim) MLP work, never O(i * j * dim).
+Sources: CrossFormer (Wang et al., 2021) introduced DPB; SwinV2 (Liu et al., 2022) the log-spaced
+distances; the zeta and x-transformers libraries the API (``DynamicPositionBias(dim, heads)``,
+``bias = dpb(i, j)``). The MLP runs over the distinct distances only, and the ``(i, j)`` grid is
+gathered from that table: O(j · dim) MLP work, never O(i · j · dim).
 """
 
 from __future__ import annotations
@@ -59,22 +56,15 @@ class DynamicPositionBias(nn.Module):
         return rearrange(self.mlp(r), "n h -> h n")
 
     def distance_table(self, j: int) -> Tensor:
-        """Per-distance table ``(heads, j)``: column ``r`` is the bias at distance ``r = 0 .. j-1``,
-        all a causal query sees (fused paths read it without building the ``(heads, i, j)`` grid).
-
-        Raises:
-            ValueError: if ``j`` is not an int ``>= 0``.
-        """
+        """Per-distance table ``(heads, j)``, the bias at distance ``r = 0 .. j-1``: all a causal query
+        sees, read by the fused paths. Raises ValueError if ``j`` is not an int ``>= 0``."""
         check_sizes(0, j)
         return self.embed(torch.arange(j, device=self.mlp[0].weight.device))
 
     def forward(self, i: int, j: int) -> Tensor:
         """Bias ``(heads, i, j)`` for ``i`` queries that are the last ``i`` of ``j`` positions:
-        ``bias[h, x, y] = MLP_h(|x' - y|)`` (``x' - y`` when ``signed``), ``x' = j - i + x``.
-
-        Raises:
-            ValueError: if ``i`` or ``j`` is not an int ``>= 0``, or ``j < i``.
-        """
+        ``MLP_h(|x' - y|)`` (``x' - y`` when ``signed``), ``x' = j - i + x``. Raises ValueError if
+        ``i`` or ``j`` is not an int ``>= 0``, or ``j < i``."""
         check_sizes(i, j)
         device = self.mlp[0].weight.device
         query = torch.arange(j - i, j, device=device)
@@ -91,17 +81,8 @@ class DynamicPositionBias(nn.Module):
 
 
 class DPB(PositionalScheme):
-    """DPB as a positional scheme of the GPT (``pos=dpb``): one DPB per block, or one ``shared``.
-
-    Args:
-        n_layer, n_head, n_embd, block_size: the model's sizes (filled in by the model).
-        dim: the MLP's hidden width; None means ``n_embd // 4`` (as in x-transformers).
-        depth, log_distance, norm, signed: as in :class:`DynamicPositionBias`.
-        shared: one module for all blocks, its bias computed once per forward.
-
-    Raises:
-        ValueError: as :class:`DynamicPositionBias`.
-    """
+    """DPB as the GPT's scheme (``pos=dpb``): one :class:`DynamicPositionBias` per block, or one
+    ``shared`` by all (computed once per forward); ``dim`` None is ``n_embd // 4`` (x-transformers)."""
 
     name = "dpb"
 

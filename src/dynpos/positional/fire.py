@@ -1,17 +1,10 @@
 """FIRE: Functional Interpolation for Relative Positions.
 
 Source: Li et al. (2024), "Functional Interpolation for Relative Positions Improves Long Context
-Transformers" (ICLR), and its reference listing. The bias of query position ``x'`` and key ``y`` is
-a learned function of the normalised distance,
-
-    bias[h, x, y] = f_h( psi(x' - y) / psi(max(L, x')) ),    psi(r) = log(c * r + 1),
-
-``f`` an MLP with one hidden layer of ``dim`` ReLU units, ``c > 0`` and the threshold ``L`` learned.
-Dividing by the query's own position maps every length into ``[0, 1)``; ``L`` keeps short
-sequences from being stretched over it. As in the listing: positions count from 0 (dynpos before
-issue 12 used ``x' + 1``), ``c`` is used as ``|c|``, ``L = |init_L * s|`` with a learned ``s``
-initialised to 1, and ``eps`` is added to the normaliser. The bias depends on the query position,
-so the MLP runs over the ``(i, j)`` grid and there is no per-distance table for the fused paths.
+Transformers" (ICLR), and its reference listing: ``bias[h, x, y] = f_h(psi(x' - y) / psi(max(L, x')))``,
+``psi(r) = log(c r + 1)``, ``f`` an MLP with one hidden ReLU layer. As in the listing, positions
+count from 0, ``c`` is used as ``|c|``, ``L = |init_L * s|`` with a learned ``s`` (initially 1), and
+``eps`` guards the normaliser. The bias depends on the query position: no per-distance table.
 """
 
 from __future__ import annotations
@@ -27,15 +20,13 @@ class FIRE(PositionalScheme):
     """FIRE relative bias (``pos=fire``).
 
     Args:
-        n_layer, n_head, n_embd, block_size: the model's sizes (filled in by the model).
         dim: hidden width of the MLP ``f`` (paper: 32).
-        init_c: initial ``c`` of ``psi(r) = log(c r + 1)`` (> 0; paper: 0.1).
+        init_c: initial ``c`` (> 0; paper: 0.1).
         init_L: initial threshold ``L``, in positions (> 0; paper: 512); None means ``block_size``.
         shared: one FIRE (MLP, ``c``, ``L``) for all blocks, or one per block (the paper has both).
 
     Raises:
-        ValueError: if ``dim`` is not a positive int, ``init_c`` or ``init_L`` is not positive, or
-            ``shared`` is not a bool.
+        ValueError: if ``dim``, ``init_c`` or ``init_L`` is not positive, or ``shared`` not a bool.
     """
 
     name = "fire"
@@ -64,12 +55,8 @@ class FIRE(PositionalScheme):
         return f"dim={self.dim}, init_L={self.init_L:g}, shared={self.shared}"
 
     def inputs(self, layer: int, i: int, j: int) -> Tensor:
-        """The MLP's inputs ``(i, j)``, ``psi(x' - y) / (psi(max(L, x')) + eps)`` with ``x' = j - i + x``:
-        in ``[0, 1)`` where ``y <= x'``, and at distance 0 above the causal diagonal.
-
-        Raises:
-            ValueError: if ``i`` or ``j`` is not an int ``>= 0``, or ``j < i``.
-        """
+        """The MLP's inputs ``(i, j)``, ``psi(x' - y) / (psi(max(L, x')) + eps)``, ``x' = j - i + x``: in
+        ``[0, 1)`` where ``y <= x'``, distance 0 above. Raises ValueError as :func:`check_sizes`."""
         check_sizes(i, j)
         k = 0 if self.shared else layer
         device = self.c.device

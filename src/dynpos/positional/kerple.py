@@ -1,13 +1,10 @@
-"""KERPLE: kernelized relative positional embedding, logarithmic variant.
+"""KERPLE: kernelized relative positional embedding, logarithmic variant (the power one is not here).
 
 Source: Chi, Fan, Ramadge & Rudnicky (2022), "KERPLE: Kernelized Relative Positional Embedding for
-Length Extrapolation" (NeurIPS). The logit of query ``x'`` and key ``y`` receives
-``-r1_h * log(1 + r2_h * (x' - y))``, two learned positive parameters per head and block (the
-paper's power variant is not implemented). Initialisation as in the authors' code
-(github.com/chijames/KERPLE, ``ParallelKerpleLog``): ``r1 ~ U(0, 2)``, ``r2 ~ U(0, 1)`` per head,
-layer by layer, ``r1`` first, kept at least ``eps = 0.01``. The authors clamp the stored values in
-place at every forward; dynpos reads them as ``max(r, eps)`` with a straight-through gradient, and
-``project_()`` clamps them in place after an optimizer step, which reproduces the authors' updates.
+Length Extrapolation" (NeurIPS), and the authors' code (github.com/chijames/KERPLE,
+``ParallelKerpleLog``): the init, and ``eps = 0.01``. The authors clamp ``r1, r2`` in place at every
+forward; dynpos reads ``max(r, eps)`` with a straight-through gradient, and ``project_()`` after an
+optimizer step clamps in place, which reproduces the authors' updates.
 """
 
 from __future__ import annotations
@@ -22,17 +19,11 @@ from dynpos.positional.base import PositionalScheme, check_option
 class KERPLE(PositionalScheme):
     """KERPLE-log bias (``pos=kerple``): ``table[h, r] = -r1_h * log(1 + r2_h * r)`` in each block.
 
-    Args:
-        n_layer, n_head, n_embd, block_size: the model's sizes (filled in by the model).
-        init: ``"uniform"`` (the authors', from the global torch RNG) or ``"ones"`` (``r1 = r2 = 1``,
-            dynpos before issue 12).
-
-    Attributes:
-        r1, r2: one ``(n_head,)`` parameter per block, as stored (read through ``coefficients``);
-            one-dimensional, so the optimizer does not decay them.
+    ``init``: ``"uniform"`` (the authors': ``r1 ~ U(0, 2)``, ``r2 ~ U(0, 1)`` per head, layer by layer,
+    from the global torch RNG) or ``"ones"``. ``r1``, ``r2``: one ``(n_head,)`` parameter per block.
 
     Raises:
-        ValueError: if a model size is not a positive int, or ``init`` is neither value.
+        ValueError: if ``init`` is neither value.
     """
 
     name = "kerple"
@@ -43,16 +34,10 @@ class KERPLE(PositionalScheme):
         check_option(init in ("uniform", "ones"), self.name, "init", init,
                      "use uniform (the authors': r1 ~ U(0, 2), r2 ~ U(0, 1) per head) or ones (r1 = r2 = 1)")
         self.init = init
-        r1, r2 = [], []
-        for _ in range(n_layer):
-            if init == "uniform":
-                r1.append((2.0 * torch.rand(n_head)).clamp(min=self.eps))
-                r2.append(torch.rand(n_head).clamp(min=self.eps))
-            else:
-                r1.append(torch.ones(n_head))
-                r2.append(torch.ones(n_head))
-        self.r1 = nn.ParameterList(nn.Parameter(r) for r in r1)
-        self.r2 = nn.ParameterList(nn.Parameter(r) for r in r2)
+        pairs = [((2.0 * torch.rand(n_head)).clamp(min=self.eps), torch.rand(n_head).clamp(min=self.eps))
+                 if init == "uniform" else (torch.ones(n_head), torch.ones(n_head)) for _ in range(n_layer)]
+        self.r1 = nn.ParameterList(nn.Parameter(r1) for r1, _ in pairs)
+        self.r2 = nn.ParameterList(nn.Parameter(r2) for _, r2 in pairs)
 
     def extra_repr(self) -> str:
         return f"init={self.init}"
@@ -63,7 +48,7 @@ class KERPLE(PositionalScheme):
 
     @torch.no_grad()
     def project_(self) -> None:
-        """Clamp the stored ``r1``, ``r2`` at ``eps`` in place (call after each optimizer step)."""
+        """Clamp the stored ``r1``, ``r2`` at ``eps`` in place (after each optimizer step)."""
         for r in (*self.r1, *self.r2):
             r.clamp_(min=self.eps)
 

@@ -1,8 +1,6 @@
-"""Learned absolute position embedding, GPT-2 style.
+"""Learned absolute position embedding, one vector per position ``0 .. block_size - 1``.
 
-Source: Radford et al. (2019), "Language Models are Unsupervised Multitask Learners" (GPT-2), after
-Gehring et al. (2017) and Vaswani et al. (2017, section 3.5). One trained vector per position
-``0 .. block_size - 1``: ``max_length = block_size`` and the GPT refuses longer sequences.
+Source: Radford et al. (2019), "Language Models are Unsupervised Multitask Learners" (GPT-2).
 """
 
 from __future__ import annotations
@@ -17,11 +15,10 @@ class Learned(PositionalScheme):
     """Learned absolute embedding (``pos=learned``): ``wpe (block_size, n_embd)`` added to the tokens.
 
     Args:
-        n_layer, n_head, n_embd, block_size: the model's sizes (filled in by the model).
         init_std: standard deviation of the normal init (GPT-2: 0.02).
 
     Raises:
-        ValueError: if a model size is not a positive int, or ``init_std < 0``.
+        ValueError: if ``init_std < 0``.
     """
 
     name = "learned"
@@ -35,11 +32,7 @@ class Learned(PositionalScheme):
         nn.init.normal_(self.wpe, mean=0.0, std=float(init_std))
 
     def absolute(self, t: int, offset: int = 0) -> Tensor:
-        """Rows ``offset .. offset + t - 1`` of ``wpe``: ``(t, n_embd)``.
-
-        Raises:
-            ValueError: if ``offset + t > block_size`` (no embedding was learned there).
-        """
+        """Rows ``offset .. offset + t - 1`` of ``wpe``, ``(t, n_embd)``; ValueError past ``block_size``."""
         if offset < 0 or t < 0 or offset + t > self.block_size:
             raise ValueError(
                 f"pos=learned has embeddings for positions 0..{self.block_size - 1}, asked for "

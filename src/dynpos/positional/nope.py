@@ -1,7 +1,7 @@
 """NoPE: no positional encoding; the causal mask alone carries order.
 
 Source: Kazemnejad et al. (2023), "The Impact of Positional Encoding on Length Generalization in
-Transformers" (NeurIPS): a causal decoder can infer positions without them.
+Transformers" (NeurIPS).
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """RoPE: rotary position embedding of queries and keys.
 
-Source: Su et al. (2021), "RoFormer: Enhanced Transformer with Rotary Position Embedding". Channel
-pair ``i`` of a query or key at position ``p`` turns by ``p * base^(-2i/d)``, so ``q_p . k_p'``
-depends on ``p - p'`` only. Pairs are laid out *rotate-half* (GPT-NeoX, LLaMA in Hugging Face):
-channel ``i`` with ``i + d/2``, the paper's interleaved pairs up to a fixed channel permutation.
-Only the first ``rotary_dim * head_dim`` channels rotate (GPT-NeoX's ``rotary_pct``).
+Source: Su et al. (2021), "RoFormer: Enhanced Transformer with Rotary Position Embedding"; the
+rotate-half pairing (channel ``i`` with ``i + d/2``) and partial rotation (``rotary_pct``) of GPT-NeoX.
 """
 
 from __future__ import annotations
@@ -17,16 +14,12 @@ from dynpos.positional.sinusoidal import inverse_frequencies
 
 
 class RoPE(PositionalScheme):
-    """Rotary position embedding (``pos=rope``): rotates the new queries and keys in every block.
-
-    The cos/sin tables (float32, ``(positions, rotary channels)``) cover ``block_size`` positions in
-    non-persistent buffers and grow to the next power of two when a longer sequence asks for more.
+    """Rotary position embedding (``pos=rope``): channel pair ``i`` at position ``p`` turns by
+    ``p * base^(-2i/d)`` in every block; cos/sin caches (float32) grow to the next power of two.
 
     Args:
-        n_layer, n_head, n_embd, block_size: the model's sizes (filled in by the model).
         base: wavelength base (> 1; 10000 in the paper).
-        rotary_dim: fraction of each head's channels that rotate, in ``(0, 1]``; the channel count
-            ``round(rotary_dim * head_dim)`` must be even.
+        rotary_dim: fraction of each head's channels that rotate, in ``(0, 1]``, giving an even count.
 
     Raises:
         ValueError: if the head dimension ``n_embd // n_head`` is odd, ``base <= 1``, or
@@ -68,8 +61,7 @@ class RoPE(PositionalScheme):
         self.cos, self.sin = angles.cos(), angles.sin()
 
     def rotate(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
-        """Rotate ``q, k (B, H, t, head_dim)`` at positions ``offset .. offset + t - 1``: computed in
-        float32, returned in the inputs' dtype; the channels past ``channels`` are left as they are."""
+        """Rotate ``q, k (B, H, t, head_dim)`` at positions ``offset ..`` in float32 (returned in their dtype)."""
         end = offset + q.shape[-2]
         if self.cos.shape[0] < end or self.cos.dtype != torch.float32 or self.cos.device != q.device:
             self._build(max(self.block_size, 1 << max(end - 1, 0).bit_length()), q.device)

@@ -1,10 +1,7 @@
-"""Fixed sinusoidal absolute position embedding.
+"""Fixed sinusoidal absolute position embedding, computed for any position.
 
-Source: Vaswani et al. (2017), "Attention Is All You Need", section 3.5:
-``PE[p, 2i] = sin(p / base^(2i/d))``, ``PE[p, 2i+1] = cos(p / base^(2i/d))``, computed for any
-position. The paper scales the token embeddings by ``sqrt(d)``; dynpos keeps GPT-2's (init std
-0.02, tied with the LM head) and scales the sinusoids by ``n_embd ** -0.5`` instead (x-transformers'
-scaled sinusoidal embedding).
+Source: Vaswani et al. (2017), "Attention Is All You Need", section 3.5; the sinusoids, not the
+token embeddings, are scaled (by ``n_embd ** -0.5``), as in x-transformers' scaled sinusoidal embedding.
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ class Sinusoidal(PositionalScheme):
     """Sinusoidal absolute embedding (``pos=sinusoidal``), added to the token embeddings.
 
     Args:
-        n_layer, n_head, n_embd, block_size: the model's sizes (filled in by the model).
         base: wavelength base (> 1; 10000 in the paper).
         scale: amplitude of the sinusoids (> 0); None means ``n_embd ** -0.5``.
 
@@ -51,8 +47,8 @@ class Sinusoidal(PositionalScheme):
         return f"base={self.base:g}, scale={self.scale:g}"
 
     def absolute(self, t: int, offset: int = 0) -> Tensor:
-        """``(t, n_embd)`` embedding of positions ``offset .. offset + t - 1``, ``scale`` times sin in
-        the even channels and cos in the odd ones; computed in float32, returned in the model's dtype."""
+        """``(t, n_embd)``: ``scale`` times sin (even channels), cos (odd) of ``p * base^(-2i/n_embd)``
+        at positions ``p = offset .. offset + t - 1``; in float32, returned in the model's dtype."""
         inv_freq = self.inv_freq
         if inv_freq.dtype != torch.float32:
             inv_freq = inverse_frequencies(self.n_embd, self.base, inv_freq.device)

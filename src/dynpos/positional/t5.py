@@ -1,9 +1,7 @@
 """T5 relative position bias: one learned scalar per head for each bucket of distances.
 
 Source: Raffel et al. (2020), "Exploring the Limits of Transfer Learning with a Unified Text-to-Text
-Transformer" (JMLR), section 2.1, causal (decoder) bucketing: the first half of the buckets hold
-one distance each, the rest are log-spaced up to ``max_distance``, and every longer distance
-shares the last. As in T5, one table serves all blocks (``shared: true``).
+Transformer" (JMLR), section 2.1, with the causal (decoder) bucketing.
 """
 
 from __future__ import annotations
@@ -18,18 +16,10 @@ from dynpos.positional.base import PositionalScheme, check_option, is_count
 
 
 def t5_bucket(distance: Tensor, num_buckets: int = 32, max_distance: int = 128) -> Tensor:
-    """Causal T5 bucket of each distance.
-
-    Args:
-        distance: integer tensor of distances ``x' - y >= 0`` (in positions), any shape.
-        num_buckets: number of buckets; the first ``e = num_buckets // 2`` are exact.
-        max_distance: the scale of the log-spaced buckets: every distance from it on is in the
-            last bucket (which begins earlier, at 113 with the defaults, because of the flooring).
-
-    Returns:
-        ``torch.long``, the same shape: ``d`` for ``d < e``, else
-        ``min(num_buckets - 1, e + floor(log(d / e) / log(max_distance / e) * (num_buckets - e)))``.
-    """
+    """Causal T5 bucket (``torch.long``, same shape) of each integer distance ``d = x' - y >= 0``:
+    ``d`` for ``d < e = num_buckets // 2``, else the log-spaced
+    ``min(num_buckets - 1, e + floor(log(d / e) / log(max_distance / e) * (num_buckets - e)))``, so
+    every distance from ``max_distance`` on (from 113 with the defaults) shares the last bucket."""
     exact = num_buckets // 2
     distance = distance.long()
     scaled = torch.log(distance.clamp(min=exact).float() / exact) / math.log(max_distance / exact)
@@ -38,16 +28,11 @@ def t5_bucket(distance: Tensor, num_buckets: int = 32, max_distance: int = 128) 
 
 
 class T5(PositionalScheme):
-    """T5 bucketed relative bias (``pos=t5``): ``table[h, r] = embedding[bucket(r), h]``.
+    """T5 bucketed relative bias (``pos=t5``): ``table[h, r] = embedding[bucket(r), h]``, the embedding
+    ``(num_buckets, n_head)`` initialised ``N(0, n_embd ** -0.5)`` as in Hugging Face's T5.
 
-    The embedding ``(num_buckets, n_head)`` is initialised ``N(0, n_embd ** -0.5)``, as Hugging
-    Face's T5 does.
-
-    Args:
-        n_layer, n_head, n_embd, block_size: the model's sizes (filled in by the model).
-        num_buckets: number of buckets (>= 2; T5: 32).
-        max_distance: the scale of the log-spaced buckets (> ``num_buckets // 2``; T5: 128).
-        shared: one table for all blocks (T5), or one per block.
+    ``num_buckets`` (>= 2) and ``max_distance`` (> ``num_buckets // 2``) as in :func:`t5_bucket` (T5:
+    32 and 128); ``shared``: one table for all blocks (T5), or one per block.
 
     Raises:
         ValueError: on ``num_buckets < 2``, ``max_distance <= num_buckets // 2`` or a non-bool ``shared``.
