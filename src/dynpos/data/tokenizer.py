@@ -87,19 +87,17 @@ def build_tokenizer(kind: str, train_texts: Iterable[str] = (), vocab_size: int 
         return _byte_level(models.BPE(vocab={c: b for b, c in _bytes_to_chars().items()}, merges=[]), use_regex=False)
     if kind == "bpe":
         tok = _byte_level(models.BPE(), use_regex=True)
-        alphabet = list(_bytes_to_chars().values())
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size or DEFAULT_BPE_VOCAB, initial_alphabet=alphabet,
-                                      show_progress=False)
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size or DEFAULT_BPE_VOCAB, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(train_texts, trainer)
         return tok
     try:
         return Tokenizer.from_pretrained("gpt2")
     except Exception as e:  # offline, or the hub refused: one line that says what to do
         reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise HubUnavailableError(
-            f"tokenizer.kind=gpt2 needs the Hugging Face hub (Tokenizer.from_pretrained('gpt2') failed: "
-            f"{type(e).__name__}: {reason}): connect once to fill the cache, or use tokenizer=char, byte or bpe"
-        ) from e
+        raise HubUnavailableError(f"tokenizer.kind=gpt2 needs the Hugging Face hub (Tokenizer.from_pretrained('gpt2') "
+                                  f"failed: {type(e).__name__}: {reason}): connect once to fill the cache, or use "
+                                  "tokenizer=char, byte or bpe") from e
 
 
 def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
