@@ -283,9 +283,14 @@ class TextDataModule(L.LightningDataModule):
         save_tokenizer(tok, path)
         return tok
 
-    def prepare_data(self) -> tuple[Tokenizer, str, str]:
-        """Build what the cache lacks (tokenizer, token arrays); return the tokenizer, its fingerprint and the
-        arrays' folder."""
+    def prepare_data(self) -> None:
+        """Build what the cache lacks (tokenizer, then each split's token array) and load it; idempotent.
+
+        Raises:
+            ValueError: ``block_size`` exceeds the tokens of a split.
+        """
+        if self.tokenizer is not None:
+            return
         root = os.path.join(self.cache_dir, f"{self.corpus['name']}-{self.corpus_key[:12]}")
         tok = self._get_tokenizer(root)
         fp = tokenizer_fingerprint(tok)
@@ -297,31 +302,21 @@ class TextDataModule(L.LightningDataModule):
                 counts = tokenize_split(self._split(split), tok, npy, desc=f"tokenizing {self.corpus['name']} {split}")
                 write_json(meta, {**counts, "split": split, "corpus": self.corpus, "tokenizer": fp,
                                   "vocab_size": tok.get_vocab_size()})
-        self._corpus_ds = None  # the token arrays hold what later steps need
-        return tok, fp, folder
-
-    def setup(self, stage: str | None = None) -> None:
-        """Load tokenizer and token arrays (building missing caches first); idempotent.
-
-        Raises:
-            ValueError: ``block_size`` exceeds the tokens of a split.
-        """
-        if self.tokenizer is not None:
-            return
-        tok, fp, folder = self.prepare_data()
-        tokens, bpt = {}, {}
-        for split in SPLITS:
-            with open(os.path.join(folder, f"{split}.json")) as f:
+            with open(meta) as f:
                 info = json.load(f)
-            tokens[split] = np.load(os.path.join(folder, f"{split}.npy"), mmap_mode="r")
-            bpt[split] = info["bytes"] / info["tokens"] if info["tokens"] else math.nan
-        shortest = min(SPLITS, key=lambda s: len(tokens[s]))
-        if len(tokens[shortest]) < self.block_size + 1:
-            raise ValueError(f"data.block_size={self.block_size} exceeds the {len(tokens[shortest])} tokens of the "
-                             f"{shortest} split of corpus {self.corpus['name']!r} (a window needs block_size + 1): "
+            self.tokens[split] = np.load(npy, mmap_mode="r")
+            self.bytes_per_token[split] = info["bytes"] / info["tokens"] if info["tokens"] else math.nan
+        self._corpus_ds = None  # the token arrays hold what later steps need
+        shortest = min(SPLITS, key=lambda s: len(self.tokens[s]))
+        if len(self.tokens[shortest]) < self.block_size + 1:
+            raise ValueError(f"data.block_size={self.block_size} exceeds the {len(self.tokens[shortest])} tokens of "
+                             f"the {shortest} split of corpus {self.corpus['name']!r} (a window needs block_size + 1): "
                              "lower model.block_size or use a larger corpus")
         self.tokenizer, self.fingerprint = tok, fp
-        self.tokens, self.bytes_per_token = tokens, bpt
+
+    def setup(self, stage: str | None = None) -> None:
+        """``prepare_data`` on every process (Lightning runs that one on one process per node)."""
+        self.prepare_data()
 
     def train_dataloader(self) -> DataLoader:
         """Batches ``StepBatches[s]`` (seeded with the trainer's global rank) for the steps of ``train_steps``."""
