@@ -1,16 +1,12 @@
-"""Causal self-attention with an additive positional bias, the KV cache, and the one function that
-picks the attention path (:func:`choose_attention`).
-
-``softmax(q kᵀ / sqrt(d) + bias + causal) v`` on paths that agree to float32 rounding: ``fused``
-(:mod:`dynpos.model.fused`), ``sdpa`` (the bias and the causal mask folded into one float mask),
-``eager`` (the reference) and ``flex`` (FlexAttention reading the per-distance table).
+"""Causal self-attention ``softmax(q kᵀ / sqrt(d) + bias + causal) v`` on paths that agree to float32
+rounding (``fused``: :mod:`dynpos.model.fused`; ``sdpa`` with one float mask; ``eager``, the
+reference; ``flex``), the KV cache, and the one function that picks the path, :func:`choose_attention`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -118,19 +114,15 @@ def causal_mask(bias: Tensor | None, i: int, j: int, device: torch.device, dtype
     return base.to(dtype).masked_fill(future, float("-inf")).unsqueeze(0)
 
 
-@dataclass
 class KVCache:
     """Keys and values ``(B, n_head, length, head_dim)`` of every block (None before the first step),
     and the blocks' bias ``tables`` that the GPT keeps for decoding without gradients."""
 
-    n_layer: int
-    keys: list[Tensor | None] = field(init=False)
-    values: list[Tensor | None] = field(init=False)
-    tables: list[Tensor | None] | None = None
-
-    def __post_init__(self) -> None:
-        self.keys = [None] * self.n_layer
-        self.values = [None] * self.n_layer
+    def __init__(self, n_layer: int) -> None:
+        self.n_layer = n_layer
+        self.keys: list[Tensor | None] = [None] * n_layer
+        self.values: list[Tensor | None] = [None] * n_layer
+        self.tables: list[Tensor | None] | None = None
 
     @property
     def length(self) -> int:
@@ -182,11 +174,8 @@ _compiled_flex: dict[str, object] = {}
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, bias: Tensor | None) -> Tensor:
     """Causal FlexAttention ``(B, H, i, D)`` of ``q (B, H, i, D)`` (the last ``i`` of ``j`` positions),
     ``k, v (B, H, j, D)``, adding ``table (H, m >= j)`` at distance ``j - i + q_idx - kv_idx``, or
-    ``bias (H, i, j)``, or neither.
-
-    Compiled once per kind with ``dynamic=True``; ``j - i`` reaches ``score_mod`` as a 0-d tensor
-    (a symbolic int fails Inductor's CPU lowering in torch 2.13, a plain int recompiles at every
-    length), so generation compiles two graphs, not one per key length.
+    ``bias (H, i, j)``, or neither. Compiled once per kind, ``dynamic=True``, with ``j - i`` a 0-d
+    tensor (a symbolic int fails Inductor's CPU lowering in torch 2.13; an int recompiles per length).
     """
     kind = "table" if table is not None else "grid"
     if kind not in _compiled_flex:

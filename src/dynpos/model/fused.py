@@ -10,24 +10,18 @@ keys before it, and the two partial softmaxes merge exactly (``lerp`` by ``sigmo
 (float64 for float64 input), ``-lse`` and ``-Δ = -rowsum(dO ⊙ O)`` riding in an extra GEMM column;
 the batch sum of ``dS`` is reduced along its diagonals into ``dtable`` through a strided "skew" view.
 
-Design notes (one-off measurements on 2 CPU cores; ``scripts/bench_attention.py`` reruns the comparisons):
+Design notes (one-off measurements on 2 CPU cores; ``scripts/bench_attention.py`` reruns them):
+``exp`` arguments are clamped at ``2.5·ln(eps)`` and weights under its exp set to 0, as ATen's ``exp``
+leaves its fast path below -87 and tiny weights go denormal (a micro DPB step's backward: 934 ->
+320 ms). Measured slower, so rejected: the flash backward kernel plus a table-gradient pass (20-25 %),
+``softmax`` for clamp-exp-threshold, ``torch.compile`` of the elementwise steps, ``flip`` for
+``index_select`` (column-major: 5x slower to add), ``baddbmm_`` into a strided slice. ``WORKERS = k``
+runs ``k`` parts on Python threads with one ATen thread each: faster when other processes load the
+cores, slower idle (the caller's idle OpenMP team spins on the workers' cores).
 
-* ``exp`` arguments are clamped at ``2.5·ln(eps)`` and weights under its exp set to 0: below -87
-  ATen's ``exp`` leaves its fast path and the tiny weights go denormal (a micro DPB step's backward
-  went from 934 to 320 ms). Masked keys keep exactly zero gradient.
-* Measured slower, so rejected: the flash backward kernel plus a table-gradient pass (20-25 %: that
-  pass needs the P and dP GEMMs anyway), ``softmax`` for clamp-exp-threshold, ``torch.compile`` of
-  the elementwise steps, ``flip`` for ``index_select`` (column-major, 5x slower to add),
-  ``baddbmm_`` into a strided slice (one GEMM per batch item).
-* ``WORKERS = k > 1`` runs ``k`` parts of the batch (or heads) on Python threads with one ATen
-  thread each: faster when other processes load the cores, slower idle (the caller's idle OpenMP
-  team spins on the workers' cores).
-
-Limits: no dropout (the flash kernel has none; ``choose_attention`` trains with it on ``eager``);
-self-attention only (no KV-cache offset); CPU tensors, float32, float64, bfloat16 or float16 (low
-precision: float32 bias, log-sum-exp and backward); not twice differentiable. Forward and backward
-are ``torch.library`` custom ops with fake implementations and registered autograd, so
-``torch.compile`` keeps them in one graph.
+Limits: no dropout (``choose_attention`` trains with it on ``eager``), no KV-cache offset, CPU only,
+not twice differentiable. Forward and backward are ``torch.library`` custom ops with fake
+implementations and registered autograd: ``torch.compile`` keeps them in one graph.
 """
 
 from __future__ import annotations
@@ -204,8 +198,7 @@ def _run_parts(fn, parts: list[tuple]) -> list:
     futures = []
     try:
         futures = [pool.submit(work, part) for part in parts[1:]]
-        first = work(parts[0])
-        return [first] + [future.result() for future in futures]
+        return [work(parts[0])] + [future.result() for future in futures]
     finally:
         wait(futures)  # on an error too: no part may outlive the single-thread setting
         torch.set_num_threads(previous)
@@ -281,15 +274,11 @@ _fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def table_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor) -> Tensor:
-    """Causal self-attention with a per-distance bias, fused for CPU training (module docstring).
+    """Causal self-attention ``(B, H, n, D)`` with a per-distance bias, fused for CPU training.
 
-    Args:
-        q, k, v: ``(B, H, n, D)`` CPU tensors of one dtype among float32, float64, bfloat16, float16.
-        table: ``(H, m >= n)``, any float dtype: ``table[h, r]`` is the logit bias at distance
-            ``r = query - key``.
-
-    Returns:
-        ``(B, H, n, D)`` in q's dtype (empty sizes, where the flash kernel dies, by the eager formula).
+    ``q, k, v``: ``(B, H, n, D)`` CPU tensors of one dtype, float32, float64, bfloat16 or float16
+    (low precision computes in float32); ``table``: ``(H, m >= n)``, any float dtype, the logit bias
+    at distance ``r = query - key``. Empty sizes (where the flash kernel dies) take the eager formula.
 
     Raises:
         ValueError: on other shapes (or ``D == 0``), mixed or other dtypes, or tensors off the CPU.

@@ -1,8 +1,6 @@
-"""A decoder-only GPT whose every attention block takes its positional information from one scheme.
-
-Reads top to bottom like nanoGPT's ``model.py`` (Karpathy): config, MLP, Block, GPT. The one
-new idea is the positional scheme (``dynpos.positional``), Dynamic Position Bias by default:
-it adds an absolute embedding, rotates q and k, or biases the attention logits.
+"""A decoder-only GPT, read top to bottom like nanoGPT's ``model.py`` (Karpathy): config, MLP, Block,
+GPT. The one new idea: every block takes its positions from one scheme (``dynpos.positional``, DPB
+by default), which adds an absolute embedding, rotates q and k, or biases the attention logits.
 """
 
 from __future__ import annotations
@@ -80,18 +78,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Decoder-only language model with a pluggable positional scheme.
+    """Decoder-only language model with a pluggable positional scheme; the LM head shares the token
+    embedding's weight (weight tying, Press & Wolf 2017).
 
-    The LM head shares its weight with the token embedding (weight tying, Press & Wolf 2017).
-
-    Args:
-        config: the sizes (``vocab_size`` set).
-        pos: a factory ``(n_layer=, n_head=, n_embd=, block_size=) -> PositionalScheme``: a scheme
-            class or a ``functools.partial`` of one with its options (what Hydra's ``_partial_``
-            builds from ``configs/pos/*.yaml``). Default: :class:`~dynpos.positional.dpb.DPB`.
-
-    Raises:
-        ValueError: if ``config.vocab_size`` is None.
+    ``pos``: a factory ``(n_layer=, n_head=, n_embd=, block_size=) -> PositionalScheme``, a scheme
+    class or a ``functools.partial`` of one (Hydra's ``_partial_`` of ``configs/pos/*.yaml``);
+    default :class:`~dynpos.positional.dpb.DPB`. Raises ValueError if ``config.vocab_size`` is None.
     """
 
     def __init__(self, config: GPTConfig, pos: Callable[..., PositionalScheme] | None = None) -> None:
@@ -139,11 +131,9 @@ class GPT(nn.Module):
         bias = ("table" if scheme.table is not PositionalScheme.table else
                 "grid" if scheme.bias is not PositionalScheme.bias else "none")
         learned = any(p.requires_grad for p in self.pos.parameters())
-        return choose_attention(
-            self.config.attn, bias=bias, learned=learned, device=device, grad=torch.is_grad_enabled(),
-            cached=cache is not None and i != j, dropout=self.config.dropout if self.training else 0.0,
-            length=j,
-        )
+        return choose_attention(self.config.attn, bias=bias, learned=learned, device=device,
+                                grad=torch.is_grad_enabled(), cached=cache is not None and i != j,
+                                dropout=self.config.dropout if self.training else 0.0, length=j)
 
     def _layer_inputs(self, path: str, i: int, j: int, dtype: torch.dtype, device: torch.device,
                       cache: KVCache | None = None) -> list[AttnInputs]:
@@ -170,19 +160,9 @@ class GPT(nn.Module):
         return [AttnInputs(path, mask=masks[id(b)]) for b in biases]
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None):
-        """Logits for each position, and the loss when ``targets`` are given.
-
-        Args:
-            idx: ``(B, t)`` token ids.
-            targets: ``(B, t)`` next-token ids (``-1`` is ignored), or None.
-            cache: a :class:`KVCache`; ``idx`` then holds the tokens after the cached ones.
-
-        Returns:
-            ``(logits, loss)``: logits ``(B, t, vocab_size)``; loss the mean cross-entropy in
-            nats per token, or None without targets.
-
-        Raises:
-            ValueError: if the total length exceeds what the scheme can encode.
+        """``(logits (B, t, vocab_size), loss)`` for token ids ``idx (B, t)`` (after the cached ones if
+        a ``cache`` is given); ``loss``: mean cross-entropy in nats per token against ``targets (B, t)``
+        (``-1`` ignored), None without. Raises ValueError past the length the scheme can encode.
         """
         t = idx.shape[1]
         offset = cache.length if cache is not None else 0
@@ -222,10 +202,8 @@ class GPT(nn.Module):
 
         Decodes through a KV cache; past ``block_size`` tokens each step recomputes the last
         ``block_size`` (as nanoGPT). ``forward`` is called directly: a compiled model decodes eagerly.
-
-        Raises:
-            ValueError: if ``temperature <= 0``, ``top_k`` is outside ``1 .. vocab_size`` or
-                ``max_new_tokens < 0``.
+        Raises ValueError if ``temperature <= 0``, ``top_k`` is outside ``1 .. vocab_size`` or
+        ``max_new_tokens < 0``.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")

@@ -1,7 +1,5 @@
-"""Positional schemes, one module each, all behind :class:`PositionalScheme` (see base.py).
-
-``SCHEMES`` maps each config name (``pos=<name>``, ``configs/pos/<name>.yaml``) to its class.
-"""
+"""Positional schemes, one module each behind :class:`PositionalScheme` (base.py); ``SCHEMES`` maps
+each config name (``pos=<name>``, ``configs/pos/<name>.yaml``) to its class."""
 
 from dynpos.positional.alibi import ALiBi, alibi_slopes
 from dynpos.positional.base import PositionalScheme, check_option, check_sizes, toeplitz

@@ -21,8 +21,6 @@ def alibi_slopes(n_head: int) -> list[float]:
         return [2.0 ** (-8.0 * k / n) for k in range(1, n + 1)]
 
     lower = 1 << (n_head.bit_length() - 1)  # closest power of two <= n_head
-    if lower == n_head:
-        return geometric(n_head)
     return geometric(lower) + geometric(2 * lower)[0::2][: n_head - lower]
 
 

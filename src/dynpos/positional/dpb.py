@@ -18,14 +18,10 @@ from dynpos.positional.base import PositionalScheme, check_sizes, is_count
 class DynamicPositionBias(nn.Module):
     """MLP mapping a relative distance (in positions) to an additive attention bias for each head.
 
-    Args:
-        dim: hidden width of the MLP.
-        heads: number of attention heads (the MLP's output width).
-        depth: number of hidden layers; ``depth=2`` gives
-            Linear(1, dim) -> SiLU -> Linear(dim, dim) -> SiLU -> Linear(dim, heads).
-        log_distance: feed ``sign(r) * log(1 + |r|)`` instead of ``r`` (SwinV2).
-        norm: LayerNorm after each hidden Linear.
-        signed: the signed distance ``x - y`` (asymmetric, for bidirectional use) instead of ``|x - y|``.
+    ``mlp``: ``depth`` hidden layers of width ``dim`` (``depth=2``: Linear(1, dim) -> SiLU ->
+    Linear(dim, dim) -> SiLU -> Linear(dim, heads)), with a LayerNorm after each hidden Linear if
+    ``norm``. ``log_distance`` feeds ``sign(r) · log(1 + |r|)`` (SwinV2); ``signed`` the signed
+    distance ``x - y`` (asymmetric, for bidirectional use) instead of ``|x - y|``.
 
     Raises:
         ValueError: if ``dim``, ``heads`` or ``depth`` is not a positive int.
@@ -72,12 +68,8 @@ class DynamicPositionBias(nn.Module):
         rel = rearrange(query, "i -> i 1") - rearrange(key, "j -> 1 j")  # (i, j), in [-(i-1), j-1]
         if self.signed:
             lowest = -(i - 1) if i else 0
-            table = self.embed(torch.arange(lowest, j, device=device))  # (heads, i + j - 1)
-            index = rel - lowest
-        else:
-            table = self.embed(torch.arange(j, device=device))  # (heads, j)
-            index = rel.abs()
-        return table[:, index]
+            return self.embed(torch.arange(lowest, j, device=device))[:, rel - lowest]  # from i + j - 1 distances
+        return self.distance_table(j)[:, rel.abs()]
 
 
 class DPB(PositionalScheme):

@@ -17,16 +17,10 @@ from dynpos.positional.base import PositionalScheme, check_option, check_sizes, 
 
 
 class FIRE(PositionalScheme):
-    """FIRE relative bias (``pos=fire``).
-
-    Args:
-        dim: hidden width of the MLP ``f`` (paper: 32).
-        init_c: initial ``c`` (> 0; paper: 0.1).
-        init_L: initial threshold ``L``, in positions (> 0; paper: 512); None means ``block_size``.
-        shared: one FIRE (MLP, ``c``, ``L``) for all blocks, or one per block (the paper has both).
-
-    Raises:
-        ValueError: if ``dim``, ``init_c`` or ``init_L`` is not positive, or ``shared`` not a bool.
+    """FIRE relative bias (``pos=fire``): MLP width ``dim``, initial ``c`` and threshold ``L`` (in
+    positions; None: ``block_size``) as the paper's 32, 0.1 and 512; ``shared``: one FIRE for all
+    blocks, or one per block. Raises ValueError if ``dim``, ``init_c`` or ``init_L`` is not positive,
+    or ``shared`` not a bool.
     """
 
     name = "fire"
@@ -59,9 +53,8 @@ class FIRE(PositionalScheme):
         ``[0, 1)`` where ``y <= x'``, distance 0 above. Raises ValueError as :func:`check_sizes`."""
         check_sizes(i, j)
         k = 0 if self.shared else layer
-        device = self.c.device
-        query = torch.arange(j - i, j, device=device, dtype=torch.float32)  # x'
-        key = torch.arange(j, device=device, dtype=torch.float32)
+        query = torch.arange(j - i, j, device=self.c.device, dtype=torch.float32)  # x'
+        key = torch.arange(j, device=self.c.device, dtype=torch.float32)
         distance = (rearrange(query, "i -> i 1") - rearrange(key, "j -> 1 j")).clamp(min=0)
         c = self.c[k].float().abs()
         threshold = (self.L_scale[k].float() * self.init_L).abs()

@@ -19,11 +19,9 @@ from dynpos.positional.base import PositionalScheme, check_option
 class KERPLE(PositionalScheme):
     """KERPLE-log bias (``pos=kerple``): ``table[h, r] = -r1_h * log(1 + r2_h * r)`` in each block.
 
-    ``init``: ``"uniform"`` (the authors': ``r1 ~ U(0, 2)``, ``r2 ~ U(0, 1)`` per head, layer by layer,
-    from the global torch RNG) or ``"ones"``. ``r1``, ``r2``: one ``(n_head,)`` parameter per block.
-
-    Raises:
-        ValueError: if ``init`` is neither value.
+    ``r1``, ``r2``: one ``(n_head,)`` parameter per block, drawn by ``init="uniform"`` as the authors do
+    (``U(0, 2)``, ``U(0, 1)`` per head, from the global torch RNG) or set to 1 by ``init="ones"``.
+    Raises ValueError for another ``init``.
     """
 
     name = "kerple"

@@ -12,14 +12,8 @@ from dynpos.positional.base import PositionalScheme
 
 
 class Learned(PositionalScheme):
-    """Learned absolute embedding (``pos=learned``): ``wpe (block_size, n_embd)`` added to the tokens.
-
-    Args:
-        init_std: standard deviation of the normal init (GPT-2: 0.02).
-
-    Raises:
-        ValueError: if ``init_std < 0``.
-    """
+    """Learned absolute embedding (``pos=learned``): ``wpe (block_size, n_embd)`` added to the tokens,
+    initialised with standard deviation ``init_std`` (GPT-2: 0.02). Raises ValueError if it is < 0."""
 
     name = "learned"
 

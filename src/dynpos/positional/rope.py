@@ -15,15 +15,10 @@ from dynpos.positional.sinusoidal import inverse_frequencies
 
 class RoPE(PositionalScheme):
     """Rotary position embedding (``pos=rope``): channel pair ``i`` at position ``p`` turns by
-    ``p * base^(-2i/d)`` in every block; cos/sin caches (float32) grow to the next power of two.
-
-    Args:
-        base: wavelength base (> 1; 10000 in the paper).
-        rotary_dim: fraction of each head's channels that rotate, in ``(0, 1]``, giving an even count.
-
-    Raises:
-        ValueError: if the head dimension ``n_embd // n_head`` is odd, ``base <= 1``, or
-            ``rotary_dim`` is outside ``(0, 1]`` or gives an odd number of channels.
+    ``p * base^(-2i/d)`` in every block (the paper's ``base``: 10000), in the first ``rotary_dim`` of
+    each head's channels; the cos/sin caches (float32) grow to the next power of two. Raises
+    ValueError if the head dimension is odd, ``base <= 1``, or ``rotary_dim`` is outside ``(0, 1]`` or
+    gives an odd number of channels.
     """
 
     name = "rope"
@@ -33,10 +28,8 @@ class RoPE(PositionalScheme):
         super().__init__(n_layer, n_head, n_embd, block_size)
         head_dim = n_embd // n_head
         if head_dim % 2:
-            raise ValueError(
-                f"pos=rope rotates channel pairs, but the head dimension model.n_embd / model.n_head = "
-                f"{n_embd} / {n_head} = {head_dim} is odd: choose n_embd and n_head with an even quotient"
-            )
+            raise ValueError(f"pos=rope rotates channel pairs, but the head dimension model.n_embd / model.n_head = "
+                             f"{n_embd} / {n_head} = {head_dim} is odd: choose n_embd and n_head with an even quotient")
         check_option(isinstance(base, (int, float)) and base > 1, self.name, "base", base,
                      "the wavelength base must be a number > 1 (the paper uses 10000)")
         check_option(isinstance(rotary_dim, (int, float)) and 0 < rotary_dim <= 1, self.name, "rotary_dim",

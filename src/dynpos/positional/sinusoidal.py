@@ -19,15 +19,8 @@ def inverse_frequencies(dim: int, base: float, device: torch.device | None = Non
 
 
 class Sinusoidal(PositionalScheme):
-    """Sinusoidal absolute embedding (``pos=sinusoidal``), added to the token embeddings.
-
-    Args:
-        base: wavelength base (> 1; 10000 in the paper).
-        scale: amplitude of the sinusoids (> 0); None means ``n_embd ** -0.5``.
-
-    Raises:
-        ValueError: if ``base <= 1`` or ``scale <= 0``.
-    """
+    """Sinusoidal absolute embedding (``pos=sinusoidal``) of wavelength ``base`` (the paper's 10000) and
+    amplitude ``scale`` (None: ``n_embd ** -0.5``). Raises ValueError if ``base <= 1`` or ``scale <= 0``."""
 
     name = "sinusoidal"
 

@@ -29,13 +29,9 @@ def t5_bucket(distance: Tensor, num_buckets: int = 32, max_distance: int = 128) 
 
 class T5(PositionalScheme):
     """T5 bucketed relative bias (``pos=t5``): ``table[h, r] = embedding[bucket(r), h]``, the embedding
-    ``(num_buckets, n_head)`` initialised ``N(0, n_embd ** -0.5)`` as in Hugging Face's T5.
-
-    ``num_buckets`` (>= 2) and ``max_distance`` (> ``num_buckets // 2``) as in :func:`t5_bucket` (T5:
-    32 and 128); ``shared``: one table for all blocks (T5), or one per block.
-
-    Raises:
-        ValueError: on ``num_buckets < 2``, ``max_distance <= num_buckets // 2`` or a non-bool ``shared``.
+    ``(num_buckets, n_head)`` initialised ``N(0, n_embd ** -0.5)`` (Hugging Face's T5); buckets as in
+    :func:`t5_bucket` (T5: 32 and 128); ``shared``: one table for all blocks (T5), or one per block.
+    Raises ValueError on ``num_buckets < 2``, ``max_distance <= num_buckets // 2`` or a non-bool ``shared``.
     """
 
     name = "t5"
