@@ -3,22 +3,13 @@
 The instrument of Kazemnejad et al. 2023 ("The Impact of Positional Encoding on Length
 Generalization in Transformers", NeurIPS; code: McGill-NLP/length-generalization), Ruoss et al. 2023
 and Delétang et al. 2023: train on lengths up to ``L``, score exact match at ``L``, ``1.5L``, ``2L``,
-``4L``. An example is ``prompt = answer .``; its length ``n`` counts task units:
-
-=========  ==========================================================  ==================
-task       prompt -> answer (length n)                                 tokens in example
-=========  ==========================================================  ==================
-copy       n symbols ``x`` -> ``x``                                    ``2n + 2``
-reverse    n symbols ``x`` -> ``x`` reversed                           ``2n + 2``
-sort       n symbols ``x`` -> ``x`` sorted by symbol index             ``2n + 2``
-addition   two n-digit numbers ``a + b`` -> ``a + b`` in ``n + 1``       ``3n + 4``
-           digits (base ``alphabet``, leading zeros kept; with
-           ``lsd_first`` least-significant digit first)
-recall     n pairs ``k v`` with distinct keys, then a query key ->     ``2n + 4``
-           its value (associative recall, Ba et al. 2016)
-passkey    n filler words with ``key d1 .. dD`` hidden at a random     ``n + 2D + 3``
-           place -> ``d1 .. dD`` (Mohtashami & Jaggi 2023)
-=========  ==========================================================  ==================
+``4L``. An example is ``prompt = answer .``; its length ``n`` counts task units (tokens in the example):
+copy, reverse, sort: ``n`` symbols -> the same, reversed, or sorted by symbol index (``2n + 2``);
+addition: two ``n``-digit numbers ``a + b`` -> their ``n + 1``-digit sum in base ``alphabet``,
+leading zeros kept, least-significant digit first with ``lsd_first`` (``3n + 4``); recall: ``n``
+pairs ``k v`` with distinct keys, then a query key -> its value (associative recall, Ba et al.
+2016; ``2n + 4``); passkey: ``n`` filler words with ``key d1 .. dD`` hidden at a random place ->
+``d1 .. dD`` (Mohtashami & Jaggi 2023; ``n + 2D + 3``).
 
 Tokens are the words of a ``tokenizers`` ``WordLevel`` vocabulary: ids 0-3 are ``<pad> <unk> = .``,
 then the task's symbols (``a`` .. ``z``, or ``s0 s1 ..`` past 26; digits; ``k0 ..``/``v0 ..`` recall
@@ -43,6 +34,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from tokenizers import Tokenizer, models, pre_tokenizers
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
 from dynpos.data.datamodule import StepLoader, StepStream, _plain, step_seed, train_steps
@@ -174,14 +166,9 @@ def collate(examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
     where that is an answer token (end token included), ``-1`` elsewhere: the model's
     ``cross_entropy(ignore_index=-1)`` counts answer tokens only.
     """
-    width = max(len(ex.tokens) for ex in examples) - 1
-    x = torch.full((len(examples), width), PAD_ID, dtype=torch.int64)
-    y = torch.full((len(examples), width), -1, dtype=torch.int64)
-    for b, ex in enumerate(examples):
-        tokens = torch.tensor(ex.tokens, dtype=torch.int64)
-        x[b, : len(tokens) - 1] = tokens[:-1]
-        y[b, len(ex.prompt) - 1 : len(tokens) - 1] = tokens[len(ex.prompt):]
-    return x, y
+    x = [torch.tensor(ex.tokens[:-1], dtype=torch.int64) for ex in examples]
+    y = [torch.tensor((-1,) * (len(ex.prompt) - 1) + ex.answer, dtype=torch.int64) for ex in examples]
+    return pad_sequence(x, batch_first=True, padding_value=PAD_ID), pad_sequence(y, batch_first=True, padding_value=-1)
 
 
 class TaskBatches(Dataset):

@@ -27,12 +27,10 @@ PROTOCOLS = ("nonoverlap", "sliding")
 
 
 def window_plan(n_tokens: int, length: int, protocol: str, stride: int | None = None) -> list[tuple[int, int]]:
-    """Windows over a text of ``n_tokens`` targets: ``(start, scored)`` pairs.
-
-    Window ``start .. start + length`` of inputs predicts targets ``start + 1 .. start + length``;
-    its last ``scored`` targets count. Every target ``1 .. n`` is scored exactly once, where
-    ``n = n_tokens`` rounded down to whole windows (nonoverlap) or to ``length`` plus whole
-    strides (sliding); ``stride`` defaults to ``length // 2`` and only applies to ``sliding``.
+    """Windows over a text of ``n_tokens`` targets: ``(start, scored)``, the window of inputs
+    ``start .. start + length`` scoring its last ``scored`` targets. Every target ``1 .. n`` is scored
+    once, ``n`` being ``n_tokens`` rounded down to whole windows (nonoverlap) or to ``length`` plus
+    whole strides (sliding; ``stride`` defaults to ``length // 2``).
 
     Raises:
         ValueError: for ``length < 1``, an unknown protocol, or a stride outside ``1 .. length``.
@@ -76,22 +74,15 @@ def windowed_loss(model: GPT, tokens: Tensor, plan: list[tuple[int, int]], lengt
 def evaluate_lengths(model: GPT, tokens: np.ndarray | Tensor, lengths: list[int], *, protocol: str = "nonoverlap",
                      stride: int | None = None, max_tokens: int | None = None, batch_size: int = 8,
                      bytes_per_token: float | None = None) -> list[dict]:
-    """Loss (nats/token), perplexity and bits per byte at each evaluation length.
+    """Loss (nats/token), perplexity and bits per byte of ``model`` (put in eval mode) on the token
+    ids ``tokens (n,)`` at each of ``lengths`` (tokens), by ``protocol`` (see :func:`window_plan`).
 
-    Args:
-        model: the trained GPT (put in eval mode here).
-        tokens: the split's token ids ``(n,)``.
-        lengths: evaluation lengths in tokens.
-        protocol: ``nonoverlap`` or ``sliding``; stride: the sliding step (default ``length // 2``).
-        max_tokens: targets scored per length (the same span of text for every length); None = the
-            whole split, so at the training length the score equals training's validation with
-            ``data.val_windows=null``.
-        bytes_per_token: UTF-8 bytes per token of the split, for bits per byte.
-
-    Returns:
-        One dict per length: ``length``, ``protocol``, ``stride`` (the sliding step used; None for
-        ``nonoverlap``), ``loss``, ``ppl``, ``bpb``, ``tokens`` (targets scored) and ``note`` (why a
-        length was skipped).
+    ``max_tokens`` targets are scored per length, the same span of text for every length (None: the
+    whole split, so at the training length the score equals training's validation with
+    ``data.val_windows=null``); ``bytes_per_token`` (UTF-8 bytes per token) gives bits per byte.
+    Returns one dict per length: ``length``, ``protocol``, ``stride`` (the sliding step used; None
+    for ``nonoverlap``), ``loss``, ``ppl``, ``bpb``, ``tokens`` (targets scored), ``note`` (why a
+    length was skipped).
 
     Raises:
         ValueError: for a length < 1, an unknown protocol or bad stride, or a text shorter than

@@ -1,17 +1,15 @@
-"""Sweep reports: a multirun folder of runs -> mean ± std per scheme, a plot, and which differences
-are within the seed noise (each scheme against a baseline, each scheme's loss at longer lengths
-against its loss at the training length, and every pair of schemes); for task sweeps, accuracy
-against length with each scheme's rank and mean reciprocal rank (Kazemnejad et al. 2023).
+"""Sweep reports (pandas): mean ± std over seeds per scheme, a plot, which differences are within
+seed noise (against a baseline, from the training length to longer ones, between every pair of
+schemes), and for task sweeps accuracy against length with ranks and mean reciprocal rank
+(Kazemnejad et al. 2023).
 
-The noise rule: for per-seed values ``a`` (scheme) and ``b`` (baseline), the difference of means
-``d = mean(a) - mean(b)`` has the Welch standard error ``se = sqrt(s_a² / n_a + s_b² / n_b)``
-(``s``: sample standard deviation, ``n``: seeds), and is *within seed noise* when ``|d| < 2·se``.
-The change of one scheme's loss from the training length to a longer one is paired by seed instead
-(the same model scores the same text at every length): ``se = sd(d_seed) / sqrt(n)``, same rule.
-With few seeds this is a lenient screen, not a significance test: with 3 seeds a side a Welch
-t-test at the 5% level needs ``|d| / se`` of about 2.8 to 4.3; the report states the figures for
-its own seed counts and prints ``t = d / se``. One seed gives no standard deviation: no error bars
-and no verdict.
+The noise rule: for per-seed values ``a`` and ``b`` the difference of means ``d`` has the Welch
+standard error ``se = sqrt(s_a² / n_a + s_b² / n_b)`` (``s``: sample standard deviation, ``n``:
+seeds) and is *within seed noise* when ``|d| < 2·se``; a change with length is paired by seed (the
+same model scores the same text at every length), ``se = sd(d_seed) / sqrt(n)``. With few seeds
+this is a lenient screen, not a significance test (with 3 seeds a side a Welch t-test at 5% needs
+``|d| / se`` of 2.8 to 4.3), so the report prints ``t = d / se`` and the thresholds of its own seed
+counts. One seed gives no standard deviation: no error bars and no verdict.
 """
 
 from __future__ import annotations
@@ -41,20 +39,18 @@ def _job_order(path: Path) -> tuple:
 
 
 def load_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read every ``result.json`` below ``sweep_dir`` (``python train.py -m`` writes one per run
-    folder ``<num>_<run_name>_seed<seed>/``), in job order, into ``(runs, long)``.
+    """Read every ``result.json`` below ``sweep_dir`` (one per run folder ``<num>_<run>_seed<seed>/``
+    of ``python train.py -m``), in job order, into ``(runs, long)``.
 
-    ``runs``: a row per run: ``path`` (its folder), ``label``, ``seed``, ``pos``, ``num_params``,
-    ``block_size`` (training length, tokens), ``config`` (the resolved run config) and ``disagree``
-    (how many of its scores its evaluation files give differently). The label names the overrides
-    (``.hydra/overrides.yaml``) that vary across runs, the seed excluded: ``dpb, pos.depth=3``.
+    ``runs``: a row per run: ``path``, ``label`` (the overrides that vary across runs, seed excluded:
+    ``dpb, pos.depth=3``), ``seed``, ``pos``, ``num_params``, ``block_size`` (tokens), ``config`` and
+    ``disagree`` (how many of its scores its evaluation files give differently).
 
-    ``long``: a row per run × metric × split × protocol × length (``KEYS``) with ``label``,
-    ``value`` (nats/token or bits per byte, NaN where not scored), ``note`` (why), ``variant`` and
-    ``column`` (the report's header: ``test loss``, ``loss @256``, plus the protocol and split where
-    the sweep has several). Lengths come from ``result.json``'s ``extrapolation``, then from every
-    ``extrapolation.csv`` in the run folder (``scripts/evaluate.py``'s, its split read from the
-    ``extrapolation.json`` beside it); of rows repeating a run's column the first with a value is kept.
+    ``long``: a row per ``KEYS`` with ``label``, ``value`` (nats/token or bits per byte, NaN where
+    not scored), ``note`` (why), ``variant`` and ``column`` (the report's header: ``test loss``,
+    ``loss @256``, plus protocol and split where the sweep has several). Lengths come from
+    ``result.json``, then from every ``extrapolation.csv`` of ``scripts/evaluate.py`` in the run folder
+    (its split from the ``extrapolation.json`` beside it); of repeated rows the first with a value is kept.
 
     Raises:
         NotADirectoryError: ``sweep_dir`` is a file. FileNotFoundError: it does not exist.
