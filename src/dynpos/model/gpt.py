@@ -38,7 +38,7 @@ class GPTConfig:
     compile: bool = False  # torch.compile for training and evaluation
 
     def __post_init__(self) -> None:
-        sizes = ("block_size", "n_layer", "n_head", "n_embd") + (("vocab_size",) if self.vocab_size is not None else ())
+        sizes = (("vocab_size",) if self.vocab_size is not None else ()) + ("block_size", "n_layer", "n_head", "n_embd")
         check_model_sizes(**{key: getattr(self, key) for key in sizes})
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}: "
