@@ -233,10 +233,10 @@ def validate(cfg: DictConfig) -> Any:
     Raises:
         ValueError: naming the key and the fix, e.g. a missing ``ckpt``.
     """
+    if OmegaConf.get_type(cfg) is TrainConfig:  # first: optim.decay_steps interpolates trainer.max_steps
+        check_keys(cfg)
+        _whole("trainer.max_steps", OmegaConf.select(cfg, "trainer.max_steps", throw_on_resolution_failure=False), 1)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"{missing[0]} is required: pass {missing[0]}=<value>")
-    if OmegaConf.get_type(cfg) is TrainConfig:
-        check_keys(cfg)
-        _whole("trainer.max_steps", OmegaConf.select(cfg, "trainer.max_steps", throw_on_resolution_failure=False), 1)
     return OmegaConf.to_object(cfg)

@@ -148,7 +148,7 @@ def _csv_rows(logger: CSVLogger, before: int) -> list[tuple[int, dict[str, float
         return []
     with open(path, newline="", encoding="utf-8") as f:
         return [(int(float(row["step"])), {k: float(v) for k, v in row.items() if k != "step" and v})
-                for row in csv.DictReader(f) if row.get("step") not in (None, "") and float(row["step"]) < before]
+                for row in csv.DictReader(f) if float(row["step"]) < before]
 
 
 class RunRecord(L.Callback):
