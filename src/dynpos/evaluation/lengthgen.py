@@ -68,15 +68,13 @@ def judge(decoded: Sequence[int], answer: Sequence[int]) -> tuple[bool, float]:
     return exact, sum(a == b for a, b in zip(content, answer[:-1])) / (len(answer) - 1)
 
 
-def score(model: nn.Module, examples: Iterable[Example], batch_size: int = 64,
-          device: torch.device | str | None = None) -> list[dict]:
+def score(model: nn.Module, examples: Iterable[Example], batch_size: int = 64) -> list[dict]:
     """Exact match and per-token accuracy per length, greedy through the KV cache.
 
     Args:
-        model: a ``GPT`` (see :func:`greedy_decode`) with ``model.pos.max_length``; put in eval mode
-            for the call, then restored.
+        model: a ``GPT`` (see :func:`greedy_decode`) with ``model.pos.max_length``; run on its
+            device, in eval mode for the call.
         examples: task instances, any mix of lengths; batched by equal prompt and answer lengths.
-        device: where to run; default the model's.
 
     Returns:
         One row per length, ascending: ``{"length", "n_tokens", "examples", "exact_match",
@@ -84,8 +82,7 @@ def score(model: nn.Module, examples: Iterable[Example], batch_size: int = 64,
         ``[0, 1]`` and status ``"ok"``, or ``"n/a"`` with ``None`` accuracies when the model reads
         ``prompt + answer - 1`` tokens more than its scheme can encode.
     """
-    if device is None:
-        device = next(model.parameters(), torch.empty(0)).device
+    device = next(model.parameters(), torch.empty(0)).device
     groups: dict[int, dict[tuple[int, int], list[Example]]] = defaultdict(lambda: defaultdict(list))
     for ex in examples:
         groups[ex.length][len(ex.prompt), len(ex.answer)].append(ex)
