@@ -235,9 +235,10 @@ class TextDataModule(L.LightningDataModule):
                  cache_dir: str = "~/.cache/dynpos", max_steps: int | None = None, num_workers: int = 0,
                  eval_batch_size: int | None = None, tokenizer_json: str | None = None, **options: Any):
         super().__init__()
-        for key, value in (("data.batch_size", batch_size), ("data.num_workers", num_workers + 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key}={value!r}: give a positive integer")
+        for key, value, low, what in (("data.batch_size", batch_size, 1, "a positive integer"),
+                                      ("data.num_workers", num_workers, 0, "an integer >= 0 (0: the main process)")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{key}={value!r}: give {what}")
         if val_windows is not None and (isinstance(val_windows, bool) or not isinstance(val_windows, int)
                                         or val_windows < 1):
             raise ValueError(f"data.val_windows={val_windows!r}: give a positive integer (or null for every window)")
