@@ -3,8 +3,7 @@
 A checkpoint written by ``train.py`` holds ``state_dict`` (``model.*``), the module's ``hyper_parameters``
 (``config``: the whole resolved run config, stored once; ``vocab_size``; ``bytes_per_token``) and the
 datamodule's state with the tokenizer (the ``tokenizers`` JSON). Reading uses ``torch.load(weights_only=True)``,
-so a crafted file cannot run code; the trainer reads through the same function
-(:class:`dynpos.training.checkpoint_io.AtomicCheckpointIO`).
+so a crafted file cannot run code, here and in the trainer (:mod:`dynpos.training.checkpoint_io`).
 """
 
 from __future__ import annotations

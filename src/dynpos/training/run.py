@@ -71,11 +71,8 @@ def _interrupted(out: Path) -> str:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Train, score the best checkpoint and return the final metrics.
-
-    Continues from ``ckpt_path``, or with ``resume=auto`` from the run folder's ``last.ckpt``: model, optimizer,
-    LR schedule, loop counters and data position continue exactly (data windows and dropout are functions of the
-    step).
+    """Train (or continue exactly from ``ckpt_path`` or, with ``resume=auto``, the run folder's ``last.ckpt``),
+    score the best checkpoint and return the final metrics.
 
     Raises:
         ValueError, FileNotFoundError, FileExistsError: bad configuration or input, before any data is read
