@@ -552,7 +552,7 @@ def test_block_size_too_large(tmp_path, textfile):
 def test_datamodule_config_errors(tmp_path, textfile):
     with pytest.raises(ValueError, match=r"data\.batch_size=-1: give a positive integer"):
         make_dm(tmp_path, textfile, batch_size=-1)
-    with pytest.raises(ValueError, match=r"data\.num_workers=-1: give an integer >= 0 \\(0: the main process\\)"):
+    with pytest.raises(ValueError, match=r"data\.num_workers=-1: give an integer >= 0 \(0: the main process\)"):
         make_dm(tmp_path, textfile, num_workers=-1)
     with pytest.raises(ValueError, match=r"data\.val_windows=0"):
         make_dm(tmp_path, textfile, val_windows=0)
