@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import pty
+import re
 import shlex
 import signal
 import subprocess
@@ -150,6 +152,33 @@ def test_ctrl_c_says_how_to_continue_and_the_command_does(tmp_path):
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "at step 5" in again.stdout and (out / "result.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_continued_run_shows_its_progress_against_the_whole_run_on_a_terminal(tmp_path):
+    env = {**os.environ, "DYNPOS_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "COLUMNS": "200", "TERM": "xterm"}
+    first = run([str(ROOT / "train.py"), *TINY, f"hydra.run.dir={tmp_path / 'first'}"], tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    main_fd, terminal = pty.openpty()  # Rich draws its bar only on a terminal
+    args = [str(ROOT / "train.py"), *TINY, "trainer.max_steps=12", f"hydra.run.dir={tmp_path / 'second'}",
+            f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(main_fd, 65536)
+        except OSError:  # the terminal closes when the run ends
+            break
+        if not chunk:
+            break
+        shown += chunk
+    assert proc.wait(timeout=60) == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode("utf-8", "replace"))
+    counts = re.findall(r"train \D*?(\d+)/(\d+) ", text)  # optimizer steps of the whole run, from step 6
+    assert counts[-1] == ("12", "12") and {total for _, total in counts} == {"12"}
+    assert min(int(step) for step, _ in counts[1:]) >= 6  # after the bar's first frame (0/12)
 
 
 @pytest.mark.slow

@@ -350,7 +350,7 @@ class TaskDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """The tokenizer (JSON), the seed and the batch size; the rest of the data config is compared
-        on resume by ``dynpos.training.run_folder.check_resumable``."""
+        on resume by ``dynpos.training.run_folder.open_run``."""
         self._require_setup()
         return {"tokenizer": self.tokenizer.to_str(), "seed": self.seed, "batch_size": self.batch_size}
 

@@ -60,6 +60,21 @@ class ProgressBar(RichProgressBar):
     def _get_train_description(self, current_epoch: int) -> str:
         return "train"
 
+    @property
+    def total_train_batches(self) -> int | float:
+        """``max_steps``: the bar counts optimizer steps of the whole run (Lightning's total is the batches left
+        and its count the epoch's batch index, which a resume may continue: ``625/1749`` at step 625 of 2,000)."""
+        return self.trainer.max_steps if self.trainer.max_steps > 0 else super().total_train_batches
+
+    def _update(self, progress_bar_id, current: int, visible: bool = True, hard: bool = False) -> None:
+        if progress_bar_id == self.train_progress_bar_id and self.trainer.max_steps > 0:
+            current = self.trainer.global_step
+        super()._update(progress_bar_id, current, visible, hard)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._update(self.train_progress_bar_id, trainer.global_step)  # a resumed run starts at its step
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._start = (time.monotonic(), trainer.global_step)
