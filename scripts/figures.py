@@ -14,7 +14,7 @@ Sections, each README's own commands (``--list`` prints them):
 * ``wikitext2``: the same ablation on WikiText-2 (BPE 4096, block 128, both protocols), training on
   its validation file and scoring the two halves of its test file, then ``scripts/report.py``.
 * ``lengthgen``: ``experiment=lengthgen`` on copy, reverse and sort, then ``scripts/report.py``.
-* ``bench``: README's ``scripts/bench.py`` command (Performance).
+* ``bench``: README's two ``scripts/bench.py`` commands (Performance: eager grid and modes; compiled).
 
 Everything goes under ``--out`` (default ``runs/figures/<commit>``), one folder per section, with
 each command's output in ``<section>.log``; ``figures.md`` there collects the commit, the command
@@ -48,6 +48,8 @@ WIKITEXT2 = ["experiment=ablate_pos", "data=textfiles", "tokenizer=bpe", "tokeni
 BENCH = ["--presets", "micro", "--blocks", "256", "1024", "--schemes", "dpb", "nope", "learned", "alibi",
          "--paths", "auto", "sdpa", "--precision", "32", "--extra", "dpb:auto:bf16:256", "--batch", "8",
          "--reps", "7", "--nanogpt", "--eval-memory", "--generate"]
+BENCH_COMPILE = ["--presets", "micro", "--blocks", "256", "1024", "--schemes", "dpb", "nope", "--paths", "auto",
+                 "--compile", "--batch", "8", "--reps", "5", "--no-xt"]
 
 
 @dataclass
@@ -126,7 +128,9 @@ def sections(out: Path, shared: Path) -> dict[str, list[Step]]:
                       *(Step(copy=(out / "lengthgen" / f"lengthgen_{t}.png", f"docs/lengthgen_{t}.png"))
                         for t in ("copy", "reverse", "sort"))],
         "bench": [Step([py, "scripts/bench.py", *BENCH, "--out", str(out / "bench" / "bench.json")]),
-                  Step(copy=(out / "bench" / "bench.json", "docs/bench.json"))],
+                  Step([py, "scripts/bench.py", *BENCH_COMPILE, "--out", str(out / "bench" / "bench_compile.json")]),
+                  Step(copy=(out / "bench" / "bench.json", "docs/bench.json")),
+                  Step(copy=(out / "bench" / "bench_compile.json", "docs/bench_compile.json"))],
     }
 
 
