@@ -313,6 +313,16 @@ def test_a_one_seed_sweep_says_it_has_no_error_bars_and_flags_unfair_runs(tmp_pa
     assert png.read_bytes()[:8] == PNG
 
 
+def test_sweeps_scored_with_other_protocols_join_into_one_row_per_scheme(tmp_path):
+    root = tmp_path / "sweeps"
+    fake_run(root / "a", 0, "dpb", 0, 2.0, [2.0, 1.9, 1.8], overrides=["pos=dpb"])
+    fake_run(root / "b", 0, "rope", 0, 2.1, [2.1, 2.2, 2.4], overrides=["pos=rope", "eval.protocol=both"])
+    fake_run(root / "b", 1, "dpb", 1, 2.2, [2.2, 2.0, 1.9], overrides=["pos=dpb", "eval.protocol=both"])
+    assert list(load_sweep(root)[0]["label"]) == ["dpb", "rope", "dpb"]
+    markdown = write_report(root)[0]
+    assert "| dpb | 2 | 1,000 | 2.1000 ± 0.1414 |" in markdown and "not a like-for-like" not in markdown
+
+
 def test_a_sweep_without_evaluation_lengths_still_gets_a_png(tmp_path):
     root = tmp_path / "sweep"
     fake_run(root, 0, "dpb", 0, 2.0, [], lengths=())

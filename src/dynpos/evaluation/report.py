@@ -26,8 +26,9 @@ from dynpos.atomic import write_text
 from dynpos.evaluation.lengthgen import METRICS, plot_accuracy
 from dynpos.evaluation.plots import plot_lengths, plt, save_figure
 
-# Config keys that differ between the runs of any sweep without changing what is compared.
-BOOKKEEPING = ("seed", "run_name", "group", "paths.", "ckpt_path", "callbacks.", "logger.")
+# Config keys that differ between the runs of any sweep without changing what is compared (eval.protocol:
+# every score carries its protocol, so runs scored with other protocols fill other columns).
+BOOKKEEPING = ("seed", "run_name", "group", "paths.", "ckpt_path", "callbacks.", "logger.", "eval.protocol")
 NOISE_RULE = "|mean difference| < 2 × Welch standard error sqrt(s₁²/n₁ + s₂²/n₂) over seeds"
 KEYS = ["run", "metric", "split", "protocol", "length"]  # a run has one value per KEYS
 T975 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23)  # Student t, 97.5%, 1..10 d.o.f.
@@ -112,7 +113,8 @@ def load_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def _labels(runs: pd.DataFrame) -> list[str]:
     keyed = [dict((k.lstrip("+~"), v) for k, _, v in (str(o).partition("=") for o in overrides))
              for overrides in runs["overrides"].map(lambda o: o or [])]
-    varying = [k for k in sorted({k for d in keyed for k in d} - {"seed"}) if len({d.get(k) for d in keyed}) > 1]
+    varying = [k for k in sorted({k for d in keyed for k in d}) if not k.startswith(BOOKKEEPING)
+               and len({d.get(k) for d in keyed}) > 1]
     labels = []
     for pos, d in zip(runs["pos"], keyed):
         parts = [d.get("pos", pos) if k == "pos" else f"{k}={d.get(k, '(default)')}" for k in varying]
