@@ -57,18 +57,25 @@ def plot_bias(pos: PositionalScheme, n: int, title: str = "") -> Figure | None:
 def plot_lengths(curves: dict, train_length: int | None = None, metric: str = "loss", title: str = "") -> Figure:
     """``metric`` (loss in nats/token, bpb, accuracy) against evaluation length, a line per label.
 
+    Labels ``"<scheme> (<variant>)"`` share a colour per scheme and a line style per variant (protocol).
+
     Args:
         curves: label -> rows (a list of dicts or a DataFrame) with ``length``, ``metric`` and, for
             error bars, ``<metric>_std``; rows without a value are left out.
         train_length: drawn as a dashed vertical line.
     """
     fig, ax = plt.subplots(figsize=(6, 4))
+    schemes = list(dict.fromkeys(label.split(" (")[0] for label in curves))
+    variants = list(dict.fromkeys(label.partition(" (")[2] for label in curves))
+    colours = plt.get_cmap("tab10" if len(schemes) <= 10 else "tab20").colors
     for label, rows in curves.items():
         frame = pd.DataFrame(rows).reindex(columns=["length", metric, f"{metric}_std"])
         kept = frame[frame[metric].notna()]
         if not kept.empty:
             ax.errorbar(kept["length"].tolist(), kept[metric].tolist(), yerr=kept[f"{metric}_std"].fillna(0.0).tolist(),
-                        marker="o", capsize=3, label=label, linewidth=1.2)
+                        marker="o", capsize=3, label=label, linewidth=1.2,
+                        color=colours[schemes.index(label.split(" (")[0]) % len(colours)],
+                        linestyle=("-", "--", ":", "-.")[variants.index(label.partition(" (")[2]) % 4])
     if train_length:
         ax.axvline(train_length, color="grey", linestyle="--", linewidth=1, label="training length")
     ax.set_xscale("log", base=2)
