@@ -47,9 +47,9 @@ WIKITEXT2 = ["experiment=ablate_pos", "data=textfiles", "tokenizer=bpe", "tokeni
              "eval.protocol=both", "trainer.max_steps=400", "optim.decay_steps=400", "data.batch_size=16"]
 BENCH = ["--presets", "micro", "--blocks", "256", "1024", "--schemes", "dpb", "nope", "learned", "alibi",
          "--paths", "auto", "sdpa", "--precision", "32", "--extra", "dpb:auto:bf16:256", "--batch", "8",
-         "--reps", "7", "--nanogpt", "--eval-memory", "--generate"]
+         "--reps", "7", "--threads", "1", "--nanogpt", "--eval-memory", "--generate"]
 BENCH_COMPILE = ["--presets", "micro", "--blocks", "256", "1024", "--schemes", "dpb", "nope", "--paths", "auto",
-                 "--compile", "--batch", "8", "--reps", "5", "--no-xt"]
+                 "--compile", "--batch", "8", "--reps", "5", "--threads", "1", "--no-xt"]
 
 
 @dataclass
