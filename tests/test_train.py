@@ -155,6 +155,22 @@ def test_ctrl_c_says_how_to_continue_and_the_command_does(tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_says_how_to_continue_and_exits_143(tmp_path):
+    env = {**os.environ, "DYNPOS_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    args = [str(ROOT / "train.py"), "model=nano", "trainer=debug", "trainer.max_steps=400",
+            "trainer.val_check_interval=5", "callbacks.progress_bar.line_every=1", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # a batch scheduler's stop: SIGTERM after a checkpoint (step 5)
+        if line.startswith("step 7/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    stdout = proc.stdout.read()
+    assert proc.wait(timeout=120) == 143  # not 0: `train.py && next` must not run on
+    assert "holds step 5, where it continues; continue with:" in stdout
+
+
+@pytest.mark.slow
 def test_a_continued_run_shows_its_progress_against_the_whole_run_on_a_terminal(tmp_path):
     env = {**os.environ, "DYNPOS_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
            "COLUMNS": "200", "TERM": "xterm"}
@@ -200,7 +216,9 @@ def test_training_always_ends_with_a_validation(make_cfg, tmp_path):
     train(make_cfg(*TINY, "trainer.max_steps=4", "trainer.val_check_interval=250", output_dir=out))
     result = json.loads((out / "result.json").read_text())
     assert result["best_checkpoint"] == str(out / "checkpoints" / "best.ckpt") and result["bias_plot"]
+    assert result["last_checkpoint"] == str(out / "checkpoints" / "last.ckpt")
     assert torch.load(result["best_checkpoint"], weights_only=True, mmap=True)["global_step"] == 4
+    assert torch.load(result["last_checkpoint"], weights_only=True, mmap=True)["global_step"] == 4
     assert (out / "samples.txt").read_text().count("=== step 4 ===") == 1  # validated once at step 4
 
 

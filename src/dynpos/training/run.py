@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
@@ -113,13 +115,16 @@ def train(cfg: DictConfig) -> dict:
         console.print(f"[bold]resuming[/] from {resume} at step {resume_step}")
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
-    except SystemExit:  # Lightning's graceful Ctrl-C ends with exit status 1
+    except SystemExit as stop:  # Ctrl-C: Lightning exits 1; SIGTERM: its SIGTERMException, which would exit 0
         if trainer.interrupted and trainer.is_global_zero:
             console.print(f"[bold]interrupted[/] at step {trainer.global_step}; {_interrupted(out)}")
+        if isinstance(stop, SIGTERMException):
+            raise SystemExit(128 + signal.SIGTERM) from None  # the shell's status for a run ended by SIGTERM
         raise
 
-    checkpointer = trainer.checkpoint_callback
+    checkpointer = trainer.checkpoint_callback  # its paths read now: validate(ckpt_path=best) restores its old state
     best = checkpointer.best_model_path if checkpointer and checkpointer.best_model_path else None
+    last = checkpointer.last_model_path if checkpointer and checkpointer.last_model_path else None
     metrics = {}
     for evaluate in (trainer.validate, trainer.test):  # both scored with the best checkpoint
         evaluate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
@@ -137,7 +142,7 @@ def train(cfg: DictConfig) -> dict:
         "num_params": n_params,
         "pos": module.model.pos.name,
         "best_checkpoint": best,
-        "last_checkpoint": checkpointer.last_model_path if checkpointer else None,
+        "last_checkpoint": last,
         "bias_plot": str(plot) if plot else None,
         "extrapolation": extrapolation,
         "lengthgen": lengthgen,
