@@ -108,6 +108,7 @@ def test_train_py_runs_end_to_end_on_the_nano_preset(tmp_path):
     (out,) = (tmp_path / "runs").glob("*_dpb-nano-shakespeare")
     assert "val/loss" in proc.stdout and (out / "result.json").is_file()
     assert "parameters" in proc.stdout and "Epoch 0/-2" not in proc.stdout
+    assert not (out / "train.log").exists()  # Hydra's log file only when something is logged: never empty
     assert any(line.startswith("step 6/6 | train/loss ") for line in proc.stdout.splitlines())  # a pipe gets lines
     # the printed paths are whole lines (not wrapped at 80 columns), ready to copy
     assert f"checkpoint: {out.resolve() / 'checkpoints' / 'best.ckpt'}" in proc.stdout.splitlines()
