@@ -120,7 +120,7 @@ CASES = [
     Case("sample-pickle-payload", S, ["ckpt={evil}"], ["ckpt=", "evil.ckpt", "refused to load"]),
     # --- scripts/evaluate.py
     Case("evaluate-lengths-zero", E, ["ckpt={ckpt}", "eval.lengths=[0]"], ["eval.lengths=[0]", "positive"]),
-    Case("evaluate-attn", E, ["ckpt={ckpt}", "attn=flash"], ["model.attn='flash'", "auto, fused, sdpa"]),
+    Case("evaluate-attn", E, ["ckpt={ckpt}", "attn=flash"], ["error: attn='flash' is not one of", "auto, fused, sdpa"]),
     Case("evaluate-ckpt-truncated", E, ["ckpt={truncated}", "eval.lengths=[16]"],
          ["ckpt=", "truncated.ckpt", "truncated or corrupted"]),
     # --- scripts/report.py

@@ -21,6 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from dynpos.data.corpora import SPLITS
 from dynpos.data.tokenizer import check_tokenizer_config
 from dynpos.evaluation.extrapolate import PROTOCOLS, window_plan
+from dynpos.model.attention import check_attn
 from dynpos.model.gpt import GPTConfig
 
 
@@ -183,7 +184,7 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         if self.attn is not None:
-            GPTConfig(attn=self.attn)  # the model's own check names model.attn and the choices
+            check_attn(self.attn, key="attn")
 
 
 def register() -> None:

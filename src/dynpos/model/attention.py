@@ -23,10 +23,10 @@ log = logging.getLogger(__name__)
 _reported: set[str] = set()
 
 
-def check_attn(attn: str) -> None:
-    """Raises ValueError unless ``attn`` (``model.attn``) is one of :data:`PATHS`."""
+def check_attn(attn: str, key: str = "model.attn") -> None:
+    """Raises ValueError, naming config key ``key``, unless ``attn`` is one of :data:`PATHS`."""
     if attn not in PATHS:
-        raise ValueError(f"model.attn={attn!r} is not one of {', '.join(PATHS)}")
+        raise ValueError(f"{key}={attn!r} is not one of {', '.join(PATHS)}")
 
 
 class AttnChoice(NamedTuple):
