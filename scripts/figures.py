@@ -92,6 +92,12 @@ def prepare(section: str, out: Path, shared: Path) -> None:
         (out / "test_b.txt").write_text(second, encoding="utf-8")
 
 
+PREPARED = {"nanogpt": "train.txt, val.txt: tinyshakespeare/input.txt cut 90/10 by characters",
+            "wikitext2": "test_a.txt, test_b.txt: wikitext2-eval/test.txt cut before an article in its second half"}
+SOURCES = {"nanogpt": "input.txt of karpathy/char-rnn's tinyshakespeare",
+           "wikitext2": "wiki.valid.raw and wiki.test.raw of WikiText-2 (raw), renamed valid.txt and test.txt"}
+
+
 def needs(section: str, shared: Path) -> list[Path]:
     """The measurement corpus files ``section`` reads."""
     return {"nanogpt": [shared / "tinyshakespeare" / "input.txt"],
@@ -169,12 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"sections: choose all or any of {', '.join(plan)} (got {' '.join(unknown) or 'none'})")
     if args.list or args.dry_run:
         for name in chosen:
-            print(f"# {name}\n" + "\n".join(str(s) for s in plan[name] if args.docs or not s.copy))
+            prepared = [f"(writes {PREPARED[name]}, under {out / name})"] if name in PREPARED else []
+            print(f"# {name}\n" + "\n".join(prepared + [str(s) for s in plan[name] if args.docs or not s.copy]))
         return 0
     for name in chosen:
         missing = [str(p) for p in needs(name, args.shared.resolve()) if not p.is_file()]
         if missing:
-            parser.error(f"section {name} needs {', '.join(missing)}: give the folder with --shared")
+            parser.error(f"section {name} needs {', '.join(missing)} ({SOURCES[name]}): give the folder with --shared")
     done = []
     for name in chosen:
         walls: list[str] = []

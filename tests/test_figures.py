@@ -51,7 +51,7 @@ def test_dry_run_prints_the_commands_and_bad_sections_exit_2(tmp_path, capsys):
     assert exit_.value.code == 2 and "choose all or any of default" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         figures["main"](["nanogpt", "--shared", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
-    assert exit_.value.code == 2 and "input.txt: give the folder with --shared" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "tinyshakespeare/input.txt (input.txt of karpathy/char-rnn" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
