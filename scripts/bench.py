@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import interleaved  # noqa: E402
 
 from dynpos import GPT, GPTConfig  # noqa: E402
+from dynpos.atomic import write_json  # noqa: E402
 from dynpos.model import compile_model  # noqa: E402
 from dynpos.positional import SCHEMES  # noqa: E402
 
@@ -354,7 +355,7 @@ def main() -> None:
     result["load_end"] = os.getloadavg()
     print(f"\nload average at the end {result['load_end']}")
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_json(args.out, result)  # atomically, creating its folder
         print(f"wrote {args.out}")
 
 
