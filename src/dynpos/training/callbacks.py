@@ -86,15 +86,15 @@ class ProgressBar(RichProgressBar):
             return
         rate = (step - self._start[1]) / max(time.monotonic() - self._start[0], 1e-9)
         tokens = rate * batch_tokens(batch) * trainer.accumulate_grad_batches * trainer.world_size
-        loss = trainer.callback_metrics.get("train/loss")
+        losses = "".join(f" | {k} {float(trainer.callback_metrics[k]):.4f}" for k in ("train/loss", "val/loss")
+                         if k in trainer.callback_metrics)
         left = datetime.timedelta(seconds=round((trainer.max_steps - step) / rate if rate > 0 else 0))
-        print(f"step {step}/{trainer.max_steps}" + (f" | train/loss {float(loss):.4f}" if loss is not None else "")
-              + f" | {tokens:,.0f} tokens/s | ETA {left}", flush=True)
+        print(f"step {step}/{trainer.max_steps}{losses} | {tokens:,.0f} tokens/s | ETA {left}", flush=True)
 
 
 class TextSample(L.Callback):
-    """Generate a sample after each validation; print it, append it to ``samples.txt`` in the run folder and log
-    it to wandb as a table row.
+    """Generate a sample after each validation; append it to ``samples.txt`` in the run folder and log it to wandb
+    as a table row (the run prints the last one at its end).
 
     Args:
         prompt: the text to continue; None = the first ``prompt_tokens`` tokens of the validation split, so every
