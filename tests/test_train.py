@@ -139,15 +139,17 @@ def test_ctrl_c_says_how_to_continue_and_the_command_does(tmp_path):
     out = tmp_path / "run"
     args = [str(ROOT / "train.py"), "model=nano", "trainer=debug", "trainer.max_steps=400",
             "trainer.val_check_interval=5", "callbacks.progress_bar.line_every=1", f"hydra.run.dir={out}"]
+    # SIGINT as a terminal delivers it, even where this test runs as a background job (which ignores SIGINT)
     proc = subprocess.Popen([sys.executable, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:  # wait for a checkpoint (step 5), then press Ctrl-C
         if line.startswith("step 7/"):
             proc.send_signal(signal.SIGINT)
             break
     stdout = proc.stdout.read()
     proc.wait(timeout=120)
-    assert proc.returncode == 1 and not (out / "result.json").exists()
+    assert proc.returncode == 1 and not (out / "result.json").exists(), stdout[-1500:] + proc.stderr.read()[-1500:]
     assert "checkpoints/last.ckpt holds step 5, where it continues" in stdout
     command = stdout.split("continue with:\n")[1].splitlines()[0]
     assert command.endswith(f"resume=auto hydra.run.dir={out}") and "trainer.max_steps=400" in command
