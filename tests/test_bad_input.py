@@ -53,6 +53,7 @@ CASES = [
     Case("type-lr", T, ["optim.lr=abc"], ["optim.lr=abc", "could not be converted to Float"], hydra=True),
     Case("negative-lr", T, ["optim.lr=-1"], ["optim.lr must be > 0", "-1", "1e-3"]),
     Case("zero-batch_size", T, ["data.batch_size=0"], ["data.batch_size=0", "positive integer"]),
+    Case("flex-train-cpu", T, ["model.attn=flex"], ["model.attn=flex cannot train on CPU", "model.attn=auto"]),
     Case("betas", T, ["optim.betas=[0.9]"], ["optim.betas=[0.9]", "two numbers in [0, 1)"]),
     Case("heads-divide-width", T, ["model.n_embd=31"], ["model.n_embd=31", "model.n_head=2", "multiple"]),
     Case("eval-lengths-zero", T, ["eval.lengths=[0,64]"], ["eval.lengths=[0, 64]", "positive token counts"]),
@@ -203,7 +204,7 @@ def protected(paths):
 # One case of each kind runs in the fast tier; the whole table runs in the full suite (CI).
 FAST = {"type-n_layer", "negative-lr", "zero-batch_size", "plus-typo", "pos-typo", "unknown-key", "data-empty-file",
         "ckpt-truncated", "ckpt-other-model", "run-dir-finished", "resume-auto-without-folder", "gpu-without-gpu",
-        "diverging-lr", "sample-no-ckpt", "evaluate-attn", "report-a-file"}
+        "diverging-lr", "sample-no-ckpt", "evaluate-attn", "report-a-file", "flex-train-cpu"}
 
 
 @pytest.mark.parametrize("case", [c if c.id in FAST else pytest.param(c, marks=pytest.mark.slow) for c in CASES],

@@ -24,6 +24,7 @@ from dynpos.atomic import write_json
 from dynpos.config import validate
 from dynpos.evaluation.extrapolate import run_extrapolation
 from dynpos.evaluation.lengthgen import LengthGenEval
+from dynpos.model.attention import choose_attention
 from dynpos.training.callbacks import BiasPlot, RunRecord, TextSample
 from dynpos.training.cli import guard
 from dynpos.training.module import LitGPT
@@ -88,6 +89,10 @@ def train(cfg: DictConfig) -> dict:
     if cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():
         raise ValueError(f"trainer.accelerator=gpu (trainer={cfg.trainer.get('strategy') or 'gpu'}) needs a CUDA GPU "
                          "and none is visible: use trainer=cpu (or trainer=ddp for several CPU processes)")
+    if cfg.model.attn == "flex":  # refused before any data where it cannot train (flex has no CPU backward)
+        on_gpu = cfg.trainer.get("accelerator") in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+        choose_attention("flex", bias="table", learned=True, device="cuda" if on_gpu else "cpu", grad=True,
+                         cached=False, dropout=0.0, length=cfg.model.block_size)
     out = Path(cfg.paths.output_dir)
     resume, resume_step = open_run(cfg)
     if cfg.get("resume") == "auto" and resume is None:
