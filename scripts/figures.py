@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sections", nargs="*", help="all, or any of: default nanogpt ablate wikitext2 lengthgen bench")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/figures/<commit>)")
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data",
-                        help="the measurement corpora (tinyshakespeare/, wikitext2-eval/)")
+                        help="the measurement corpora (tinyshakespeare/, wikitext2-eval/); default: %(default)s")
     parser.add_argument("--docs", action="store_true", help="copy the PNGs and bench.json README shows into docs/")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("--list", action="store_true", help="print every section's commands")
