@@ -92,16 +92,14 @@ def prepare(section: str, out: Path, shared: Path) -> None:
         (out / "test_b.txt").write_text(second, encoding="utf-8")
 
 
-PREPARED = {"nanogpt": "train.txt, val.txt: tinyshakespeare/input.txt cut 90/10 by characters",
-            "wikitext2": "test_a.txt, test_b.txt: wikitext2-eval/test.txt cut before an article in its second half"}
-SOURCES = {"nanogpt": "input.txt of karpathy/char-rnn's tinyshakespeare",
-           "wikitext2": "wiki.valid.raw and wiki.test.raw of WikiText-2 (raw), renamed valid.txt and test.txt"}
-
-
-def needs(section: str, shared: Path) -> list[Path]:
-    """The measurement corpus files ``section`` reads."""
-    return {"nanogpt": [shared / "tinyshakespeare" / "input.txt"],
-            "wikitext2": [shared / "wikitext2-eval" / n for n in ("valid.txt", "test.txt")]}.get(section, [])
+# The sections that read measurement corpora: (files under --shared, where they come from, what prepare() writes).
+CORPORA = {
+    "nanogpt": (["tinyshakespeare/input.txt"], "input.txt of karpathy/char-rnn's tinyshakespeare",
+                "train.txt, val.txt: tinyshakespeare/input.txt cut 90/10 by characters"),
+    "wikitext2": (["wikitext2-eval/valid.txt", "wikitext2-eval/test.txt"],
+                  "wiki.valid.raw and wiki.test.raw of WikiText-2 (raw), renamed valid.txt and test.txt",
+                  "test_a.txt, test_b.txt: wikitext2-eval/test.txt cut before an article in its second half"),
+}
 
 
 def sections(out: Path, shared: Path) -> dict[str, list[Step]]:
@@ -175,13 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"sections: choose all or any of {', '.join(plan)} (got {' '.join(unknown) or 'none'})")
     if args.list or args.dry_run:
         for name in chosen:
-            prepared = [f"(writes {PREPARED[name]}, under {out / name})"] if name in PREPARED else []
+            prepared = [f"(writes {CORPORA[name][2]}, under {out / name})"] if name in CORPORA else []
             print(f"# {name}\n" + "\n".join(prepared + [str(s) for s in plan[name] if args.docs or not s.copy]))
         return 0
     for name in chosen:
-        missing = [str(p) for p in needs(name, args.shared.resolve()) if not p.is_file()]
+        files, source, _ = CORPORA.get(name, ([], "", ""))
+        missing = [str(args.shared.resolve() / f) for f in files if not (args.shared / f).is_file()]
         if missing:
-            parser.error(f"section {name} needs {', '.join(missing)} ({SOURCES[name]}): give the folder with --shared")
+            parser.error(f"section {name} needs {', '.join(missing)} ({source}): give the folder with --shared")
     done = []
     for name in chosen:
         walls: list[str] = []

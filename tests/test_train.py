@@ -23,11 +23,16 @@ from conftest import ROOT, run_main
 TINY = ["model=nano", "trainer=debug", "callbacks.sample.max_new_tokens=4", "data.val_windows=4"]
 
 
+def environment(tmp_path, **env) -> dict:
+    """The environment of a command run by a test: caches in tmp_path, no wandb, one thread, plus ``env``."""
+    return {**os.environ, "DYNPOS_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+            **env}
+
+
 def run(args, tmp_path, cwd=ROOT, **env):
     """Run a command (from the repository root by default) with caches in tmp_path; return the CompletedProcess."""
-    environment = {**os.environ, "DYNPOS_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled",
-                   "OMP_NUM_THREADS": "1", **env}
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=environment, timeout=600)
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+                          env=environment(tmp_path, **env), timeout=600)
 
 
 def test_training_on_real_text_lowers_the_loss_and_writes_the_run_folder(trained):
@@ -135,7 +140,7 @@ def test_a_compiled_run_writes_plain_checkpoints_that_sample_evaluate_and_resume
 
 @pytest.mark.slow
 def test_ctrl_c_says_how_to_continue_and_the_command_does(tmp_path):
-    env = {**os.environ, "DYNPOS_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env = environment(tmp_path)
     out = tmp_path / "run"
     args = [str(ROOT / "train.py"), "model=nano", "trainer=debug", "trainer.max_steps=400",
             "trainer.val_check_interval=5", "callbacks.progress_bar.line_every=1", f"hydra.run.dir={out}"]
@@ -165,7 +170,7 @@ def test_ctrl_c_says_how_to_continue_and_the_command_does(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_says_how_to_continue_and_exits_143(tmp_path):
-    env = {**os.environ, "DYNPOS_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env = environment(tmp_path)
     args = [str(ROOT / "train.py"), "model=nano", "trainer=debug", "trainer.max_steps=400",
             "trainer.val_check_interval=5", "callbacks.progress_bar.line_every=1", f"hydra.run.dir={tmp_path / 'run'}"]
     proc = subprocess.Popen([sys.executable, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
@@ -181,8 +186,7 @@ def test_sigterm_says_how_to_continue_and_exits_143(tmp_path):
 
 @pytest.mark.slow
 def test_a_continued_run_shows_its_progress_against_the_whole_run_on_a_terminal(tmp_path):
-    env = {**os.environ, "DYNPOS_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
-           "COLUMNS": "200", "TERM": "xterm"}
+    env = environment(tmp_path, COLUMNS="200", TERM="xterm")
     first = run([str(ROOT / "train.py"), *TINY, f"hydra.run.dir={tmp_path / 'first'}"], tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     main_fd, terminal = pty.openpty()  # Rich draws its bar only on a terminal
