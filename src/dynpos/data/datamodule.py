@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import itertools
 import math
 import os
-import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -43,6 +43,13 @@ _MAP_BATCH = 256  # rows per tokenizer call in Dataset.map
 def _plain(obj: Any) -> Any:
     """An OmegaConf container as plain dicts and lists; any other value as it is."""
     return OmegaConf.to_container(obj, resolve=True) if isinstance(obj, (DictConfig, ListConfig)) else obj
+
+
+def check_int(key: str, value: Any, low: int = 1, give: str = "a positive integer", null: str = "") -> None:
+    """Raise ``ValueError("data.<key>=<value>: give <give><null>")`` unless ``value`` is an integer >= ``low``, or
+    None where ``null`` (what None means) is given."""
+    if not ((value is None and null) or (not isinstance(value, bool) and isinstance(value, int) and value >= low)):
+        raise ValueError(f"data.{key}={value!r}: give {give}{null}")
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -78,19 +85,17 @@ def tokenize_split(split_ds, tok: Tokenizer, path: str, desc: str = "tokenizing"
     if hasattr(split_ds, "_fingerprint"):  # map-style: name the result, skip hashing the closure
         fp = f"{split_ds._fingerprint}/{tokenizer_fingerprint(tok)}"
         kwargs.update(desc=desc, new_fingerprint=hashlib.sha256(fp.encode()).hexdigest()[:16])
-    raw = f"{path}.raw{os.getpid()}"
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (0,)}
     n_tokens = n_bytes = 0
-    with open(raw, "wb") as f:  # the count is known only at the end, so the .npy header is written after
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
         for table in split_ds.map(encode_rows, **kwargs).with_format("arrow").iter(batch_size=_MAP_BATCH):
             flat = pc.list_flatten(table["ids"]).to_numpy(zero_copy_only=False).astype(dtype)
             f.write(flat.tobytes())
             n_tokens += flat.size
             n_bytes += int(pc.sum(table["n_bytes"]).as_py() or 0)
-    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n_tokens,)}
-    with atomic_path(path) as tmp, open(tmp, "wb") as out, open(raw, "rb") as src:
-        np.lib.format.write_array_header_1_0(out, header)
-        shutil.copyfileobj(src, out)
-    os.remove(raw)
+        f.seek(0)  # the count is known only now; numpy pads the shape so that the header keeps its length
+        np.lib.format.write_array_header_1_0(f, {**header, "shape": (n_tokens,)})
     return {"tokens": n_tokens, "bytes": n_bytes}
 
 
@@ -171,11 +176,8 @@ class StepStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
         k, n = (info.id, info.num_workers) if info else (0, 1)
-        stop = math.inf if self.stop is None else self.stop
-        step = self.start + k
-        while step < stop:
-            yield self.batches[step]
-            step += n
+        steps = itertools.count(self.start + k, n) if self.stop is None else range(self.start + k, self.stop, n)
+        return map(self.batches.__getitem__, steps)
 
 
 class StepLoader(DataLoader):
@@ -210,7 +212,50 @@ class FixedWindows(_Tokens, Dataset):
         return x[0], y[0]
 
 
-class TextDataModule(L.LightningDataModule):
+class StepDataModule(L.LightningDataModule):
+    """What the text and task datamodules share: the loader settings, training batches that are a function of
+    the step (``train_batches()``, served by ``train_dataloader``) and the evaluation loaders (``eval_dataloader``).
+
+    Raises:
+        ValueError: ``batch_size`` or ``eval_batch_size`` (None = ``batch_size``) not a positive integer,
+            ``num_workers`` not an integer >= 0.
+    """
+
+    def __init__(self, batch_size: int, eval_batch_size: int | None, block_size: int, seed: int,
+                 max_steps: int | None, num_workers: int) -> None:
+        super().__init__()
+        check_int("batch_size", batch_size)
+        check_int("eval_batch_size", eval_batch_size, null=", or null")
+        check_int("num_workers", num_workers, 0, "an integer >= 0 (0: the main process)")
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.block_size, self.seed, self.max_steps, self.num_workers = block_size, seed, max_steps, num_workers
+        self.tokenizer: Tokenizer | None = None
+        self.bytes_per_token: dict[str, float] = {}
+
+    def train_dataloader(self) -> DataLoader:
+        """Batches ``train_batches()[s]``, ``(x, y)`` int64 ``(B, T)``, for the steps of ``train_steps``."""
+        stream = StepStream(self.train_batches(), *train_steps(self.trainer, self.max_steps))
+        return self._loader(stream, batch_size=None, cls=StepLoader)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("test")
+
+    def _loader(self, dataset, batch_size: int | None, cls: type[DataLoader] = DataLoader, **kwargs) -> DataLoader:
+        return cls(dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
+                   persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(), **kwargs)
+
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    def _require_setup(self) -> None:
+        if self.tokenizer is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() first")
+
+
+class TextDataModule(StepDataModule):
     """Corpus, tokenizer, cached token arrays and the train/validation/test dataloaders.
 
     Built from the ``data`` group (``name``, ``batch_size``, ``val_windows``, ``num_workers``,
@@ -234,27 +279,16 @@ class TextDataModule(L.LightningDataModule):
                  val_windows: int | None = 128, block_size: int = 256, seed: int = 0,
                  cache_dir: str = "~/.cache/dynpos", max_steps: int | None = None, num_workers: int = 0,
                  eval_batch_size: int | None = None, tokenizer_json: str | None = None, **options: Any):
-        super().__init__()
-        for key, value, low, what in (("data.batch_size", batch_size, 1, "a positive integer"),
-                                      ("data.num_workers", num_workers, 0, "an integer >= 0 (0: the main process)")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{key}={value!r}: give {what}")
-        if val_windows is not None and (isinstance(val_windows, bool) or not isinstance(val_windows, int)
-                                        or val_windows < 1):
-            raise ValueError(f"data.val_windows={val_windows!r}: give a positive integer (or null for every window)")
+        super().__init__(batch_size, eval_batch_size, block_size, seed, max_steps, num_workers)
+        check_int("val_windows", val_windows, null=" (or null for every window)")
         self.options = {k: _plain(v) for k, v in options.items()}
         self.corpus = {"name": name, **self.options}
         self.corpus_key = corpus_fingerprint(name, **self.options)  # checks name and options, early
         tokenizer = _plain(tokenizer) if tokenizer else {"kind": "char"}
         self.tokenizer_cfg = {k: tokenizer.get(k) for k in _TOKENIZER_KEYS}
-        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
         self.cache_dir = os.path.expanduser(os.fspath(cache_dir))
-        self.val_windows, self.num_workers = val_windows, num_workers
-        self.tokenizer_json, self.max_steps = tokenizer_json, max_steps
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.tokenizer: Tokenizer | None = None
+        self.val_windows, self.tokenizer_json = val_windows, tokenizer_json
         self.tokens: dict[str, np.ndarray] = {}
-        self.bytes_per_token: dict[str, float] = {}
         self.fingerprint: str | None = None
         self._corpus_ds = None
 
@@ -319,33 +353,15 @@ class TextDataModule(L.LightningDataModule):
         """``prepare_data`` on every process (Lightning runs that one on one process per node)."""
         self.prepare_data()
 
-    def train_dataloader(self) -> DataLoader:
-        """Batches ``StepBatches[s]`` (seeded with the trainer's global rank) for the steps of ``train_steps``."""
+    def train_batches(self) -> StepBatches:
+        """The step-indexed training batches of this rank (``StepBatches`` seeded with the trainer's global rank)."""
         self._require_setup()
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        batches = StepBatches(self.tokens["train"], self.block_size, self.batch_size, self.seed, rank)
-        steps = train_steps(self.trainer, self.max_steps)
-        return self._loader(StepStream(batches, *steps), batch_size=None, cls=StepLoader)
+        return StepBatches(self.tokens["train"], self.block_size, self.batch_size, self.seed, self._rank())
 
     def eval_dataloader(self, split: str = "validation") -> DataLoader:
         """Deterministic loader over ``FixedWindows`` of ``split``: ``(x, y)`` int64 ``(B, T)``."""
         self._require_setup()
-        windows = FixedWindows(self.tokens[split], self.block_size, self.val_windows)
-        return self._loader(windows, batch_size=self.eval_batch_size)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.eval_dataloader("validation")
-
-    def test_dataloader(self) -> DataLoader:
-        return self.eval_dataloader("test")
-
-    def _loader(self, dataset, batch_size: int | None, cls: type[DataLoader] = DataLoader) -> DataLoader:
-        return cls(dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
-                   persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
-
-    def _require_setup(self) -> None:
-        if self.tokenizer is None:
-            raise RuntimeError("TextDataModule: call setup() before asking for vocab_size or dataloaders")
+        return self._loader(FixedWindows(self.tokens[split], self.block_size, self.val_windows), self.eval_batch_size)
 
     def state_dict(self) -> dict[str, Any]:
         """The tokenizer's JSON, so that a checkpoint is usable alone; nothing is restored on load (batches are a

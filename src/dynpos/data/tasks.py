@@ -1,25 +1,16 @@
 """Synthetic length-generalization tasks, generated from the seed: train short, test long.
 
-The instrument of Kazemnejad et al. 2023 ("The Impact of Positional Encoding on Length
-Generalization in Transformers", NeurIPS; code: McGill-NLP/length-generalization), Ruoss et al. 2023
-and Delétang et al. 2023: train on lengths up to ``L``, score exact match at ``L``, ``1.5L``, ``2L``,
-``4L``. An example is ``prompt = answer .``; its length ``n`` counts task units (tokens in the example):
-copy, reverse, sort: ``n`` symbols -> the same, reversed, or sorted by symbol index (``2n + 2``);
-addition: two ``n``-digit numbers ``a + b`` -> their ``n + 1``-digit sum in base ``alphabet``,
-leading zeros kept, least-significant digit first with ``lsd_first`` (``3n + 4``); recall: ``n``
-pairs ``k v`` with distinct keys, then a query key -> its value (associative recall, Ba et al.
-2016; ``2n + 4``); passkey: ``n`` filler words with ``key d1 .. dD`` hidden at a random place ->
-``d1 .. dD`` (Mohtashami & Jaggi 2023; ``n + 2D + 3``).
+The instrument of Kazemnejad et al. 2023 ("The Impact of Positional Encoding on Length Generalization in
+Transformers", NeurIPS; code: McGill-NLP/length-generalization), Ruoss et al. 2023 and Delétang et al. 2023:
+train on lengths up to ``L``, score exact match at ``L``, ``1.5L``, ``2L``, ``4L``. An example is ``prompt =
+answer .``, its length ``n`` counted in task units: copy, reverse, sort, addition, recall (associative recall,
+Ba et al. 2016) and passkey (Mohtashami & Jaggi 2023), each described in its ``configs/data/<task>.yaml``.
 
-Tokens are the words of a ``tokenizers`` ``WordLevel`` vocabulary: ids 0-3 are ``<pad> <unk> = .``,
-then the task's symbols (``a`` .. ``z``, or ``s0 s1 ..`` past 26; digits; ``k0 ..``/``v0 ..`` recall
-keys and values; ``key`` and ``f0 ..`` passkey filler).
-
-An instance is held out for evaluation when BLAKE2b of its prompt ids is 0 modulo
-``HELD_OUT_BUCKETS``: training draws reject held-out instances, evaluation draws keep only them.
-Training batch ``s`` on ``rank`` is drawn from ``random.Random(step_seed(seed, s, rank))``, so a
-resumed run sees the batches an uninterrupted one would; evaluation sets use ``eval_seed`` and the
-negative ranks of ``_STREAMS``, the same for every training seed and scheme.
+An instance is held out for evaluation when BLAKE2b of its prompt ids is 0 modulo ``HELD_OUT_BUCKETS``:
+training draws reject held-out instances, evaluation draws keep only them. Training batch ``s`` on ``rank``
+is drawn from ``random.Random(step_seed(seed, s, rank))``, so a resumed run sees the batches an uninterrupted
+one would; evaluation sets use ``eval_seed`` and the negative ranks of ``_STREAMS``, the same for every
+training seed and scheme.
 """
 
 from __future__ import annotations
@@ -30,14 +21,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
-from dynpos.data.datamodule import StepLoader, StepStream, _plain, step_seed, train_steps
+from dynpos.data.datamodule import StepDataModule, _plain, check_int, step_seed
 
 TASKS = ("copy", "reverse", "sort", "addition", "recall", "passkey")
 PAD, UNK, SEP, END = "<pad>", "<unk>", "=", "."
@@ -72,7 +62,7 @@ def held_out(prompt: Sequence[int]) -> bool:
 
 
 class Task:
-    """A task's vocabulary and instance generator.
+    """A task's vocabulary (``words``: the 4 specials, then the task's symbols) and instance generator.
 
     Args:
         name: one of ``TASKS``.
@@ -199,17 +189,12 @@ class TaskBatches(Dataset):
         return collate(self.examples(step))
 
 
-def _positive(key: str, value: Any, allow_none: bool = False) -> None:
-    if (value is not None or not allow_none) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"data.{key}={value!r}: give a positive integer" + (", or null" if allow_none else ""))
-
-
 def default_eval_lengths(max_length: int) -> list[int]:
     """``1x, 1.5x, 2x, 4x`` the longest training length (``1.5x`` rounded down), without repeats."""
     return sorted({max_length, (3 * max_length) // 2, 2 * max_length, 4 * max_length})
 
 
-class TaskDataModule(L.LightningDataModule):
+class TaskDataModule(StepDataModule):
     """A synthetic task as a LightningDataModule: the keys of ``configs/data/<task>.yaml`` (each
     documented there), the run's ``block_size`` (``model.block_size``: a whole example of the longest
     length must fit), ``seed`` (training batches), ``max_steps`` (the train loader's end; default
@@ -228,13 +213,12 @@ class TaskDataModule(L.LightningDataModule):
                  val_examples: int = 256, eval_batch_size: int | None = None, eval_seed: int = 1234,
                  block_size: int = 128, seed: int = 0, cache_dir: str | None = None, max_steps: int | None = None,
                  num_workers: int = 0) -> None:
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, block_size, seed, max_steps, num_workers)
         self.task = Task(task, alphabet, bool(lsd_first), passkey_digits or DEFAULT_PASSKEY_DIGITS)
-        for key, value in (("min_length", min_length), ("max_length", max_length), ("batch_size", batch_size),
-                           ("eval_examples", eval_examples), ("val_examples", val_examples)):
-            _positive(key, value)
-        _positive("train_examples", train_examples, allow_none=True)
-        _positive("eval_batch_size", eval_batch_size, allow_none=True)
+        for key, value in (("min_length", min_length), ("max_length", max_length), ("eval_examples", eval_examples),
+                           ("val_examples", val_examples)):
+            check_int(key, value)
+        check_int("train_examples", train_examples, null=", or null")
         if max_length < min_length:
             raise ValueError(f"data.max_length={max_length} is below data.min_length={min_length}: "
                              "give max_length >= min_length")
@@ -242,13 +226,13 @@ class TaskDataModule(L.LightningDataModule):
             raise ValueError(f"data.lsd_first applies to task=addition only, not {task}: remove it")
         if passkey_digits is not None and task != "passkey":
             raise ValueError(f"data.passkey_digits applies to task=passkey only, not {task}: remove it")
-        _positive("passkey_digits", passkey_digits, allow_none=True)
+        check_int("passkey_digits", passkey_digits, null=", or null")
         eval_lengths = default_eval_lengths(max_length) if eval_lengths is None else _plain(eval_lengths)
         if not isinstance(eval_lengths, list) or not eval_lengths:
             raise ValueError(f"data.eval_lengths={eval_lengths!r}: give a list of lengths, "
                              "or null for 1x-4x max_length")
         for n in eval_lengths:
-            _positive("eval_lengths", n)
+            check_int("eval_lengths", n)
         longest = max(max_length, *eval_lengths)
         if task == "recall" and self.task.alphabet < longest:
             raise ValueError(f"data.alphabet={self.task.alphabet} is too small for task recall at length {longest} "
@@ -260,15 +244,10 @@ class TaskDataModule(L.LightningDataModule):
                 f"more than model.block_size={block_size}: raise model.block_size or shorten {key}"
             )
         self.min_length, self.max_length, self.eval_lengths = min_length, max_length, sorted(set(eval_lengths))
-        self.train_examples, self.batch_size = train_examples, batch_size
-        self.eval_examples, self.val_examples = eval_examples, val_examples
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.eval_seed, self.block_size, self.seed = eval_seed, block_size, seed
-        self.max_steps, self.num_workers = max_steps, num_workers
-        self.tokenizer: Tokenizer | None = None
-        self.bytes_per_token: dict[str, float] = {}  # no bytes: tasks report no bits per byte
+        self.train_examples, self.eval_examples, self.val_examples = train_examples, eval_examples, val_examples
+        self.eval_seed = eval_seed
         self.pool: list[Example] | None = None
-        self.splits: dict[str, list[Example]] = {}
+        self.splits: dict[str, list[Example]] = {}  # no bytes_per_token: tasks report no bits per byte
 
     @property
     def vocab_size(self) -> int:
@@ -317,14 +296,8 @@ class TaskDataModule(L.LightningDataModule):
     def train_batches(self) -> TaskBatches:
         """The step-indexed training batches of this rank."""
         self._require_setup()
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        return TaskBatches(self.task, self.min_length, self.max_length, self.batch_size, self.seed, rank, self.pool)
-
-    def train_dataloader(self) -> DataLoader:
-        """``TaskBatches[s]`` for the steps of ``train_steps``: ``(x, y)`` int64 ``(B, T)``."""
-        stream = StepStream(self.train_batches(), *train_steps(self.trainer, self.max_steps))
-        return StepLoader(stream, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return TaskBatches(self.task, self.min_length, self.max_length, self.batch_size, self.seed, self._rank(),
+                           self.pool)
 
     def eval_dataloader(self, split: str = "validation") -> DataLoader:
         """Teacher-forced batches of a held-out split (``validation``, ``test`` or ``lengthgen``).
@@ -335,18 +308,7 @@ class TaskDataModule(L.LightningDataModule):
         self._require_setup()
         if split not in self.splits:
             raise ValueError(f"split={split!r}: choose one of {', '.join(self.splits)}")
-        return DataLoader(self.splits[split], batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.eval_dataloader("validation")
-
-    def test_dataloader(self) -> DataLoader:
-        return self.eval_dataloader("test")
-
-    def _require_setup(self) -> None:
-        if self.tokenizer is None:
-            raise RuntimeError("TaskDataModule: call prepare_data() and setup() first")
+        return self._loader(self.splits[split], self.eval_batch_size, collate_fn=collate)
 
     def state_dict(self) -> dict[str, Any]:
         """The tokenizer (JSON), the seed and the batch size; the rest of the data config is compared
