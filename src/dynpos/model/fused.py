@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dynpos.positional.base import toeplitz
+
 __all__ = ["table_attention", "table_mask"]
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -51,34 +53,21 @@ _pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, execu
 _pool_lock = threading.Lock()
 
 
-def _padded(table: Tensor, n: int) -> Tensor:
-    """``(H, 2n - 1)``: ``table[:, :n]`` reversed, then ``n - 1`` entries of ``-inf``."""
-    heads = table.shape[0]
-    return torch.cat([table[:, :n].flip(-1), table.new_full((heads, n - 1), float("-inf"))], dim=-1)
-
-
-def _rows(padded: Tensor, n: int, x0: int, x1: int, keys: int) -> Tensor:
-    """Rows ``x0 .. x1-1``, keys ``0 .. keys-1`` of the causal bias, contiguous ``(H, x1-x0, keys)``."""
-    windows = padded.unfold(-1, n, 1)  # (H, n, n), window w holds row n - 1 - w
-    rev = torch.arange(x1 - x0 - 1, -1, -1, device=padded.device)
-    return windows[:, n - x1:n - x0, :keys].index_select(1, rev)
-
-
 def table_mask(table: Tensor, n: int, dtype: torch.dtype | None = None) -> Tensor:
     """The causal bias of ``table (H, m >= n)`` as a contiguous float mask ``(1, H, n, n)`` in ``dtype``
     (default: the table's): ``table[h, x - y]`` for ``y <= x``, ``-inf`` above; differentiable."""
     table = table if dtype is None else table.to(dtype)
-    if n == 0:
+    if n == 0:  # no gradient to the table, as for any empty attention
         return table.new_zeros(1, table.shape[0], 0, 0)
-    return _rows(_padded(table, n), n, 0, n, n).unsqueeze(0)
+    return toeplitz(table[:, :n], n, float("-inf")).unsqueeze(0)
 
 
 def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor,
-              padded: Tensor, need: tuple[bool, bool, bool, bool]) -> tuple[Tensor | None, ...]:
-    """``dq, dk, dv (B, H, n, D)`` and ``dtable (H, n)`` in ``padded``'s dtype; None where not ``need``ed."""
+              table: Tensor, need: tuple[bool, bool, bool, bool]) -> tuple[Tensor | None, ...]:
+    """``dq, dk, dv (B, H, n, D)`` and ``dtable (H, n)`` in ``table``'s dtype; None where not ``need``ed."""
     B, H, n, D = q.shape
     BH = B * H
-    f = padded.dtype
+    f = table.dtype
     scale = D ** -0.5
     floor = EXP_FLOOR_POWER * math.log(torch.finfo(f).eps)  # -39.8 in float32, -90.1 in float64
     cutoff = math.exp(floor) * (1 + 1e-4)  # above exp(floor) and its rounding: those become 0
@@ -107,7 +96,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: T
     for x0 in range(0, n, ROW_CHUNK):
         x1 = min(x0 + ROW_CHUNK, n)
         c, L = x1 - x0, x1
-        bias = _rows(padded, n, x0, x1, L)                                          # (H, c, L)
+        bias = toeplitz(table[:, :L], c, float("-inf"))                             # (H, c, L)
         group = max(1, min(B, BLOCK_ELEMS // (H * c * L)))
         for b0 in range(0, B, group):
             b1 = min(b0 + group, B)
@@ -140,18 +129,18 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: T
             dv.view(shape) if need_v else None, rev.flip(-1) if need_t else None)
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, padded: Tensor) -> tuple[Tensor, Tensor]:
-    """Chunked flash forward: ``out (B, H, n, D)`` in q's dtype, ``lse (B, H, n)`` in ``padded``'s."""
+def _forward(q: Tensor, k: Tensor, v: Tensor, table: Tensor) -> tuple[Tensor, Tensor]:
+    """Chunked flash forward: ``out (B, H, n, D)`` in q's dtype, ``lse (B, H, n)`` in ``table``'s."""
     B, H, n, D = q.shape
     if n <= FWD_CHUNK:
-        return _FLASH(q, k, v, 0.0, True, attn_mask=_rows(padded, n, 0, n, n).unsqueeze(0))
+        return _FLASH(q, k, v, 0.0, True, attn_mask=table_mask(table, n))
     chunk = max(min(32, FWD_CHUNK), min(FWD_CHUNK, FWD_BIAS_ELEMS // (H * n)))
     out = _out_layout(q)
-    lse = q.new_empty((B, H, n), dtype=padded.dtype)
-    merge = padded.dtype  # merge the two partial softmaxes at >= float32
+    lse = q.new_empty((B, H, n), dtype=table.dtype)
+    merge = table.dtype  # merge the two partial softmaxes at >= float32
     for x0 in range(0, n, chunk):
         x1 = min(x0 + chunk, n)
-        bias = _rows(padded, n, x0, x1, x1).unsqueeze(0)                    # (1, H, c, x1)
+        bias = toeplitz(table[:, :x1], x1 - x0, float("-inf")).unsqueeze(0)      # (1, H, c, x1)
         qc = q[:, :, x0:x1]
         # keys x0 .. x1-1: a square causal block, top-left aligned as is_causal expects
         o2, l2 = _FLASH(qc, k[:, :, x0:x1], v[:, :, x0:x1], 0.0, True, attn_mask=bias[..., x0:])
@@ -215,7 +204,7 @@ def _fwd_op(q: Tensor, k: Tensor, v: Tensor, table: Tensor) -> tuple[Tensor, Ten
     """``out`` and contiguous ``lse (B, H, n)``, float32 (float64 for float64 q)."""
     B, H, n, _ = q.shape
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dim, parts = _parts(B, H, q, k, v, per_head=_padded(table.to(compute), n))
+    dim, parts = _parts(B, H, q, k, v, per_head=table.to(compute))
     results = _run_parts(_forward, parts)
     out, lse = (torch.cat(r, dim) if len(r) > 1 else r[0] for r in zip(*results))
     laid = _out_layout(q)
@@ -237,7 +226,7 @@ def _bwd_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Ten
     """``dq, dk, dv, dtable`` in their inputs' dtypes; one not needed is empty ``(0,)``."""
     B, H, n, _ = q.shape
     need = (need_q, need_k, need_v, need_table)
-    dim, parts = _parts(B, H, q, k, v, out, dout, lse, per_head=_padded(table.to(lse.dtype), n))
+    dim, parts = _parts(B, H, q, k, v, out, dout, lse, per_head=table.to(lse.dtype))
     results = _run_parts(_backward, [(*p, need) for p in parts])
 
     def join(i: int, like: Tensor) -> Tensor:

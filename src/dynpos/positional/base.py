@@ -39,15 +39,15 @@ def check_option(ok: bool, scheme: str, key: str, value: object, fix: str) -> No
         raise ValueError(f"pos.{key}={value!r} is invalid for pos={scheme}: {fix}")
 
 
-def toeplitz(table: Tensor, i: int) -> Tensor:
-    """Expand a per-distance table ``(heads, j)`` into the causal bias ``(heads, i, j)``:
-    ``table[h, j - i + x - y]`` where ``y <= j - i + x``, else 0; a strided view of the padded table
-    (DESIGN.md, performance facts: an order of magnitude cheaper than fancy indexing)."""
+def toeplitz(table: Tensor, i: int, fill: float = 0.0) -> Tensor:
+    """Expand a per-distance table ``(heads, j)`` into the causal bias ``(heads, i, j)``, contiguous:
+    ``table[h, j - i + x - y]`` where ``y <= j - i + x``, else ``fill``; gathered from a strided view of
+    the padded table (DESIGN.md, performance facts: an order of magnitude cheaper than fancy indexing)."""
     heads, j = table.shape
-    # padded[h, m] = table[h, j - 1 - m] for m < j, then j - 1 zeros (future keys).
-    padded = torch.cat([table.flip(-1), table.new_zeros(heads, j - 1)], dim=-1)
+    # padded[h, m] = table[h, j - 1 - m] for m < j, then j - 1 fills (future keys).
+    padded = torch.cat([table.flip(-1), table.new_full((heads, max(j - 1, 0)), fill)], dim=-1)
     windows = padded.unfold(-1, j, 1)  # (heads, j, j); window w holds query x' = j - 1 - w
-    return windows[:, :i].flip(1)
+    return windows[:, :i].index_select(1, torch.arange(i - 1, -1, -1, device=table.device))
 
 
 class PositionalScheme(nn.Module):
