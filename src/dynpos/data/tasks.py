@@ -27,7 +27,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
-from dynpos.data.datamodule import StepDataModule, _plain, check_int, step_seed
+from dynpos.data.corpora import check_int
+from dynpos.data.datamodule import StepDataModule, _plain, step_seed
 
 TASKS = ("copy", "reverse", "sort", "addition", "recall", "passkey")
 PAD, UNK, SEP, END = "<pad>", "<unk>", "=", "."
@@ -79,8 +80,7 @@ class Task:
         if name not in TASKS:
             raise ValueError(f"data.task={name!r} is not a task: choose one of {', '.join(TASKS)}")
         alphabet = DEFAULT_ALPHABET[name] if alphabet is None else alphabet
-        if isinstance(alphabet, bool) or not isinstance(alphabet, int) or alphabet < 2:
-            raise ValueError(f"data.alphabet={alphabet!r} is too small for task {name}: give an integer >= 2")
+        check_int("alphabet", alphabet, 2, f"an integer >= 2 for task {name}")
         self.name, self.alphabet, self.lsd_first, self.passkey_digits = name, alphabet, lsd_first, passkey_digits
         if name == "recall":
             words = [f"k{i}" for i in range(alphabet)] + [f"v{i}" for i in range(alphabet)]
