@@ -14,26 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-TMP_MARK = ".tmp-"  # temporary files are ``.<name>.tmp-<pid>-<random><suffix>`` beside the target
-
-
-def _alive(pid: str) -> bool:
-    """Whether process ``pid`` (a string from a temporary file's name) still runs on this machine."""
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except OSError:  # exists but belongs to someone else
-        pass
-    return True
-
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on a clean exit it replaces ``path``, on an exception it is removed.
 
-    The temporary name keeps ``path``'s suffix (``savefig`` and ``np.save`` choose a format by it). Stale
-    temporary files of ``path`` left by killed processes are removed first.
+    The temporary name, ``.<name>.tmp-<pid>-<random><suffix>``, keeps ``path``'s suffix (``savefig`` and
+    ``np.save`` choose a format by it). Temporary files of ``path`` whose process no longer runs are removed first.
 
     Args:
         path: the file to write; its folder is created.
@@ -44,11 +31,16 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}{TMP_MARK}*"):
-        if not _alive(stale.name[len(path.name) + 1 + len(TMP_MARK):].partition("-")[0]):
+    mark = f".{path.name}.tmp-"
+    for stale in path.parent.glob(f"{mark}*"):
+        try:
+            os.kill(int(stale.name.removeprefix(mark).partition("-")[0]), 0)  # signal 0: does its writer still run?
+        except (ValueError, ProcessLookupError):  # no: a killed process's leftover
             with contextlib.suppress(OSError):
                 stale.unlink()
-    tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}"
+        except OSError:  # yes, as another user
+            pass
+    tmp = path.parent / f"{mark}{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}"
     try:
         yield tmp
         if fsync:

@@ -2,8 +2,9 @@
 
 ``configs/train.yaml`` starts from :class:`TrainConfig` (``train_schema`` in Hydra's ConfigStore), so Hydra checks
 types and refuses unknown keys while it composes; each dataclass's ``__post_init__`` checks ranges when
-:func:`validate` builds the objects, before any data is read. Groups that build objects (``pos``, ``data``,
-``trainer``, ``logger``, ``callbacks``) name a ``_target_``; their options are checked by the target's constructor.
+:func:`validate` builds the objects, before any data is read, and raises ``ValueError`` naming the key and the fix.
+Groups that build objects (``pos``, ``data``, ``trainer``, ``logger``, ``callbacks``) name a ``_target_``; their
+options are checked by the target's constructor.
 """
 
 from __future__ import annotations
@@ -33,10 +34,8 @@ def _whole(key: str, value: Any, minimum: int) -> None:
 @dataclass
 class OptimConfig:
     """AdamW with linear warmup and cosine decay (``optim.*``): peak ``lr``, ``min_lr`` where the cosine ends at
-    ``decay_steps``, ``weight_decay`` on >= 2-D weights, two ``betas`` in [0, 1), ``warmup_steps``.
-
-    Raises:
-        ValueError: a value out of range, naming the ``optim.<key>``.
+    ``decay_steps``, ``weight_decay`` on >= 2-D weights, two ``betas`` in [0, 1), ``warmup_steps``. A value out of
+    range raises ``ValueError`` naming the ``optim.<key>``.
     """
 
     lr: float = 1e-3
@@ -62,10 +61,8 @@ class OptimConfig:
 class EvalConfig:
     """Train short, test long (``eval.*``), scored after training when ``lengths`` (tokens) is set: ``protocol``
     ``nonoverlap``, ``sliding`` or ``both`` (ALiBi paper, section 4), sliding ``stride`` (None = length // 2),
-    the ``split``, ``max_tokens`` targets per length (None = the whole split), ``batch_size`` windows.
-
-    Raises:
-        ValueError: naming the ``eval.<key>`` and the fix.
+    the ``split``, ``max_tokens`` targets per length (None = the whole split), ``batch_size`` windows. A bad
+    value raises ``ValueError`` naming the ``eval.<key>`` and the fix.
     """
 
     lengths: list[int] | None = None
@@ -95,10 +92,8 @@ class EvalConfig:
 @dataclass
 class TokenizerConfig:
     """The tokenizer (``tokenizer.*``): ``kind`` (char, byte, bpe, gpt2), ``vocab_size`` (bpe only; None = 4096),
-    ``max_train_chars`` read by a char/bpe tokenizer (None = all).
-
-    Raises:
-        ValueError: naming the ``tokenizer.<key>`` and the fix.
+    ``max_train_chars`` read by a char/bpe tokenizer (None = all). A bad value raises ``ValueError`` naming the
+    ``tokenizer.<key>`` and the fix.
     """
 
     kind: str = "char"
@@ -115,10 +110,8 @@ class TokenizerConfig:
 class TrainConfig:
     """The whole training config (``configs/train.yaml`` and its groups). Run-level keys: ``seed`` (weights,
     dropout, training windows), ``ckpt_path`` (continue from a checkpoint), ``resume`` (``auto``: continue the run
-    folder's last checkpoint), ``run_name`` and ``group`` (wandb), ``paths`` (run folder, cache).
-
-    Raises:
-        ValueError: a negative seed, an unknown ``resume``, or both ``resume`` and ``ckpt_path``.
+    folder's last checkpoint), ``run_name`` and ``group`` (wandb), ``paths`` (run folder, cache). A negative seed,
+    an unknown ``resume``, or both ``resume`` and ``ckpt_path`` raise ``ValueError``.
     """
 
     model: GPTConfig = field(default_factory=GPTConfig)
@@ -149,10 +142,8 @@ class TrainConfig:
 @dataclass
 class SampleConfig:
     """``scripts/sample.py`` (``configs/sample.yaml``): generate from a checkpoint (``max_new_tokens``,
-    ``temperature`` and ``top_k`` are checked by :meth:`dynpos.model.gpt.GPT.generate`).
-
-    Raises:
-        ValueError: ``num_samples`` < 1.
+    ``temperature`` and ``top_k`` are checked by :meth:`dynpos.model.gpt.GPT.generate`); ``num_samples`` < 1 raises
+    ``ValueError``.
     """
 
     ckpt: str = MISSING
@@ -171,10 +162,8 @@ class SampleConfig:
 class EvaluateConfig:
     """``scripts/evaluate.py`` (``configs/evaluate.yaml``): score checkpoint ``ckpt`` at evaluation lengths into
     folder ``out`` (None = a new ``<run>/evaluate/<ckpt>-<time>``) with attention path ``attn`` (None = the
-    checkpoint's); ``eval`` as in training, ``eval.lengths`` None = 1x, 2x, 4x and 8x the training length.
-
-    Raises:
-        ValueError: naming the key and the fix.
+    checkpoint's); ``eval`` as in training, ``eval.lengths`` None = 1x, 2x, 4x and 8x the training length. An
+    unknown ``attn`` raises ``ValueError``.
     """
 
     ckpt: str = MISSING
@@ -207,16 +196,13 @@ def check_keys(cfg: DictConfig) -> None:
     """
     for group, schema in (("", TrainConfig), ("model", GPTConfig), ("optim", OptimConfig), ("eval", EvalConfig),
                           ("tokenizer", TokenizerConfig)):
-        known = [f.name for f in fields(schema)]
-        for key in cfg[group] if group else cfg:
-            if key in known:
-                continue
-            full = f"{group}.{key}" if group else str(key)
-            if full in MOVED:
-                raise ValueError(f"{full} moved to {MOVED[full]}: pass {MOVED[full]}=<value>")
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"did you mean {group + '.' if group else ''}{close[0]}? " if close else ""
-            raise ValueError(f"{full} is not a config key: {hint}(the keys of {group or 'the root'}: "
+        known, prefix = [f.name for f in fields(schema)], f"{group}." if group else ""
+        for key in (f"{prefix}{k}" for k in (cfg[group] if group else cfg) if k not in known):
+            if key in MOVED:
+                raise ValueError(f"{key} moved to {MOVED[key]}: pass {MOVED[key]}=<value>")
+            close = difflib.get_close_matches(key.removeprefix(prefix), known, n=1)
+            hint = f"did you mean {prefix}{close[0]}? " if close else ""
+            raise ValueError(f"{key} is not a config key: {hint}(the keys of {group or 'the root'}: "
                              f"{', '.join(known)})")
     scheme = get_class(cfg.pos._target_)
     options = [p for p in inspect.signature(scheme).parameters
@@ -229,10 +215,8 @@ def check_keys(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> Any:
     """The composed config as its schema's object, with every range checked; for a training config also its keys
-    (:func:`check_keys`) and ``trainer.max_steps``.
-
-    Raises:
-        ValueError: naming the key and the fix, e.g. a missing ``ckpt``.
+    (:func:`check_keys`) and ``trainer.max_steps``. A bad value raises ``ValueError`` naming the key and the fix,
+    e.g. a missing ``ckpt``.
     """
     if OmegaConf.get_type(cfg) is TrainConfig:  # first: optim.decay_steps interpolates trainer.max_steps
         check_keys(cfg)

@@ -5,12 +5,10 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any
 
 from hydra.errors import InstantiationException
 from omegaconf.errors import OmegaConfBaseException
-
-T = TypeVar("T")
 
 # What a user's input can cause: these print as one line and exit with status 2. FileExistsError:
 # a run folder that holds a run; ImportError: an optional package a choice needs (the default corpus,
@@ -19,7 +17,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError
                PermissionError, FloatingPointError, OmegaConfBaseException, ConnectionError, ImportError)
 
 
-def guard(fn: Callable[[], T], on_error: Callable[[], None] | None = None) -> T:
+def guard(fn: Callable[[], Any], on_error: Callable[[], None] = lambda: None) -> Any:
     """Run ``fn``; a user error, also one that a constructor raised under Hydra's ``instantiate``, runs
     ``on_error``, prints ``error: <message>`` on one line and exits with status 2 (``HYDRA_FULL_ERROR=1`` or
     ``DYNPOS_DEBUG=1``: the traceback instead)."""
@@ -29,8 +27,7 @@ def guard(fn: Callable[[], T], on_error: Callable[[], None] | None = None) -> T:
         error = raised.__cause__ if isinstance(raised, InstantiationException) else raised
         if not isinstance(error, USER_ERRORS):
             raise
-        if on_error is not None:
-            on_error()
+        on_error()
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("DYNPOS_DEBUG") == "1":
             raise
         print(f"error: {' '.join(str(error).split())} (set DYNPOS_DEBUG=1 for the traceback)", file=sys.stderr)

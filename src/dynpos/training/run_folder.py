@@ -13,7 +13,7 @@ import os
 import platform
 import shutil
 import subprocess
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import distributions
 from pathlib import Path
 from typing import Any
 
@@ -38,23 +38,19 @@ def last_checkpoint(out: Path) -> Path:
     return Path(out) / "checkpoints" / "last.ckpt"
 
 
-def resolve_resume(cfg: DictConfig, out: Path) -> str | None:
-    """The checkpoint to continue: ``ckpt_path``, or with ``resume=auto`` the run folder's ``last.ckpt`` if it
-    exists; None for a fresh start."""
-    if cfg.get("resume") == "auto":
-        return str(last_checkpoint(out)) if last_checkpoint(out).is_file() else None
-    return str(cfg.ckpt_path) if cfg.get("ckpt_path") else None
-
-
-def check_run_folder(out: Path, resume: str | None) -> None:
-    """Refuse to write into a run folder whose contents the run would overwrite.
+def check_run_folder(cfg: DictConfig, out: Path) -> str | None:
+    """The checkpoint to continue (``ckpt_path``, or with ``resume=auto`` the run folder ``out``'s ``last.ckpt``
+    if it exists; None for a fresh start), once it is sure that the run overwrites nothing in ``out``.
 
     Raises:
         FileExistsError: ``out`` holds a finished run (``result.json``), or the checkpoints of an unfinished run
-            that ``resume`` does not continue; the message says what to pass instead.
+            that the run does not continue; the message says what to pass instead.
         NotADirectoryError: ``out`` is a file.
     """
-    out = Path(out)
+    if cfg.get("resume") == "auto":
+        resume = str(last_checkpoint(out)) if last_checkpoint(out).is_file() else None
+    else:
+        resume = str(cfg.ckpt_path) if cfg.get("ckpt_path") else None
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"hydra.run.dir={out} is a file: give a folder for the run")
     if (out / "result.json").is_file():
@@ -70,6 +66,7 @@ def check_run_folder(out: Path, resume: str | None) -> None:
             f"run folder {out} holds checkpoints of an unfinished run ({existing[0].name}): continue it with "
             f"resume=auto hydra.run.dir={out}, or give another hydra.run.dir"
         )
+    return resume
 
 
 def open_run(cfg: DictConfig) -> tuple[str | None, int | None]:
@@ -81,9 +78,7 @@ def open_run(cfg: DictConfig) -> tuple[str | None, int | None]:
         CheckpointError: a missing, unreadable or unsafe checkpoint, or one whose model, scheme, corpus or
             tokenizer differs from the config's (the keys of :data:`FREE_ON_RESUME` may change).
     """
-    out = Path(cfg.paths.output_dir)
-    resume = resolve_resume(cfg, out)
-    check_run_folder(out, resume)
+    resume = check_run_folder(cfg, Path(cfg.paths.output_dir))
     if resume is None:
         return None, None
     key = f"ckpt_path={resume}" if cfg.get("ckpt_path") else f"resume=auto ({resume})"
@@ -102,7 +97,6 @@ def open_run(cfg: DictConfig) -> tuple[str | None, int | None]:
 
 def remove_if_empty(out: Path) -> None:
     """Remove a run folder that holds nothing but what Hydra wrote at its start (a refused command)."""
-    out = Path(out)
     if out.is_dir() and {p.name for p in out.iterdir()} <= _EMPTY_RUN:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -124,25 +118,16 @@ class RunFolderGuard(Callback):
             if config.get("resume") == "auto" and not given:
                 raise ValueError("resume=auto needs the run folder to continue: add hydra.run.dir=<run folder> "
                                  "(e.g. hydra.run.dir=runs/<date>_<time>_<name>)")
-            out = Path(str(config.hydra.run.dir))
-            check_run_folder(out, resolve_resume(config, out))
+            check_run_folder(config, Path(str(config.hydra.run.dir)))
 
         guard(check)
 
 
 def _git(*args: str) -> str | None:
     try:
-        proc = subprocess.run(["git", *args], cwd=Path(__file__).parents[1], capture_output=True, text=True,
-                              timeout=10, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})  # read-only: no index refresh
+        return subprocess.run(["git", *args], cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=10,
+                              check=True, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"}).stdout.strip()  # read-only
     except (OSError, subprocess.SubprocessError):
-        return None
-    return proc.stdout.strip() if proc.returncode == 0 else None
-
-
-def _version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
         return None
 
 
@@ -151,5 +136,6 @@ def package_versions() -> dict[str, Any]:
     ``git``: ``{"commit": sha, "dirty": bool}``. Nothing from the environment is recorded."""
     commit = _git("rev-parse", "HEAD")
     git = {"commit": commit, "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))} if commit else None
-    return {"python": platform.python_version(), "platform": platform.platform(),
-            "packages": {name: _version(name) for name in PACKAGES}, "cuda": torch.version.cuda, "git": git}
+    packages = {name: next((d.version for d in distributions(name=name)), None) for name in PACKAGES}
+    return {"python": platform.python_version(), "platform": platform.platform(), "packages": packages,
+            "cuda": torch.version.cuda, "git": git}
