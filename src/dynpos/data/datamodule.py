@@ -55,12 +55,10 @@ def _texts(split_ds, max_chars: int | None = None) -> Iterator[str]:
     left = math.inf if max_chars is None else max_chars
     for batch in split_ds.iter(batch_size=_MAP_BATCH):
         for text in batch["text"]:
-            if len(text) > left:
-                if left > 0:
-                    yield text[:left]
+            if left <= 0:
                 return
+            yield text if len(text) <= left else text[:left]
             left -= len(text)
-            yield text
 
 
 def tokenize_split(split_ds, tok: Tokenizer, path: str, desc: str = "tokenizing") -> dict[str, int]:
@@ -223,6 +221,12 @@ class StepDataModule(L.LightningDataModule):
         self.tokenizer: Tokenizer | None = None
         self.bytes_per_token: dict[str, float] = {}
 
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids (``tokenizer.get_vocab_size()``); needs ``setup()`` first."""
+        self._require_setup()
+        return self.tokenizer.get_vocab_size()
+
     def train_dataloader(self) -> DataLoader:
         """Batches ``train_batches()[s]``, ``(x, y)`` int64 ``(B, T)``, for the steps of ``train_steps``."""
         stream = StepStream(self.train_batches(), *train_steps(self.trainer, self.max_steps))
@@ -233,6 +237,12 @@ class StepDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.eval_dataloader("test")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The tokenizer's JSON, so that a checkpoint is usable alone; nothing is restored on load (batches are a
+        function of the step; ``dynpos.training.run_folder`` compares the data configs)."""
+        self._require_setup()
+        return {"tokenizer": self.tokenizer.to_str()}
 
     def _loader(self, dataset, batch_size: int | None, cls: type[DataLoader] = DataLoader, **kwargs) -> DataLoader:
         return cls(dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
@@ -280,12 +290,6 @@ class TextDataModule(StepDataModule):
         self.tokens: dict[str, np.ndarray] = {}
         self.fingerprint: str | None = None
         self._corpus_ds = None
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of token ids (``tokenizer.get_vocab_size()``); needs ``setup()`` first."""
-        self._require_setup()
-        return self.tokenizer.get_vocab_size()
 
     def _split(self, split: str):
         if self._corpus_ds is None:
@@ -349,9 +353,3 @@ class TextDataModule(StepDataModule):
         """Deterministic loader over ``FixedWindows`` of ``split``: ``(x, y)`` int64 ``(B, T)``."""
         self._require_setup()
         return self._loader(FixedWindows(self.tokens[split], self.block_size, self.val_windows), self.eval_batch_size)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The tokenizer's JSON, so that a checkpoint is usable alone; nothing is restored on load (batches are a
-        function of the step; ``dynpos.training.run_folder`` compares the data configs)."""
-        self._require_setup()
-        return {"tokenizer": self.tokenizer.to_str()}

@@ -6,11 +6,9 @@ train on lengths up to ``L``, score exact match at ``L``, ``1.5L``, ``2L``, ``4L
 answer .``, its length ``n`` counted in task units: copy, reverse, sort, addition, recall (associative recall,
 Ba et al. 2016) and passkey (Mohtashami & Jaggi 2023), each described in its ``configs/data/<task>.yaml``.
 
-An instance is held out for evaluation when BLAKE2b of its prompt ids is 0 modulo ``HELD_OUT_BUCKETS``:
-training draws reject held-out instances, evaluation draws keep only them. Training batch ``s`` on ``rank``
-is drawn from ``random.Random(step_seed(seed, s, rank))``, so a resumed run sees the batches an uninterrupted
-one would; evaluation sets use ``eval_seed`` and the negative ranks of ``_STREAMS``, the same for every
-training seed and scheme.
+Training draws reject the instances that ``held_out`` reserves for evaluation, evaluation draws keep only them.
+Training batches are a function of the step (``TaskBatches``), so a resumed run sees the batches an uninterrupted
+one would; evaluation sets use ``eval_seed`` and the negative ranks of ``_STREAMS``, the same for every run.
 """
 
 from __future__ import annotations
@@ -63,13 +61,8 @@ def held_out(prompt: Sequence[int]) -> bool:
 
 
 class Task:
-    """A task's vocabulary (``words``: the 4 specials, then the task's symbols) and instance generator.
-
-    Args:
-        name: one of ``TASKS``.
-        alphabet: symbols (copy, reverse, sort), base (addition), keys and values each (recall),
-            filler words (passkey); default ``DEFAULT_ALPHABET[name]``.
-        lsd_first: addition: numbers least-significant digit first. passkey_digits: passkey: digits.
+    """A task's vocabulary (``words``: the 4 specials, then the task's symbols) and instance generator. ``name``:
+    one of ``TASKS``; the others as in ``configs/data/<name>.yaml`` (``alphabet`` None: ``DEFAULT_ALPHABET[name]``).
 
     Raises:
         ValueError: an unknown task, or an alphabet that is not an integer >= 2.
@@ -143,10 +136,9 @@ class Task:
             ex = self.draw(rng, n)
             if held_out(ex.prompt) == evaluation:
                 return ex
-        raise ValueError(
-            f"data: task {self.name} has no {'evaluation' if evaluation else 'training'} instance of length {n} "
-            f"in {_MAX_TRIES} draws (too few distinct instances): raise data.min_length or data.alphabet"
-        )
+        raise ValueError(f"data: task {self.name} has no {'evaluation' if evaluation else 'training'} instance of "
+                         f"length {n} in {_MAX_TRIES} draws (too few distinct instances): raise data.min_length or "
+                         "data.alphabet")
 
 
 def collate(examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,16 +187,14 @@ def default_eval_lengths(max_length: int) -> list[int]:
 
 
 class TaskDataModule(StepDataModule):
-    """A synthetic task as a LightningDataModule: the keys of ``configs/data/<task>.yaml`` (each
-    documented there), the run's ``block_size`` (``model.block_size``: a whole example of the longest
-    length must fit), ``seed`` (training batches), ``max_steps`` (the train loader's end; default
-    ``trainer.max_steps``), ``num_workers``, and ``cache_dir``, unused (nothing is cached).
+    """A synthetic task as a LightningDataModule: the keys of ``configs/data/<task>.yaml`` (each documented there)
+    and from the pipeline ``block_size`` (``model.block_size``: a whole example of the longest length must fit),
+    ``seed``, ``max_steps`` (default ``trainer.max_steps``) and ``cache_dir``, unused (nothing is cached).
 
     Raises:
-        ValueError: one line naming the ``data.<key>`` and the fix: unknown task, a length or
-            count that is not a positive integer, ``max_length < min_length``, an alphabet too
-            small (recall's keys are distinct: ``alphabet >=`` the longest length), an option of
-            another task, or an example longer than ``block_size``.
+        ValueError: one line naming the ``data.<key>`` and the fix: unknown task, a length or count that is not a
+            positive integer, ``max_length < min_length``, an alphabet too small (recall's keys are distinct:
+            ``alphabet >=`` the longest length), an option of another task, or an example longer than ``block_size``.
     """
 
     def __init__(self, task: str, min_length: int = 1, max_length: int = 8, eval_lengths: Sequence[int] | None = None,
@@ -237,29 +227,23 @@ class TaskDataModule(StepDataModule):
         if task == "recall" and self.task.alphabet < longest:
             raise ValueError(f"data.alphabet={self.task.alphabet} is too small for task recall at length {longest} "
                              f"(keys are distinct): give data.alphabet >= {longest}")
-        if self.task.n_tokens(longest) > block_size:
+        tokens = self.task.n_tokens(longest)
+        if tokens > block_size:
             key = "data.eval_lengths" if longest in eval_lengths else "data.max_length"
-            raise ValueError(
-                f"{key}: an example of length {longest} of task {task} has {self.task.n_tokens(longest)} tokens, "
-                f"more than model.block_size={block_size}: raise model.block_size or shorten {key}"
-            )
+            raise ValueError(f"{key}: an example of length {longest} of task {task} has {tokens} tokens, more than "
+                             f"model.block_size={block_size}: raise model.block_size or shorten {key}")
         self.min_length, self.max_length, self.eval_lengths = min_length, max_length, sorted(set(eval_lengths))
         self.train_examples, self.eval_examples, self.val_examples = train_examples, eval_examples, val_examples
         self.eval_seed = eval_seed
         self.pool: list[Example] | None = None
         self.splits: dict[str, list[Example]] = {}  # no bytes_per_token: tasks report no bits per byte
 
-    @property
-    def vocab_size(self) -> int:
-        """Number of token ids: the 4 specials and the task's symbols."""
-        return len(self.task.words)
-
-    def _mixed_set(self, stream: str, count: int) -> list[Example]:
-        """``count`` held-out examples, lengths uniform in the training range, leaving out a length without any."""
+    def _mixed_set(self, stream: str) -> list[Example]:
+        """``val_examples`` held-out examples, lengths uniform in the training range (but for lengths without any)."""
         rng = random.Random(step_seed(self.eval_seed, 0, _STREAMS[stream]))
         lengths = list(range(self.min_length, self.max_length + 1))
         out: list[Example] = []
-        while len(out) < count:
+        while len(out) < self.val_examples:
             n = rng.choice(lengths)
             try:
                 out.append(self.task.sample(rng, n, evaluation=True))
@@ -282,15 +266,13 @@ class TaskDataModule(StepDataModule):
         """
         if self.tokenizer is not None:
             return
-        self.splits = {"validation": self._mixed_set("validation", self.val_examples),
-                       "test": self._mixed_set("test", self.val_examples), "lengthgen": []}
+        self.splits = {"validation": self._mixed_set("validation"), "test": self._mixed_set("test"), "lengthgen": []}
         for n in self.eval_lengths:
             rng = random.Random(step_seed(self.eval_seed, n, _STREAMS["lengthgen"]))
             self.splits["lengthgen"] += [self.task.sample(rng, n, evaluation=True) for _ in range(self.eval_examples)]
-        if self.train_examples is not None:
-            rng = random.Random(step_seed(self.seed, 0, _STREAMS["pool"]))
-            self.pool = [self.task.sample(rng, rng.randint(self.min_length, self.max_length), evaluation=False)
-                         for _ in range(self.train_examples)]
+        if self.train_examples is not None:  # a fixed training set: step 0 of the stream "pool", one large batch
+            self.pool = TaskBatches(self.task, self.min_length, self.max_length, self.train_examples, self.seed,
+                                    _STREAMS["pool"]).examples(0)
         self.tokenizer = self.task.tokenizer()
 
     def train_batches(self) -> TaskBatches:
@@ -311,10 +293,8 @@ class TaskDataModule(StepDataModule):
         return self._loader(self.splits[split], self.eval_batch_size, collate_fn=collate)
 
     def state_dict(self) -> dict[str, Any]:
-        """The tokenizer (JSON), the seed and the batch size; the rest of the data config is compared
-        on resume by ``dynpos.training.run_folder.open_run``."""
-        self._require_setup()
-        return {"tokenizer": self.tokenizer.to_str(), "seed": self.seed, "batch_size": self.batch_size}
+        """The tokenizer's JSON, the seed and the batch size (``load_state_dict`` compares them)."""
+        return {**super().state_dict(), "seed": self.seed, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Warn when a checkpoint's seed or batch size differs from this datamodule's (batches will differ)."""

@@ -46,8 +46,7 @@ def check_tokenizer_config(kind: str, vocab_size: int | None = None) -> None:
     """Validate ``tokenizer.kind`` and ``tokenizer.vocab_size`` (for ``dynpos.config.TokenizerConfig``).
 
     Raises:
-        ValueError: unknown kind; ``vocab_size`` given for a kind other than ``bpe``; a ``bpe``
-            vocabulary not an integer in [257, 2**32).
+        ValueError: unknown kind; ``vocab_size`` given for a kind other than ``bpe``, or not an integer in [257, 2**32).
     """
     if kind not in TOKENIZER_KINDS:
         raise ValueError(f"tokenizer.kind={kind!r}: choose one of {', '.join(TOKENIZER_KINDS)}")
@@ -60,11 +59,8 @@ def check_tokenizer_config(kind: str, vocab_size: int | None = None) -> None:
 
 
 def build_tokenizer(kind: str, train_texts: Iterable[str] = (), vocab_size: int | None = None) -> Tokenizer:
-    """Build a tokenizer of ``kind`` that adds no special tokens; ``decode(encode(t).ids) == t`` for text
-    covered by its vocabulary (any UTF-8 for ``byte``/``bpe``/``gpt2``).
-
-    ``train_texts`` (the training split, read once) serve ``char`` and ``bpe``; ``vocab_size`` (``bpe``
-    only, default 4096) counts the 256 bytes and caps the merges the texts allow.
+    """Build a tokenizer of ``kind`` (see above) that adds no special tokens; ``decode(encode(t).ids) == t`` for text
+    its vocabulary covers. ``train_texts`` (the training split, read once) serve ``char`` and ``bpe``.
 
     Raises:
         ValueError: see ``check_tokenizer_config``; ``char`` with no training text.
