@@ -8,9 +8,8 @@ Cache (``cache_dir``, default ``~/.cache/dynpos``)::
         tokens-<tokenizer fingerprint[:16]>/<split>.json  token and UTF-8 byte counts
 
 A split is tokenized once (``datasets.Dataset.map``) and then read as a memory map; with everything cached, the
-corpus itself is not even loaded. Training batches are nanoGPT's random windows made a function of the step
-(``StepBatches``), so a resumed run sees exactly the batches an uninterrupted one would; ranks differ through the
-seed, not a ``DistributedSampler``. Evaluation windows are fixed (``FixedWindows``), the same for every run.
+corpus itself is not even loaded. Training batches are a function of the step (``StepBatches``; ranks differ
+through the seed, not a ``DistributedSampler``), evaluation windows fixed (``FixedWindows``).
 """
 
 from __future__ import annotations

@@ -5,10 +5,7 @@ Transformers", NeurIPS; code: McGill-NLP/length-generalization), Ruoss et al. 20
 train on lengths up to ``L``, score exact match at ``L``, ``1.5L``, ``2L``, ``4L``. An example is ``prompt =
 answer .``, its length ``n`` counted in task units: copy, reverse, sort, addition, recall (associative recall,
 Ba et al. 2016) and passkey (Mohtashami & Jaggi 2023), each described in its ``configs/data/<task>.yaml``.
-
-Training draws reject the instances that ``held_out`` reserves for evaluation, evaluation draws keep only them.
-Training batches are a function of the step (``TaskBatches``), so a resumed run sees the batches an uninterrupted
-one would; evaluation sets use ``eval_seed`` and the negative ranks of ``_STREAMS``, the same for every run.
+Evaluation instances are never trained on (``held_out``); batches are a function of the step (``TaskBatches``).
 """
 
 from __future__ import annotations
@@ -36,7 +33,8 @@ HELD_OUT_BUCKETS = 8  # 1 in 8 instances (by hash) is reserved for evaluation
 DEFAULT_ALPHABET = {"copy": 10, "reverse": 10, "sort": 10, "addition": 10, "recall": 64, "passkey": 10}
 DEFAULT_PASSKEY_DIGITS = 5
 _MAX_TRIES = 10_000  # draws per instance before a length is declared impossible for a split
-_STREAMS = {"validation": -1, "test": -2, "lengthgen": -3, "pool": -4}  # ranks of the evaluation streams
+# step_seed ranks of the fixed sets: evaluation sets from eval_seed (the same for every run), the pool from seed.
+_STREAMS = {"validation": -1, "test": -2, "lengthgen": -3, "pool": -4}
 
 
 @dataclass(frozen=True)
