@@ -17,7 +17,6 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
-from tokenizers import Tokenizer
 
 from dynpos.atomic import write_json, write_text
 from dynpos.evaluation.plots import plot_bias, save_figure
@@ -61,15 +60,10 @@ class ProgressBar(RichProgressBar):
         return "train"
 
     @property
-    def total_train_batches(self) -> int | float:
+    def total_train_batches(self) -> int:
         """``max_steps``: the bar counts optimizer steps of the whole run (Lightning's total is the batches left
         and its count the epoch's batch index, which a resume may continue: ``625/1749`` at step 625 of 2,000)."""
-        return self.trainer.max_steps if self.trainer.max_steps > 0 else super().total_train_batches
-
-    def _update(self, progress_bar_id, current: int, visible: bool = True, hard: bool = False) -> None:
-        if progress_bar_id == self.train_progress_bar_id and self.trainer.max_steps > 0:
-            current = self.trainer.global_step
-        super()._update(progress_bar_id, current, visible, hard)
+        return self.trainer.max_steps
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
@@ -80,8 +74,8 @@ class ProgressBar(RichProgressBar):
         self._start = (time.monotonic(), trainer.global_step)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         step = trainer.global_step
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, step - 1)  # the bar counts optimizer steps
         if sys.stdout.isatty() or not trainer.is_global_zero or (step % self.line_every and step != trainer.max_steps):
             return
         rate = (step - self._start[1]) / max(time.monotonic() - self._start[0], 1e-9)
@@ -94,12 +88,7 @@ class ProgressBar(RichProgressBar):
 
 class TextSample(L.Callback):
     """Generate a sample after each validation; append it to ``samples.txt`` in the run folder and log it to wandb
-    as a table row (the run prints the last one at its end).
-
-    Args:
-        prompt: the text to continue; None = the first ``prompt_tokens`` tokens of the validation split, so every
-            corpus is prompted with its own text.
-        max_new_tokens: tokens to generate; temperature, top_k, seed: sampling settings.
+    as a table row (the run prints the last one at its end). Options: ``configs/callbacks/default.yaml``.
     """
 
     def __init__(self, prompt: str | None = None, prompt_tokens: int = 16, max_new_tokens: int = 200,
@@ -130,11 +119,9 @@ class TextSample(L.Callback):
 
 
 class BiasPlot(L.Callback):
-    """Save a PNG of each block's bias against distance per head (and head 0's bias grid) after each validation,
-    as ``plots/bias_step<N>.png`` and ``plots/bias.png`` (the latest), and log it to wandb.
-
-    Args:
-        length: distances shown, ``0 .. length-1``; None means the model's ``block_size``.
+    """Save a PNG of each block's bias against distance ``0 .. length-1`` (None: ``block_size``) per head, and head
+    0's bias grid, after each validation as ``plots/bias_step<N>.png`` and ``plots/bias.png`` (the latest), and log
+    it to wandb.
     """
 
     def __init__(self, length: int | None = None) -> None:
@@ -167,23 +154,22 @@ def _csv_rows(logger: CSVLogger, before: int) -> list[tuple[int, dict[str, float
 
 
 class RunRecord(L.Callback):
-    """Write ``tokenizer.json`` and ``versions.json`` (``package_versions()``) into the run folder ``out`` at
+    """Write the datamodule's ``tokenizer.json`` and ``versions`` (``versions.json``) into the run folder at
     ``setup("fit")``, when even a DDP child process knows it is not rank 0. On resume from step ``resume_step``,
     also write back the rows of each CSV logger's ``metrics.csv`` before that step, so it reads as one
     uninterrupted run: they are read here, at construction, since Lightning's CSV writer deletes the file in setup.
     """
 
-    def __init__(self, out: Path, tokenizer: Tokenizer, versions: dict, resume_step: int | None = None,
-                 loggers: list | None = None) -> None:
-        self.out, self.tokenizer, self.versions = Path(out), tokenizer, versions
+    def __init__(self, versions: dict, resume_step: int | None = None, loggers: list | None = None) -> None:
+        self.versions = versions
         self.history = [(lg, _csv_rows(lg, resume_step)) for lg in loggers or []
                         if resume_step is not None and isinstance(lg, CSVLogger)]
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or not trainer.is_global_zero:
             return
-        write_text(self.out / "tokenizer.json", self.tokenizer.to_str(pretty=True))
-        write_json(self.out / "versions.json", self.versions)
+        write_text(run_dir(trainer) / "tokenizer.json", trainer.datamodule.tokenizer.to_str(pretty=True))
+        write_json(run_dir(trainer) / "versions.json", self.versions)
         for logger, rows in self.history:
             for step, metrics in rows:
                 logger.experiment.log_metrics(metrics, step)

@@ -30,12 +30,8 @@ def _first_line(error: BaseException, limit: int = 160) -> str:
 
 
 def read_checkpoint(path: str | Path, key: str = "ckpt", mmap: bool = False) -> dict:
-    """``torch.load(path, weights_only=True)`` onto the CPU, with errors that name ``key`` and the fix.
-
-    Args:
-        path: the ``.ckpt`` file.
-        key: the config key the path came from, named in error messages.
-        mmap: map the tensors' storage from the file instead of reading it.
+    """``torch.load(path, weights_only=True)`` onto the CPU (``mmap``: the tensors' storage mapped from the file),
+    with errors that name ``key``, the config key the path came from, and the fix.
 
     Raises:
         CheckpointError: the path is missing or a directory; the file is truncated or corrupted; or it holds
@@ -70,12 +66,8 @@ def read_checkpoint(path: str | Path, key: str = "ckpt", mmap: bool = False) -> 
 
 
 def load_checkpoint(path: str | Path, key: str = "ckpt", mmap: bool = False) -> dict:
-    """:func:`read_checkpoint`, then check that the file has dynpos's entries.
-
-    Raises:
-        CheckpointError: as :func:`read_checkpoint`, or the file lacks ``state_dict``, ``hyper_parameters``
-            or the run config.
-    """
+    """:func:`read_checkpoint`, then check that the file has dynpos's entries (``CheckpointError`` if it lacks
+    ``state_dict``, ``hyper_parameters`` or the run config)."""
     checkpoint = read_checkpoint(path, key, mmap=mmap)
     missing = [k for k in ("state_dict", "hyper_parameters") if k not in checkpoint]
     if "config" not in checkpoint.get("hyper_parameters", {}):
@@ -86,11 +78,7 @@ def load_checkpoint(path: str | Path, key: str = "ckpt", mmap: bool = False) -> 
 
 
 def checkpoint_tokenizer(checkpoint: dict, key: str = "ckpt") -> Tokenizer:
-    """The tokenizer stored in a checkpoint dict.
-
-    Raises:
-        CheckpointError: the checkpoint holds no tokenizer, or one that ``tokenizers`` cannot read.
-    """
+    """The tokenizer stored in a checkpoint dict (``CheckpointError``: none, or one ``tokenizers`` cannot read)."""
     # Lightning stores the datamodule's state under its class name (TextDataModule, TaskDataModule...)
     state = next((v for v in checkpoint.values() if isinstance(v, dict) and isinstance(v.get("tokenizer"), str)), {})
     if not state:

@@ -1,9 +1,6 @@
-"""Lightning ``CheckpointIO`` that writes checkpoints atomically and reads them safely.
-
-Every trainer preset names it under ``plugins:``, so each checkpoint the ``Trainer`` saves or restores goes
-through it: saved by :func:`dynpos.atomic.atomic_path` with ``fsync`` (a kill leaves the previous checkpoint
-or the new one, never a torn file), read by :func:`dynpos.training.checkpoint.read_checkpoint`
-(``weights_only=True``, one-line errors). Remote paths (``s3://``, ...) go to Lightning's ``TorchCheckpointIO``.
+"""Lightning ``CheckpointIO`` that writes checkpoints atomically and reads them safely (README, Resuming and
+scaling out). Every trainer preset names it under ``plugins:``, so each checkpoint the ``Trainer`` saves or restores
+goes through it. Remote paths (``s3://``, ...) go to Lightning's ``TorchCheckpointIO``.
 """
 
 from __future__ import annotations
@@ -23,7 +20,8 @@ def _is_local(path: _PATH) -> bool:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` with atomic local writes and ``weights_only`` reads."""
+    """``TorchCheckpointIO`` writing by :func:`~dynpos.atomic.atomic_path` with ``fsync`` (a kill leaves the
+    previous checkpoint or the new one) and reading by :func:`~dynpos.training.checkpoint.read_checkpoint`."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         """Write ``checkpoint`` to ``path`` atomically (``OSError``: the folder cannot be written)."""

@@ -69,8 +69,7 @@ class LitGPT(L.LightningModule):
 
     def _diagnosis(self) -> str:
         """``(optim.lr=..., at this step ...; trainer.precision=...): <what to change>`` for error messages."""
-        trainer = self._trainer
-        peak = self.optim["lr"]
+        trainer, peak = self._trainer, self.optim["lr"]
         precision = str(trainer.precision) if trainer is not None else "32-true"
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer is not None and trainer.optimizers else peak
         fix = "lower optim.lr (or lengthen optim.warmup_steps)"
@@ -94,9 +93,8 @@ class LitGPT(L.LightningModule):
         x, y = batch
         _, loss = self.model(x, y)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss {loss.item()} at step {self.global_step} {self._diagnosis()}"
-            )
+            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step} "
+                                     f"{self._diagnosis()}")
         self.flops_per_batch = self.model.flops_per_token(y.shape[1]) * y.numel()  # for ThroughputMonitor
         tokens = (self.global_step + 1) * y.numel() * self.trainer.world_size
         # sync_dist: under DDP the logged loss is the global batch's, not rank 0's share of it

@@ -36,16 +36,12 @@ console = Console(stderr=False, highlight=False, soft_wrap=True)  # paths stay w
 QUIET = (
     ".*IterableDataset. has .__len__. defined.*",  # StepStream splits its steps among workers itself
     ".*isinstance.treespec, LeafSpec.*",  # a deprecation inside Lightning's own code
-    # on resume: RunRecord writes the earlier steps back, so the CSV log is continued, not lost
-    ".*Previous log files in this directory will be deleted.*",
-    # under DDP: val/test come from SumMetric states summed across ranks; train/tokens and train/lr
-    # are the same number on every rank; train/loss is logged with sync_dist
+    ".*Previous log files in this directory will be deleted.*",  # on resume, RunRecord writes them back
+    # under DDP, val/test sum SumMetric states over ranks, train/loss syncs, train/tokens and train/lr agree
     ".*It is recommended to use .self.log.*sync_dist=True.*",
-    # continuing from another run's checkpoint: its best score belongs to the old folder, and every
-    # run ends with a validation, so the new folder gets its own best checkpoint
+    # another run's checkpoint (ckpt_path): every run ends with a validation, so its folder gets its own best
     ".*The dirpath has changed from.*",
-    # resume=auto continues the run folder's own checkpoints on purpose
-    ".*Checkpoint directory .* exists and is not empty.*",
+    ".*Checkpoint directory .* exists and is not empty.*",  # resume=auto continues the folder's own checkpoints
 )
 
 
@@ -114,7 +110,7 @@ def train(cfg: DictConfig) -> dict:
                   f"pos={module.model.pos.name}: {sum(p.numel() for p in module.model.pos.parameters()):,}")
 
     versions = package_versions()
-    record = RunRecord(out, datamodule.tokenizer, versions, loggers=loggers, resume_step=resume_step)
+    record = RunRecord(versions, resume_step, loggers)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, record], logger=loggers or False)
     if resume:
         console.print(f"[bold]resuming[/] from {resume} at step {resume_step}")
@@ -162,20 +158,19 @@ def train(cfg: DictConfig) -> dict:
 
 def print_result(result: dict, sample: str | None, out: Path) -> None:
     """The end of a run on the console: losses, sample, where the files are."""
-    metrics = result["metrics"]
+    metrics, extrapolation, lengthgen = result["metrics"], result["extrapolation"], result["lengthgen"]
     console.rule("result")
     console.print(" | ".join(f"{k} {metrics[k]:.4f}" + (" nats/token" if k.endswith("loss") else "")
                              for k in ("val/loss", "val/bpb", "test/loss", "test/bpb") if k in metrics))
-    if result["extrapolation"]:
-        console.print("[bold]loss against evaluation length[/]: " + ", ".join(
-            f"{r['length']} ({r['protocol']}) {r['loss']:.4f}" for r in result["extrapolation"]
-            if r["loss"] is not None))
+    if extrapolation:
+        losses = (f"{r['length']} ({r['protocol']}) {r['loss']:.4f}" for r in extrapolation if r["loss"] is not None)
+        console.print(f"[bold]loss against evaluation length[/]: {', '.join(losses)}")
         console.print(f"[bold]extrapolation[/]: {out / 'eval' / 'extrapolation.csv'}, "
                       f"{out / 'eval' / 'extrapolation.png'}")
-    if result["lengthgen"]:
-        console.print("[bold]exact match by length[/]: " + ", ".join(
-            f"{r['length']} {'n/a' if r['exact_match'] is None else format(r['exact_match'], '.2f')}"
-            for r in result["lengthgen"]))
+    if lengthgen:
+        matches = (f"{r['length']} {'n/a' if r['exact_match'] is None else format(r['exact_match'], '.2f')}"
+                   for r in lengthgen)
+        console.print(f"[bold]exact match by length[/]: {', '.join(matches)}")
         console.print(f"[bold]length generalization[/]: {out / 'lengthgen'}")
     if sample:
         console.print(f"[bold]sample[/]:\n{sample}")

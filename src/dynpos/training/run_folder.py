@@ -1,10 +1,6 @@
-"""The run folder and resume policy: where a run writes, what it continues from, what it records.
-
-The run folder is ``paths.output_dir``: Hydra's ``hydra.run.dir`` (``runs/<date>_<time>_<name>`` unless given),
-or in a sweep ``hydra.sweep.dir/hydra.sweep.subdir``. A finished run (``result.json``) is never written again,
-and an unfinished run's checkpoints only by ``resume=auto``, which continues ``checkpoints/last.ckpt`` (so a
-requeued job can always pass it with an explicit ``hydra.run.dir``). A resumed checkpoint must come from the
-same model, scheme, corpus and tokenizer. A command refused before training leaves no folder behind.
+"""The run folder and resume policy (README, Resuming and scaling out): where a run writes, what it continues
+from, what it records. The run folder is ``paths.output_dir``: Hydra's ``hydra.run.dir`` (``runs/<date>_<time>_<name>``
+unless given), or in a sweep ``hydra.sweep.dir/hydra.sweep.subdir``.
 """
 
 from __future__ import annotations
@@ -70,11 +66,10 @@ def check_run_folder(cfg: DictConfig, out: Path) -> str | None:
 
 
 def open_run(cfg: DictConfig) -> tuple[str | None, int | None]:
-    """Check the run folder (:func:`check_run_folder`) and the checkpoint to continue from: that checkpoint and
-    its global step, ``(None, None)`` for a fresh start.
+    """:func:`check_run_folder`, then check the checkpoint to continue from: that checkpoint and its global step,
+    ``(None, None)`` for a fresh start.
 
     Raises:
-        FileExistsError, NotADirectoryError: as :func:`check_run_folder`.
         CheckpointError: a missing, unreadable or unsafe checkpoint, or one whose model, scheme, corpus or
             tokenizer differs from the config's (the keys of :data:`FREE_ON_RESUME` may change).
     """
