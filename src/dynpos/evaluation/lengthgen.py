@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -118,32 +117,6 @@ def metrics(rows: Sequence[dict], prefix: str = "lengthgen") -> dict[str, float]
             for name, metric in (("exact", "exact_match"), ("token", "token_accuracy"))}
 
 
-def plot_accuracy(curves: dict[str, Sequence[dict]], train_length: int | None = None,
-                  metric: str = "exact_match", title: str = ""):
-    """Accuracy against length (a matplotlib ``Figure``), one line per label; see :func:`plot_lengths`."""
-    fig = plot_lengths(curves, train_length, metric=metric, title=title)
-    ax = fig.axes[0]
-    ax.set_xlabel("length (task units)")
-    ax.set_ylabel({"exact_match": "exact-match accuracy", "token_accuracy": "per-token accuracy"}.get(metric, metric))
-    ax.set_ylim(-0.03, 1.03)
-    return fig
-
-
-def evaluate_datamodule(model: nn.Module, datamodule, out_dir: str | Path | None = None) -> list[dict]:
-    """:func:`score` of ``datamodule.lengthgen_examples()`` (a set-up ``TaskDataModule``), rows led by
-    ``task``, ``pos`` and ``train_max_length``; with ``out_dir``, written there as ``lengthgen.csv``
-    and ``lengthgen.png`` (exact match against length)."""
-    rows = score(model, datamodule.lengthgen_examples(), batch_size=datamodule.eval_batch_size)
-    task, pos = datamodule.task.name, model.pos.name
-    rows = [{"task": task, "pos": pos, "train_max_length": datamodule.max_length, **r} for r in rows]
-    if out_dir is not None:
-        label = f"{task}, pos={pos}"
-        write_csv(rows, Path(out_dir) / "lengthgen.csv")
-        save_figure(plot_accuracy({label: rows}, datamodule.max_length, title=f"{label}: exact match against length"),
-                    Path(out_dir) / "lengthgen.png")
-    return rows
-
-
 class LengthGenEval(L.Callback):
     """Score length generalization after each validation (in ``fit`` and ``trainer.validate``, not
     in the sanity check) with a datamodule that has ``lengthgen_examples()``; with any other, do nothing.
@@ -151,7 +124,8 @@ class LengthGenEval(L.Callback):
     Logs ``lengthgen/exact@<n>`` and ``lengthgen/token@<n>`` through the LightningModule (so they reach
     every logger and ``trainer.callback_metrics``); on global rank 0 writes
     ``<run folder>/<folder>/lengthgen.csv`` and ``.png`` and logs the PNG to every wandb logger as
-    ``lengthgen``. The model is ``pl_module.model``; ``rows`` holds the latest scores (None before).
+    ``lengthgen``. The model is ``pl_module.model``; ``rows`` holds the latest rows of :func:`score`, led
+    by ``task``, ``pos`` and ``train_max_length`` (None before).
     """
 
     def __init__(self, folder: str = "lengthgen") -> None:
@@ -162,9 +136,14 @@ class LengthGenEval(L.Callback):
         datamodule = getattr(trainer, "datamodule", None)
         if trainer.sanity_checking or not hasattr(datamodule, "lengthgen_examples"):
             return
-        out = run_dir(trainer) / self.folder if trainer.is_global_zero else None
-        self.rows = evaluate_datamodule(pl_module.model, datamodule, out)
-        pl_module.log_dict(metrics(self.rows), on_epoch=True, prog_bar=False)
-        if out is not None:
+        model, task, limit = pl_module.model, datamodule.task.name, datamodule.max_length
+        self.rows = [{"task": task, "pos": model.pos.name, "train_max_length": limit, **row}
+                     for row in score(model, datamodule.lengthgen_examples(), datamodule.eval_batch_size)]
+        if trainer.is_global_zero:
+            out, label = run_dir(trainer) / self.folder, f"{task}, pos={model.pos.name}"
+            write_csv(self.rows, out / "lengthgen.csv")
+            save_figure(plot_lengths({label: self.rows}, limit, "exact_match", f"{label}: exact match against length"),
+                        out / "lengthgen.png")
             for logger in wandb_loggers(trainer):
                 logger.log_image(key="lengthgen", images=[str(out / "lengthgen.png")], step=trainer.global_step)
+        pl_module.log_dict(metrics(self.rows), on_epoch=True, prog_bar=False)

@@ -55,7 +55,8 @@ def plot_bias(pos: PositionalScheme, n: int, title: str = "") -> Figure | None:
 
 
 def plot_lengths(curves: dict, train_length: int | None = None, metric: str = "loss", title: str = "") -> Figure:
-    """``metric`` (loss in nats/token, bpb, accuracy) against evaluation length, a line per label.
+    """``metric`` against evaluation length, a line per label: ``loss`` (nats/token) or ``bpb`` against
+    tokens, ``exact_match`` or ``token_accuracy`` (in ``[0, 1]``) against task units.
 
     Labels ``"<scheme> (<variant>)"`` share a colour per scheme and a line style per variant (protocol).
 
@@ -79,13 +80,16 @@ def plot_lengths(curves: dict, train_length: int | None = None, metric: str = "l
     if train_length:
         ax.axvline(train_length, color="grey", linestyle="--", linewidth=1, label="training length")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("evaluation length (tokens)")
-    ax.set_ylabel({"loss": "loss (nats/token)", "bpb": "bits per byte"}.get(metric, metric))
+    accuracy = metric in ("exact_match", "token_accuracy")
+    ax.set_xlabel("length (task units)" if accuracy else "evaluation length (tokens)")
+    ax.set_ylabel({"loss": "loss (nats/token)", "bpb": "bits per byte", "exact_match": "exact-match accuracy",
+                   "token_accuracy": "per-token accuracy"}.get(metric, metric))
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title)
+    ax.set_title(title)
     fig.tight_layout()
+    if accuracy:
+        ax.set_ylim(-0.03, 1.03)
     return fig
 
 

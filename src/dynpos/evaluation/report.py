@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 
 from dynpos.atomic import write_text
-from dynpos.evaluation.lengthgen import METRICS, plot_accuracy
+from dynpos.evaluation.lengthgen import METRICS
 from dynpos.evaluation.plots import plot_lengths, plt, save_figure
 
 # Config keys that differ between the runs of any sweep without changing what is compared (eval.protocol:
@@ -437,7 +437,7 @@ def lengthgen_markdown(root: Path, folder: Path) -> str:
                   f"{', '.join(f'{t} {n}' for t, n in limits.items())}):", "", *markdown_table(table)]
         for task in (limits if metric == "exact_match" else ()):
             curves = dict(list(summary.loc[task].reset_index().groupby("pos", sort=False)))
-            save_figure(plot_accuracy(curves, limits[task], title=f"{task}: exact match against length"),
+            save_figure(plot_lengths(curves, limits[task], metric, f"{task}: exact match against length"),
                         folder / f"lengthgen_{task}.png")
             lines.append(f"![{task}: exact match against length](lengthgen_{task}.png)\n")
         ranks, mrr = rank_schemes(summary, limits, metric)
