@@ -91,16 +91,6 @@ def choose_attention(attn: str, *, bias: str, learned: bool, device: torch.devic
     return choice
 
 
-class AttnInputs(NamedTuple):
-    """One block's inputs for ``path``: float ``mask (1, H, i, j)`` (sdpa, eager; None: plain causal),
-    ``table (H, j)`` (fused, flex) or ``bias (H, i, j)`` (flex without a table)."""
-
-    path: str
-    mask: Tensor | None = None
-    table: Tensor | None = None
-    bias: Tensor | None = None
-
-
 def flex_available() -> bool:
     """Whether this torch has FlexAttention (``torch.nn.attention.flex_attention``)."""
     return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
@@ -119,7 +109,6 @@ class KVCache:
     and the blocks' bias ``tables`` that the GPT keeps for decoding without gradients."""
 
     def __init__(self, n_layer: int) -> None:
-        self.n_layer = n_layer
         self.keys: list[Tensor | None] = [None] * n_layer
         self.values: list[Tensor | None] = [None] * n_layer
         self.tables: list[Tensor | None] | None = None
@@ -195,9 +184,11 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, pos, layer: int, inputs: AttnInputs, cache: KVCache | None = None) -> Tensor:
-        """``x (B, t, n_embd) -> (B, t, n_embd)``; ``inputs`` carries the path and the bias for it,
-        ``pos`` rotates q and k (RoPE)."""
+    def forward(self, x: Tensor, pos, layer: int, path: str, bias: Tensor | None,
+                cache: KVCache | None = None) -> Tensor:
+        """``x (B, t, n_embd) -> (B, t, n_embd)`` on attention ``path``, which reads ``bias``: a table
+        ``(H, j)`` (fused, flex), a grid ``(H, i, j)`` (flex) or a float mask ``(1, H, i, j)`` (sdpa, eager),
+        None for plain causal attention. ``pos`` rotates q and k (RoPE)."""
         q, k, v = rearrange(self.c_attn(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
         # This block's own cache length: cache.length reads block 0, which has already appended.
         offset = cache.keys[layer].shape[-2] if cache is not None and cache.keys[layer] is not None else 0
@@ -206,16 +197,16 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.append(layer, k, v)
         i, j = q.shape[-2], k.shape[-2]
         dropout_p = self.dropout if self.training else 0.0
-        path, mask = inputs.path, inputs.mask
         if path == "fused":
-            y = table_attention(q, k, v, inputs.table)
+            y = table_attention(q, k, v, bias)
         elif path == "flex":
-            y = flex_attention(q, k, v, inputs.table, inputs.bias)
-        elif path == "sdpa" and mask is None and i == j:
+            table = bias if bias is not None and bias.dim() == 2 else None
+            y = flex_attention(q, k, v, table, None if table is not None else bias)
+        elif path == "sdpa" and bias is None and i == j:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
-            if mask is None and (path == "eager" or i > 1):
-                mask = causal_mask(None, i, j, x.device, q.dtype)
+            if bias is None and (path == "eager" or i > 1):
+                bias = causal_mask(None, i, j, x.device, q.dtype)
             attend = eager_attention if path == "eager" else F.scaled_dot_product_attention
-            y = attend(q, k, v, mask, dropout_p)
+            y = attend(q, k, v, bias, dropout_p)
         return self.resid_dropout(self.c_proj(rearrange(y, "b h t d -> b t (h d)")))

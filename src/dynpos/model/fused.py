@@ -26,9 +26,9 @@ implementations and registered autograd: ``torch.compile`` keeps them in one gra
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
@@ -49,8 +49,6 @@ BLOCK_ELEMS = 1 << 20  # target elements of one backward block (batch group · H
 WORKERS = 1  # parts the batch (or heads) is split into, one Python thread each (module docstring)
 EXP_FLOOR_POWER = 2.5  # backward weights below eps ** EXP_FLOOR_POWER of the compute dtype become 0
 
-_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, executor)
-_pool_lock = threading.Lock()
 
 
 def table_mask(table: Tensor, n: int, dtype: torch.dtype | None = None) -> Tensor:
@@ -160,11 +158,14 @@ def _parts(B: int, H: int, *tensors: Tensor, per_head: Tensor) -> tuple[int, lis
     dim, size = (0, B) if B >= WORKERS or B >= H else (1, H)
     n_parts = max(1, min(WORKERS, size))
     bounds = [size * i // n_parts for i in range(n_parts + 1)]
-    parts = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        index = (slice(a, b),) if dim == 0 else (slice(None), slice(a, b))
-        parts.append((*(t[index] for t in tensors), per_head if dim == 0 else per_head[a:b]))
-    return dim, parts
+    return dim, [(*(t.narrow(dim, a, b - a) for t in tensors), per_head if dim == 0 else per_head[a:b])
+                 for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@functools.cache
+def _pool(pid: int, threads: int) -> ThreadPoolExecutor:
+    """A pool of ``threads`` threads, one per process id: a forked child does not inherit the threads."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="dynpos-fused")
 
 
 def _run_parts(fn, parts: list[tuple]) -> list:
@@ -172,11 +173,7 @@ def _run_parts(fn, parts: list[tuple]) -> list:
     if len(parts) == 1:
         with torch.no_grad():
             return [fn(*parts[0])]
-    global _pool
-    with _pool_lock:  # a pool of len(parts) - 1 threads, rebuilt after a fork (threads are not inherited)
-        if _pool is None or _pool[0] != os.getpid() or _pool[1] != len(parts):
-            _pool = (os.getpid(), len(parts), ThreadPoolExecutor(len(parts) - 1, thread_name_prefix="dynpos-fused"))
-        pool = _pool[2]
+    pool = _pool(os.getpid(), len(parts) - 1)
     previous = torch.get_num_threads()
 
     def work(part):

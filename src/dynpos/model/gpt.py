@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynpos.model.attention import AttnChoice, AttnInputs, CausalSelfAttention, KVCache, causal_mask, check_attn
+from dynpos.model.attention import AttnChoice, CausalSelfAttention, KVCache, causal_mask, check_attn
 from dynpos.model.attention import choose_attention
 from dynpos.positional.base import PositionalScheme, check_model_sizes, toeplitz
 from dynpos.positional.dpb import DPB
@@ -72,8 +72,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, pos: PositionalScheme, layer: int, inputs: AttnInputs, cache=None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), pos, layer, inputs, cache)
+    def forward(self, x: Tensor, pos: PositionalScheme, layer: int, path: str, bias: Tensor | None,
+                cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), pos, layer, path, bias, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -135,29 +136,24 @@ class GPT(nn.Module):
                                 grad=torch.is_grad_enabled(), cached=cache is not None and i != j,
                                 dropout=self.config.dropout if self.training else 0.0, length=j)
 
-    def _layer_inputs(self, path: str, i: int, j: int, dtype: torch.dtype, device: torch.device,
-                      cache: KVCache | None = None) -> list[AttnInputs]:
-        """Each block's bias as ``path`` needs it: the table (fused, flex), else folded with the causal
-        mask once per distinct tensor. Decoding without gradients keeps the tables in the ``cache``."""
-        if cache is not None and i != j and not torch.is_grad_enabled():
-            kept = cache.tables
-            if kept is None or kept[0] is not None and kept[0].shape[1] < j:
-                have = 0 if kept is None else kept[0].shape[1]
-                cache.tables = self.pos.tables(max(self.config.block_size, j, 2 * have))
-            tables = cache.tables
-        else:
-            tables = self.pos.tables(j)
+    def _layer_biases(self, path: str, i: int, j: int, dtype: torch.dtype, device: torch.device,
+                      cache: KVCache | None = None) -> list[Tensor | None]:
+        """Each block's bias as ``path`` reads it (:class:`CausalSelfAttention`): the table (fused, flex), else
+        the grid (flex) or the grid folded with the causal mask (sdpa, eager). Decoding without gradients
+        keeps the tables in the ``cache``."""
+        decoding = cache is not None and i != j and not torch.is_grad_enabled()
+        if decoding and (cache.tables is None or cache.tables[0] is not None and cache.tables[0].shape[1] < j):
+            have = 0 if cache.tables is None else cache.tables[0].shape[1]
+            cache.tables = self.pos.tables(max(self.config.block_size, j, 2 * have))
+        tables = cache.tables if decoding else self.pos.tables(j)
         if tables[0] is not None and path in ("fused", "flex"):
-            return [AttnInputs(path, table=t) for t in tables]
-        biases = self.pos.biases(i, j) if tables[0] is None else tables
-        if path == "flex":
-            return [AttnInputs("flex", bias=b) for b in biases]
-        masks = {}
-        for b in biases:
-            if id(b) not in masks:
-                grid = b if tables[0] is None else toeplitz(b[:, :j], i)
-                masks[id(b)] = None if b is None else causal_mask(grid, i, j, device, dtype)
-        return [AttnInputs(path, mask=masks[id(b)]) for b in biases]
+            return tables
+        if tables[0] is None and path == "flex":
+            return self.pos.biases(i, j)
+        copies = 1 if self.pos.shared else self.config.n_layer  # a shared scheme: one tensor for every block
+        grids = self.pos.biases(i, j) if tables[0] is None else [toeplitz(t[:, :j], i) for t in tables[:copies]]
+        masks = [None if g is None else causal_mask(g, i, j, device, dtype) for g in grids[:copies]]
+        return masks * (self.config.n_layer // copies)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None):
         """``(logits (B, t, vocab_size), loss)`` for token ids ``idx (B, t)`` (after the cached ones if
@@ -178,8 +174,8 @@ class GPT(nn.Module):
             x = x + absolute
         x = self.drop(x)
         path = self.attention_choice(t, j, x.device, cache).path
-        for layer, (block, inputs) in enumerate(zip(self.h, self._layer_inputs(path, t, j, x.dtype, x.device, cache))):
-            x = block(x, self.pos, layer, inputs, cache)
+        for layer, (block, bias) in enumerate(zip(self.h, self._layer_biases(path, t, j, x.dtype, x.device, cache))):
+            x = block(x, self.pos, layer, path, bias, cache)
         logits = self.lm_head(self.ln_f(x))
         loss = None
         if targets is not None:

@@ -1,8 +1,7 @@
 """ALiBi: Attention with Linear Biases, a fixed penalty proportional to distance.
 
 Source: Press, Smith & Lewis (2022), "Train Short, Test Long: Attention with Linear Biases Enables
-Input Length Extrapolation" (ICLR). Head ``h`` adds ``-m_h * (x' - y)`` to the logit of query
-``x'`` and key ``y``, with slopes ``m_h`` fixed before training.
+Input Length Extrapolation" (ICLR).
 """
 
 from __future__ import annotations
@@ -25,8 +24,8 @@ def alibi_slopes(n_head: int) -> list[float]:
 
 
 class ALiBi(PositionalScheme):
-    """ALiBi (``pos=alibi``): ``table[h, r] = -m_h * r`` in every block; the slopes are a fixed,
-    non-persistent buffer (not saved in checkpoints)."""
+    """ALiBi (``pos=alibi``): ``table[h, r] = -m_h * r`` (logit units) at distance ``r`` in every block; the
+    slopes ``m_h`` (:func:`alibi_slopes`) are a fixed, non-persistent buffer (not saved in checkpoints)."""
 
     name = "alibi"
     shared = True
@@ -36,6 +35,5 @@ class ALiBi(PositionalScheme):
         self.register_buffer("slopes", torch.tensor(alibi_slopes(n_head), dtype=torch.float32), persistent=False)
 
     def table(self, layer: int, j: int) -> Tensor:
-        """``(n_head, j)`` float32: ``-m_h * r`` at distance ``r = 0 .. j-1`` (logit units)."""
         distances = torch.arange(j, device=self.slopes.device, dtype=torch.float32)
         return -self.slopes.float().unsqueeze(-1) * distances

@@ -7,6 +7,8 @@ queries are the last ``i`` of ``j`` key positions: query ``x`` sits at ``j - i +
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 
@@ -67,6 +69,15 @@ class PositionalScheme(nn.Module):
         super().__init__()
         check_model_sizes(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size)
         self.n_layer, self.n_head, self.n_embd, self.block_size = n_layer, n_head, n_embd, block_size
+
+    @classmethod
+    def options(cls) -> list[str]:
+        """The scheme's options, each a ``pos.<key>``: its constructor's arguments besides the model sizes."""
+        sizes = ("n_layer", "n_head", "n_embd", "block_size")
+        return [key for key in inspect.signature(cls).parameters if key not in sizes]
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={getattr(self, key)}" for key in self.options() if hasattr(self, key))
 
     def absolute(self, t: int, offset: int = 0) -> Tensor | None:
         """Absolute embedding ``(t, n_embd)`` for positions ``offset .. offset + t - 1``, or None."""

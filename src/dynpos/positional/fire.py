@@ -45,9 +45,6 @@ class FIRE(PositionalScheme):
         self.c = nn.Parameter(torch.full((copies,), float(init_c)))
         self.L_scale = nn.Parameter(torch.ones(copies))
 
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, init_L={self.init_L:g}, shared={self.shared}"
-
     def inputs(self, layer: int, i: int, j: int) -> Tensor:
         """The MLP's inputs ``(i, j)``, ``psi(x' - y) / (psi(max(L, x')) + eps)``, ``x' = j - i + x``: in
         ``[0, 1)`` where ``y <= x'``, distance 0 above. Raises ValueError as :func:`check_sizes`."""
@@ -62,7 +59,6 @@ class FIRE(PositionalScheme):
         return torch.log1p(c * distance) / rearrange(normaliser, "i -> i 1")
 
     def bias(self, layer: int, i: int, j: int) -> Tensor:
-        """``(n_head, i, j)`` bias for ``i`` queries that are the last ``i`` of ``j`` positions."""
         mlp = self.mlps[0 if self.shared else layer]
         x = self.inputs(layer, i, j).to(mlp[0].weight.dtype)
         return rearrange(mlp(rearrange(x, "i j -> i j 1")), "i j h -> h i j")

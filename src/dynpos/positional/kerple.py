@@ -17,7 +17,7 @@ from dynpos.positional.base import PositionalScheme, check_option
 
 
 class KERPLE(PositionalScheme):
-    """KERPLE-log bias (``pos=kerple``): ``table[h, r] = -r1_h * log(1 + r2_h * r)`` in each block.
+    """KERPLE-log bias (``pos=kerple``): ``table[h, r] = -r1_h * log(1 + r2_h * r)`` (logit units) in each block.
 
     ``r1``, ``r2``: one ``(n_head,)`` parameter per block, drawn by ``init="uniform"`` as the authors do
     (``U(0, 2)``, ``U(0, 1)`` per head, from the global torch RNG) or set to 1 by ``init="ones"``.
@@ -37,9 +37,6 @@ class KERPLE(PositionalScheme):
         self.r1 = nn.ParameterList(nn.Parameter(r1) for r1, _ in pairs)
         self.r2 = nn.ParameterList(nn.Parameter(r2) for _, r2 in pairs)
 
-    def extra_repr(self) -> str:
-        return f"init={self.init}"
-
     def coefficients(self, layer: int) -> tuple[Tensor, Tensor]:
         """``(r1, r2)`` of block ``layer``, each ``(n_head,)``: ``max(r, eps)``, gradient straight through."""
         return tuple(r + (r.clamp(min=self.eps) - r).detach() for r in (self.r1[layer], self.r2[layer]))
@@ -51,7 +48,6 @@ class KERPLE(PositionalScheme):
             r.clamp_(min=self.eps)
 
     def table(self, layer: int, j: int) -> Tensor:
-        """``(n_head, j)``: ``-r1_h * log(1 + r2_h * r)`` at distance ``r = 0 .. j-1`` (logit units)."""
         r1, r2 = self.coefficients(layer)
         distances = torch.arange(j, device=r1.device, dtype=r1.dtype)
         return -r1.unsqueeze(-1) * torch.log1p(r2.unsqueeze(-1) * distances)

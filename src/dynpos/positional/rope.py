@@ -43,9 +43,6 @@ class RoPE(PositionalScheme):
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self._build(block_size, torch.device("cpu"))
 
-    def extra_repr(self) -> str:
-        return f"base={self.base:g}, rotary channels={self.channels}"
-
     def _build(self, length: int, device: torch.device) -> None:
         """Fill the cos/sin caches ``(length, channels)`` in float32 on ``device``."""
         inv_freq = inverse_frequencies(self.channels, self.base, device)  # (channels / 2,)

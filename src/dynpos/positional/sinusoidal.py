@@ -36,9 +36,6 @@ class Sinusoidal(PositionalScheme):
         # Carries the device and the model's dtype; recomputed in float32 for a lower precision.
         self.register_buffer("inv_freq", inverse_frequencies(n_embd, self.base), persistent=False)
 
-    def extra_repr(self) -> str:
-        return f"base={self.base:g}, scale={self.scale:g}"
-
     def absolute(self, t: int, offset: int = 0) -> Tensor:
         """``(t, n_embd)``: ``scale`` times sin (even channels), cos (odd) of ``p * base^(-2i/n_embd)``
         at positions ``p = offset .. offset + t - 1``; in float32, returned in the model's dtype."""

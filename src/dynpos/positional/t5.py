@@ -49,11 +49,7 @@ class T5(PositionalScheme):
         for embedding in self.embeddings:
             nn.init.normal_(embedding.weight, mean=0.0, std=n_embd ** -0.5)
 
-    def extra_repr(self) -> str:
-        return f"num_buckets={self.num_buckets}, max_distance={self.max_distance}, shared={self.shared}"
-
     def table(self, layer: int, j: int) -> Tensor:
-        """``(n_head, j)``: the learned bias of the bucket of each distance ``r = 0 .. j-1``."""
         embedding = self.embeddings[0 if self.shared else layer]
         buckets = t5_bucket(torch.arange(j, device=embedding.weight.device), self.num_buckets, self.max_distance)
         return rearrange(embedding(buckets), "j h -> h j")
