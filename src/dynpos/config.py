@@ -33,10 +33,8 @@ def _whole(key: str, value: Any, minimum: int) -> None:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup and cosine decay (``optim.*``): peak ``lr``, ``min_lr`` where the cosine ends at
-    ``decay_steps``, ``weight_decay`` on >= 2-D weights, two ``betas`` in [0, 1), ``warmup_steps``. A value out of
-    range raises ``ValueError`` naming the ``optim.<key>``.
-    """
+    """AdamW with linear warmup and cosine decay (``optim.*``, each key documented in ``configs/train.yaml``); a
+    value out of range raises ``ValueError`` naming the ``optim.<key>``."""
 
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -59,11 +57,8 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
-    """Train short, test long (``eval.*``), scored after training when ``lengths`` (tokens) is set: ``protocol``
-    ``nonoverlap``, ``sliding`` or ``both`` (ALiBi paper, section 4), sliding ``stride`` (None = length // 2),
-    the ``split``, ``max_tokens`` targets per length (None = the whole split), ``batch_size`` windows. A bad
-    value raises ``ValueError`` naming the ``eval.<key>`` and the fix.
-    """
+    """Train short, test long (``eval.*``, each key documented in ``configs/train.yaml``): scored after training
+    when ``lengths`` is set; a bad value raises ``ValueError`` naming the ``eval.<key>`` and the fix."""
 
     lengths: list[int] | None = None
     protocol: str = "nonoverlap"
@@ -91,10 +86,9 @@ class EvalConfig:
 
 @dataclass
 class TokenizerConfig:
-    """The tokenizer (``tokenizer.*``): ``kind`` (char, byte, bpe, gpt2), ``vocab_size`` (bpe only; None = 4096),
-    ``max_train_chars`` read by a char/bpe tokenizer (None = all). A bad value raises ``ValueError`` naming the
-    ``tokenizer.<key>`` and the fix.
-    """
+    """The tokenizer (``tokenizer.*``): ``kind`` (``configs/tokenizer/<kind>.yaml``), ``vocab_size`` (bpe only;
+    None = 4096), ``max_train_chars`` read by a char/bpe tokenizer (None = all); a bad value raises ``ValueError``
+    naming the ``tokenizer.<key>`` and the fix."""
 
     kind: str = "char"
     vocab_size: int | None = None
@@ -108,11 +102,8 @@ class TokenizerConfig:
 
 @dataclass
 class TrainConfig:
-    """The whole training config (``configs/train.yaml`` and its groups). Run-level keys: ``seed`` (weights,
-    dropout, training windows), ``ckpt_path`` (continue from a checkpoint), ``resume`` (``auto``: continue the run
-    folder's last checkpoint), ``run_name`` and ``group`` (wandb), ``paths`` (run folder, cache). A negative seed,
-    an unknown ``resume``, or both ``resume`` and ``ckpt_path`` raise ``ValueError``.
-    """
+    """The whole training config: ``configs/train.yaml``, which documents the run-level keys, and its groups. A
+    negative seed, an unknown ``resume``, or both ``resume`` and ``ckpt_path`` raise ``ValueError``."""
 
     model: GPTConfig = field(default_factory=GPTConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -141,10 +132,8 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    """``scripts/sample.py`` (``configs/sample.yaml``): generate from a checkpoint (``max_new_tokens``,
-    ``temperature`` and ``top_k`` are checked by :meth:`dynpos.model.gpt.GPT.generate`); ``num_samples`` < 1 raises
-    ``ValueError``.
-    """
+    """``scripts/sample.py``'s keys (``configs/sample.yaml``; :meth:`dynpos.model.gpt.GPT.generate` checks the
+    sampling settings); ``num_samples`` < 1 raises ``ValueError``."""
 
     ckpt: str = MISSING
     prompt: str = "\n"
@@ -160,11 +149,8 @@ class SampleConfig:
 
 @dataclass
 class EvaluateConfig:
-    """``scripts/evaluate.py`` (``configs/evaluate.yaml``): score checkpoint ``ckpt`` at evaluation lengths into
-    folder ``out`` (None = a new ``<run>/evaluate/<ckpt>-<time>``) with attention path ``attn`` (None = the
-    checkpoint's); ``eval`` as in training, ``eval.lengths`` None = 1x, 2x, 4x and 8x the training length. An
-    unknown ``attn`` raises ``ValueError``.
-    """
+    """``scripts/evaluate.py``'s keys (``configs/evaluate.yaml``: checkpoint, output folder, attention path and
+    ``eval`` as in training); an unknown ``attn`` raises ``ValueError``."""
 
     ckpt: str = MISSING
     out: str | None = None
