@@ -15,8 +15,8 @@ from dynpos.positional.sinusoidal import inverse_frequencies
 
 class RoPE(PositionalScheme):
     """Rotary position embedding (``pos=rope``): channel pair ``i`` at position ``p`` turns by
-    ``p * base^(-2i/d)`` in every block (the paper's ``base``: 10000), in the first ``rotary_dim`` of
-    each head's channels; the cos/sin caches (float32) grow to the next power of two. Raises
+    ``p * base^(-2i/d)`` radians in every block (the paper's ``base``: 10000), in the first ``rotary_dim``
+    of each head's channels, computed in float32 for the positions asked. Raises
     ValueError if the head dimension is odd, ``base <= 1``, or ``rotary_dim`` is outside ``(0, 1]`` or
     gives an odd number of channels.
     """
@@ -39,23 +39,13 @@ class RoPE(PositionalScheme):
                      f"it gives {channels} of the {head_dim} head channels, which must be an even number >= 2: "
                      f"choose a fraction f with f * {head_dim} even")
         self.base, self.rotary_dim, self.channels = float(base), float(rotary_dim), channels
-        self.register_buffer("cos", torch.empty(0), persistent=False)
-        self.register_buffer("sin", torch.empty(0), persistent=False)
-        self._build(block_size, torch.device("cpu"))
-
-    def _build(self, length: int, device: torch.device) -> None:
-        """Fill the cos/sin caches ``(length, channels)`` in float32 on ``device``."""
-        inv_freq = inverse_frequencies(self.channels, self.base, device)  # (channels / 2,)
-        angles = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(-1) * inv_freq
-        angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: channel i pairs with i + channels/2
-        self.cos, self.sin = angles.cos(), angles.sin()
 
     def rotate(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
         """Rotate ``q, k (B, H, t, head_dim)`` at positions ``offset ..`` in float32 (returned in their dtype)."""
-        end = offset + q.shape[-2]
-        if self.cos.shape[0] < end or self.cos.dtype != torch.float32 or self.cos.device != q.device:
-            self._build(max(self.block_size, 1 << max(end - 1, 0).bit_length()), q.device)
-        cos, sin = self.cos[offset:end], self.sin[offset:end]
+        positions = torch.arange(offset, offset + q.shape[-2], device=q.device, dtype=torch.float32)
+        angles = positions.unsqueeze(-1) * inverse_frequencies(self.channels, self.base, q.device)
+        angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: channel i pairs with i + channels/2
+        cos, sin = angles.cos(), angles.sin()
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
