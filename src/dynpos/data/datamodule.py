@@ -218,7 +218,7 @@ class StepDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.block_size, self.seed, self.max_steps, self.num_workers = block_size, seed, max_steps, num_workers
         self.tokenizer: Tokenizer | None = None
-        self.bytes_per_token: dict[str, float] = {}
+        self.bytes_per_token: dict[str, float] = {}  # stays empty for tasks: they report no bits per byte
 
     @property
     def vocab_size(self) -> int:
@@ -320,7 +320,6 @@ class TextDataModule(StepDataModule):
         tok = self._get_tokenizer(root)
         fp = tokenizer_fingerprint(tok)
         folder = os.path.join(root, f"tokens-{fp[:16]}")
-        os.makedirs(folder, exist_ok=True)
         for split in SPLITS:
             npy, meta = os.path.join(folder, f"{split}.npy"), os.path.join(folder, f"{split}.json")
             if not (os.path.isfile(npy) and os.path.isfile(meta)):

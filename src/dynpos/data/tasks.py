@@ -234,7 +234,7 @@ class TaskDataModule(StepDataModule):
         self.train_examples, self.eval_examples, self.val_examples = train_examples, eval_examples, val_examples
         self.eval_seed = eval_seed
         self.pool: list[Example] | None = None
-        self.splits: dict[str, list[Example]] = {}  # no bytes_per_token: tasks report no bits per byte
+        self.splits: dict[str, list[Example]] = {}
 
     def _mixed_set(self, stream: str) -> list[Example]:
         """``val_examples`` held-out examples, lengths uniform in the training range (but for lengths without any)."""
