@@ -44,10 +44,9 @@ def choose_attention(attn: str, *, bias: str, learned: bool, device: torch.devic
     ``attn`` is ``model.attn``; ``bias`` what the scheme gives: ``none``, ``table`` (per distance,
     ``(H, j)``) or ``grid`` (``(H, i, j)``, FIRE); ``learned``: it has trainable parameters;
     ``grad``: ``torch.is_grad_enabled()``; ``cached``: fewer queries than keys (a KV cache);
-    ``dropout``: the attention dropout that applies; ``length``: the key positions ``j``. ``auto`` on
-    the CPU takes ``fused`` for a table without a cache (``eager`` with dropout or to train a learned
-    table on up to :data:`AUTO_EAGER_MAX` positions, a grad-free ``sdpa`` mask to train a fixed one),
-    else ``sdpa`` (on CUDA too: unmeasured). Each fallback is logged once per reason (logger
+    ``dropout``: the attention dropout that applies; ``length``: the key positions ``j``. ``auto``
+    takes ``fused`` for a table on the CPU without a cache (the ``reason`` of each exception says
+    why), else ``sdpa`` (on CUDA too: unmeasured). Each fallback is logged once per reason (logger
     ``dynpos.model.attention``, WARNING), but not while Dynamo traces.
 
     Raises:

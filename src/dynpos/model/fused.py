@@ -88,9 +88,8 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: T
     dk = q.new_zeros((BH, n, D), dtype=f) if need_k else None
     dv = q.new_zeros((BH, n, D), dtype=f) if need_v else None
     rev = q.new_zeros((H, n), dtype=f) if need_t else None   # rev[:, n - 1 - r]: gradient at distance r
-    if need_t:
-        # batch-summed dS of a chunk goes to z[:, :c, c:c + L]; the c left columns stay 0
-        z = q.new_zeros((H, ROW_CHUNK, n + ROW_CHUNK), dtype=f)
+    # batch-summed dS of a chunk goes to z[:, :c, c:c + L]; the c left columns stay 0
+    z = q.new_zeros((H, ROW_CHUNK, n + ROW_CHUNK), dtype=f) if need_t else None
     for x0 in range(0, n, ROW_CHUNK):
         x1 = min(x0 + ROW_CHUNK, n)
         c, L = x1 - x0, x1

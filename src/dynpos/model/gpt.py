@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynpos.model.attention import AttnChoice, CausalSelfAttention, KVCache, causal_mask, check_attn
-from dynpos.model.attention import choose_attention
+from dynpos.model.attention import AttnChoice, CausalSelfAttention, KVCache, causal_mask, check_attn, choose_attention
 from dynpos.positional.base import PositionalScheme, check_model_sizes, toeplitz
 from dynpos.positional.dpb import DPB
 

@@ -27,7 +27,6 @@ class ALiBi(PositionalScheme):
     """ALiBi (``pos=alibi``): ``table[h, r] = -m_h * r`` (logit units) at distance ``r`` in every block; the
     slopes ``m_h`` (:func:`alibi_slopes`) are a fixed, non-persistent buffer (not saved in checkpoints)."""
 
-    name = "alibi"
     shared = True
 
     def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int) -> None:

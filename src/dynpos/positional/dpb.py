@@ -76,8 +76,6 @@ class DPB(PositionalScheme):
     """DPB as the GPT's scheme (``pos=dpb``): one :class:`DynamicPositionBias` per block, or one
     ``shared`` by all (computed once per forward); ``dim`` None is ``n_embd // 4`` (x-transformers)."""
 
-    name = "dpb"
-
     def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int, *, dim: int | None = None,
                  depth: int = 2, log_distance: bool = False, norm: bool = False, signed: bool = False,
                  shared: bool = False) -> None:

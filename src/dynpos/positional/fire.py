@@ -23,7 +23,6 @@ class FIRE(PositionalScheme):
     or ``shared`` not a bool.
     """
 
-    name = "fire"
     eps = 1e-6
 
     def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int, *, dim: int = 32,

@@ -24,7 +24,6 @@ class KERPLE(PositionalScheme):
     Raises ValueError for another ``init``.
     """
 
-    name = "kerple"
     eps = 0.01
 
     def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int, *, init: str = "uniform") -> None:

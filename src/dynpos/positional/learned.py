@@ -15,8 +15,6 @@ class Learned(PositionalScheme):
     """Learned absolute embedding (``pos=learned``): ``wpe (block_size, n_embd)`` added to the tokens,
     initialised with standard deviation ``init_std`` (GPT-2: 0.02). Raises ValueError if it is < 0."""
 
-    name = "learned"
-
     def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int, *, init_std: float = 0.02) -> None:
         super().__init__(n_layer, n_head, n_embd, block_size)
         if not (isinstance(init_std, (int, float)) and init_std >= 0):

@@ -11,5 +11,3 @@ from dynpos.positional.base import PositionalScheme
 
 class NoPE(PositionalScheme):
     """No positional information (``pos=nope``): every hook keeps the base class's no-op default."""
-
-    name = "nope"

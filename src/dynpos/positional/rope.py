@@ -21,8 +21,6 @@ class RoPE(PositionalScheme):
     gives an odd number of channels.
     """
 
-    name = "rope"
-
     def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int, *,
                  base: float = 10000.0, rotary_dim: float = 1.0) -> None:
         super().__init__(n_layer, n_head, n_embd, block_size)

@@ -22,8 +22,6 @@ class Sinusoidal(PositionalScheme):
     """Sinusoidal absolute embedding (``pos=sinusoidal``) of wavelength ``base`` (the paper's 10000) and
     amplitude ``scale`` (None: ``n_embd ** -0.5``). Raises ValueError if ``base <= 1`` or ``scale <= 0``."""
 
-    name = "sinusoidal"
-
     def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int, *,
                  base: float = 10000.0, scale: float | None = None) -> None:
         super().__init__(n_layer, n_head, n_embd, block_size)

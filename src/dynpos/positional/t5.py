@@ -34,8 +34,6 @@ class T5(PositionalScheme):
     Raises ValueError on ``num_buckets < 2``, ``max_distance <= num_buckets // 2`` or a non-bool ``shared``.
     """
 
-    name = "t5"
-
     def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int, *,
                  num_buckets: int = 32, max_distance: int = 128, shared: bool = True) -> None:
         super().__init__(n_layer, n_head, n_embd, block_size)
