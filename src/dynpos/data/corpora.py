@@ -114,9 +114,8 @@ def _resolve(paths: Any, key: str) -> list[str]:
             if os.path.isdir(m):
                 raise ValueError(f"{key}: {m!r} is a directory: give files or a glob such as "
                                  f"{os.path.join(m, '*.txt')!r}")
-            if m not in files:
-                files.append(m)
-    return files
+        files += matches
+    return list(dict.fromkeys(files))
 
 
 def textfile_splits(options: Mapping[str, Any]) -> tuple[dict[str, list[str]], tuple[float, float] | None]:
