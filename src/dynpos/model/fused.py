@@ -126,14 +126,10 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: T
             dv.view(shape) if need_v else None, rev.flip(-1) if need_t else None)
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, table: Tensor) -> tuple[Tensor, Tensor]:
-    """Chunked flash forward: ``out (B, H, n, D)`` in q's dtype, ``lse (B, H, n)`` in ``table``'s."""
+def _forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, table: Tensor) -> None:
+    """Chunked flash forward into ``out (B, H, n, D)`` (q's dtype) and ``lse (B, H, n)`` (``table``'s)."""
     B, H, n, D = q.shape
-    if n <= FWD_CHUNK:
-        return _FLASH(q, k, v, 0.0, True, attn_mask=table_mask(table, n))
-    chunk = max(min(32, FWD_CHUNK), min(FWD_CHUNK, FWD_BIAS_ELEMS // (H * n)))
-    out = _out_layout(q)
-    lse = q.new_empty((B, H, n), dtype=table.dtype)
+    chunk = n if n <= FWD_CHUNK else max(min(32, FWD_CHUNK), min(FWD_CHUNK, FWD_BIAS_ELEMS // (H * n)))
     merge = table.dtype  # merge the two partial softmaxes at >= float32
     for x0 in range(0, n, chunk):
         x1 = min(x0 + chunk, n)
@@ -149,7 +145,6 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, table: Tensor) -> tuple[Tensor, Te
         w1 = torch.sigmoid(l1 - l2).unsqueeze(-1)  # e^l1 / (e^l1 + e^l2)
         out[:, :, x0:x1] = torch.lerp(o2.to(merge), o1.to(merge), w1)
         torch.logaddexp(l1, l2, out=lse[:, :, x0:x1])
-    return out, lse
 
 
 def _parts(B: int, H: int, *tensors: Tensor, per_head: Tensor) -> tuple[int, list[tuple]]:
@@ -200,13 +195,9 @@ def _fwd_op(q: Tensor, k: Tensor, v: Tensor, table: Tensor) -> tuple[Tensor, Ten
     """``out`` and contiguous ``lse (B, H, n)``, float32 (float64 for float64 q)."""
     B, H, n, _ = q.shape
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dim, parts = _parts(B, H, q, k, v, per_head=table.to(compute))
-    results = _run_parts(_forward, parts)
-    out, lse = (torch.cat(r, dim) if len(r) > 1 else r[0] for r in zip(*results))
-    laid = _out_layout(q)
-    if out.stride() != laid.stride():
-        out = laid.copy_(out)
-    return out, lse.contiguous()
+    out, lse = _out_layout(q), q.new_empty((B, H, n), dtype=compute)
+    _run_parts(_forward, _parts(B, H, q, k, v, out, lse, per_head=table.to(compute))[1])
+    return out, lse
 
 
 @_fwd_op.register_fake
