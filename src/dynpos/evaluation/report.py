@@ -1,15 +1,8 @@
 """Sweep reports (pandas): mean ± std over seeds per scheme, a plot, which differences are within
-seed noise (against a baseline, from the training length to longer ones, between every pair of
-schemes), and for task sweeps accuracy against length with ranks and mean reciprocal rank
-(Kazemnejad et al. 2023).
-
-The noise rule: for per-seed values ``a`` and ``b`` the difference of means ``d`` has the Welch
-standard error ``se = sqrt(s_a² / n_a + s_b² / n_b)`` (``s``: sample standard deviation, ``n``:
-seeds) and is *within seed noise* when ``|d| < 2·se``; a change with length is paired by seed (the
-same model scores the same text at every length), ``se = sd(d_seed) / sqrt(n)``. With few seeds
-this is a lenient screen, not a significance test (with 3 seeds a side a Welch t-test at 5% needs
-``|d| / se`` of 2.8 to 4.3), so the report prints ``t = d / se`` and the thresholds of its own seed
-counts. One seed gives no standard deviation: no error bars and no verdict.
+seed noise (:data:`NOISE_RULE`, a lenient screen rather than a significance test: README, "Ablating
+positional schemes") against a baseline, from the training length to longer ones (paired by seed:
+``se = sd(d_seed) / sqrt(n)``) and between every pair of schemes, and for task sweeps accuracy
+against length with ranks and mean reciprocal rank (Kazemnejad et al. 2023).
 """
 
 from __future__ import annotations
@@ -21,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
+from matplotlib.figure import Figure
 
 from dynpos.atomic import write_text
 from dynpos.evaluation.lengthgen import METRICS
@@ -83,15 +77,14 @@ def load_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         rows += [{"run": i, "metric": k, "split": "", "protocol": "", "length": np.nan, "value": v, "note": ""}
                  for k, v in result["metrics"].items() if isinstance(v, (int, float))]
         split = (config.get("eval") or {}).get("split", "validation")
-        tables = [(pd.DataFrame(result.get("extrapolation") or []), split)]
+        tables = [pd.DataFrame(result.get("extrapolation") or []).assign(split=split)]
         for csv in sorted(path.parent.rglob("extrapolation.csv")):
             sidecar = csv.with_name("extrapolation.json")
             side = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
-            tables.append((pd.read_csv(csv), str(side.get("split", split))))
-        for table, split in tables:
-            table = table.reindex(columns=["length", "protocol", "note", "loss", "bpb"])
-            rows += table.melt(["length", "protocol", "note"], ["loss", "bpb"], "metric").assign(
-                run=i, split=split).to_dict("records")
+            tables.append(pd.read_csv(csv).assign(split=str(side.get("split", split))))
+        for table in tables:
+            table = table.reindex(columns=["length", "protocol", "split", "note", "loss", "bpb"])
+            rows += table.melt(list(table)[:4], ["loss", "bpb"], "metric").assign(run=i).to_dict("records")
     runs = pd.DataFrame(runs)
     runs["label"] = _labels(runs)
     long = pd.DataFrame(rows, columns=[*KEYS, "value", "note"]).fillna({"note": ""})
@@ -126,20 +119,17 @@ def _lengths(long: pd.DataFrame) -> pd.DataFrame:
     return long[(long["metric"] == "loss") & long["length"].notna()]
 
 
-def columns(long: pd.DataFrame) -> list[str]:
-    """The report's metric columns: test loss and bpb, then the loss at each length (by protocol, split, length)."""
-    return ["test loss", "test bpb", *dict.fromkeys(_lengths(long).sort_values(["variant", "length"])["column"])]
-
-
 def _agg(frame: pd.DataFrame, by: list[str], value: str = "value") -> pd.DataFrame:
     """``mean``, sample ``std`` (NaN below two values) and ``n`` (values present) of ``value``."""
     return frame.groupby(by, sort=False)[value].agg(mean="mean", std="std", n="count")
 
 
 def summarize(long: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± std over seeds, indexed by ``(label, column)`` (labels in job order, every column of
-    :func:`columns`), with ``mean``, ``std``, ``n`` and ``note`` (why a value is missing)."""
-    index = pd.MultiIndex.from_product([list(dict.fromkeys(long["label"])), columns(long)], names=["label", "column"])
+    """Mean ± std over seeds, indexed by ``(label, column)`` (labels in job order; the report's columns:
+    test loss and bpb, then the loss at each length by protocol, split and length), with ``mean``,
+    ``std``, ``n`` and ``note`` (why a value is missing)."""
+    cols = ["test loss", "test bpb", *dict.fromkeys(_lengths(long).sort_values(["variant", "length"])["column"])]
+    index = pd.MultiIndex.from_product([list(dict.fromkeys(long["label"])), cols], names=["label", "column"])
     stats = _agg(long, ["label", "column"]).reindex(index).fillna({"n": 0})
     notes = long[long["note"] != ""].groupby(["label", "column"])["note"].first()
     return stats.assign(note=notes.reindex(stats.index).fillna(""))
@@ -176,16 +166,11 @@ def pairs(stats: pd.DataFrame) -> pd.DataFrame:
 
 
 def length_changes(runs: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
-    """How each label's loss moves from the training length to each longer evaluation length.
-
-    Paired by seed: per run ``d = loss@N - loss@ref``, then the mean of ``d`` and its standard error
-    ``sd(d) / sqrt(n)``. ``ref`` is the evaluation length equal to the training length
-    (``block_size``, when the runs share one), else the shortest, per protocol and split.
-
-    Returns:
-        A frame indexed by ``(label, column)`` (the longer columns) with :func:`_verdict`'s
-        columns and ``ref`` (tokens); empty when the sweep scored no lengths.
-    """
+    """How each label's loss moves from ``ref`` to each longer evaluation length, paired by seed: per
+    run ``d = loss@N - loss@ref``, then :func:`_verdict` of the mean of ``d`` with ``se = sd(d) / sqrt(n)``.
+    ``ref`` (tokens) is the training length (``block_size``, when the runs share one and it was scored),
+    else the shortest length, per protocol and split. Indexed by ``(label, column)``, the longer
+    columns; with a ``ref`` column; empty when the sweep scored no lengths."""
     block, out = runs["block_size"].unique(), []
     for _, curve in _lengths(long).groupby("variant", sort=False):
         lengths = sorted(curve["length"].unique())
@@ -204,41 +189,29 @@ def consistency_notes(runs: pd.DataFrame) -> list[str]:
     scheme's own ``pos.*``, the seed, bookkeeping and paths into each run's own folder) that
     differ, repeated (label, seed) pairs, and evaluation files that disagree."""
     flat = pd.json_normalize(list(runs["config"]))
-
-    def compared(key: str) -> bool:
-        own = all(isinstance(v, str) and p.name in v for v, p in zip(flat[key], runs["path"]))
-        return not (own or key.startswith("pos.") or any(key == b or key.startswith(b) for b in BOOKKEEPING))
-
-    differ = [k for k in sorted(flat) if compared(k)
+    own = {k for k in flat if all(isinstance(v, str) and p.name in v for v, p in zip(flat[k], runs["path"]))}
+    differ = [k for k in sorted(flat) if k not in own and not k.startswith(("pos.", *BOOKKEEPING))
               and flat[k].map(lambda v: json.dumps(v, sort_keys=True, default=str)).nunique() > 1]
-    notes = []
-    if differ:
-        shown = ", ".join(differ[:8]) + (f" and {len(differ) - 8} more" if len(differ) > 8 else "")
-        notes.append(f"the runs differ in {shown}: not a like-for-like comparison")
-    for (label, seed), count in runs.groupby(["label", "seed"], sort=False, dropna=False).size().items():
-        if count > 1:
-            notes.append(f"{count} runs of {label} with seed {seed}: all are counted")
-    for path, count in zip(runs["path"], runs["disagree"]):
-        if count:
-            notes.append(f"{path.name}: its evaluation files disagree on {count} score{'s' if count > 1 else ''} "
-                         "(another checkpoint or settings?): the report uses result.json's, then the first "
-                         "extrapolation.csv's")
-    return notes
+    shown = ", ".join(differ[:8]) + (f" and {len(differ) - 8} more" if len(differ) > 8 else "")
+    notes = [f"the runs differ in {shown}: not a like-for-like comparison"] if differ else []
+    repeats = runs.groupby(["label", "seed"], sort=False, dropna=False).size()
+    notes += [f"{n} runs of {label} with seed {seed}: all are counted" for (label, seed), n in repeats.items() if n > 1]
+    return notes + [f"{path.name}: its evaluation files disagree on {n} score{'s' if n > 1 else ''} (another "
+                    "checkpoint or settings?): the report uses result.json's, then the first extrapolation.csv's"
+                    for path, n in zip(runs["path"], runs["disagree"]) if n]
 
 
 def markdown_table(frame: pd.DataFrame) -> list[str]:
     """``frame`` as markdown lines, its index levels left-aligned, its columns right-aligned. Not
     ``DataFrame.to_markdown``, which needs the optional ``tabulate`` package and pads cells."""
     flat = frame.reset_index().astype(str)
-    align = ["---"] * frame.index.nlevels + ["--:"] * len(frame.columns)
-    return (["| " + " | ".join(flat.columns) + " |", "|" + "|".join(align) + "|"]
-            + ["| " + " | ".join(row) + " |" for row in flat.to_numpy()])
+    align = "|".join(["---"] * frame.index.nlevels + ["--:"] * len(frame.columns))
+    return [f"| {' | '.join(flat.columns)} |", f"|{align}|", *(f"| {' | '.join(row)} |" for row in flat.to_numpy())]
 
 
 def _grid(cells: pd.Series, labels: list[str], cols: list[str]) -> pd.DataFrame:
-    """A ``(label, column)``-indexed Series of strings pivoted into a labels × columns table."""
-    frame = cells.rename("cell").reset_index().pivot(index="label", columns="column", values="cell")
-    return frame.reindex(index=labels, columns=cols).fillna("n/a").rename_axis("scheme").rename_axis(None, axis=1)
+    """A ``(label, column)``-indexed Series of strings as a labels × columns table, ``n/a`` where missing."""
+    return cells.unstack("column").reindex(index=labels, columns=cols).fillna("n/a").rename_axis("scheme")
 
 
 def _stat(row: pd.Series) -> str:
@@ -255,9 +228,8 @@ def _cell(row: pd.Series) -> str:
     return f"{row['diff']:+.4f} ≈" if row["noise"] else f"**{row['diff']:+.4f}** (t={row['t']:+.1f})"
 
 
-def seed_counts(runs: pd.DataFrame) -> str:
-    """The seeds per scheme in words: ``3 seeds``, ``2–3 seeds``, ``1 seed``."""
-    counts = runs.groupby("label").size()
+def _seeds(counts: pd.Series) -> str:
+    """Runs per label in words: ``3 seeds``, ``2–3 seeds``, ``1 seed``."""
     lo, hi = counts.min(), counts.max()
     return f"{lo}{'' if lo == hi else f'–{hi}'} seed{'s' if hi > 1 else ''}"
 
@@ -271,30 +243,28 @@ def noise_text(runs: pd.DataFrame) -> str:
     if counts.max() < 2:
         return text + (" Every scheme ran 1 seed: no standard deviations, so no error bars and no noise "
                        "verdicts; run more seeds (e.g. seed=0,1,2) to tell a difference from noise.")
-    several = counts[counts > 1]
+    several, single = counts[counts > 1], list(counts[counts < 2].index)
     t = [T975[df - 1] if df <= len(T975) else 1.96 + 2.4 / df for df in (several.min() - 1, 2 * several.max() - 2)]
-    text += (f" With {seed_counts(runs[runs['label'].isin(several.index)])} a side a Welch t-test at 5% would "
-             f"need |t| of about {t[1]:.1f}–{t[0]:.1f}, so treat |t| between 2 and {t[0]:.1f} as suggestive.")
-    single = list(counts[counts < 2].index)
+    text += (f" With {_seeds(several)} a side a Welch t-test at 5% would need |t| of about {t[1]:.1f}–{t[0]:.1f}, "
+             f"so treat |t| between 2 and {t[0]:.1f} as suggestive.")
     if single:
         text += (f" {', '.join(single)} ran 1 seed: no error bars and no noise verdict for "
                  f"{'it' if len(single) == 1 else 'them'}.")
     return text
 
 
-def render_markdown(sweep_dir: Path, runs: pd.DataFrame, long: pd.DataFrame, baseline: str,
-                    png_name: str | None = "report.png") -> str:
-    """The report as markdown: the mean ± std table; the differences from ``baseline``, how each
-    scheme's loss changes with evaluation length, and which pairs of schemes are within seed noise;
-    any consistency notes; the plot.
+def render_markdown(sweep_dir: Path, runs: pd.DataFrame, long: pd.DataFrame, baseline: str) -> str:
+    """The report as markdown, up to its plot: the mean ± std table; the differences from ``baseline``,
+    how each scheme's loss changes with evaluation length, and which pairs of schemes are within seed
+    noise; any consistency notes.
 
     Raises:
         ValueError: ``baseline`` is not a label of the sweep (see :func:`compare`).
     """
-    stats, cols = summarize(long), columns(long)
+    stats, labels = summarize(long), list(dict.fromkeys(runs["label"]))
+    cols = list(stats.index.unique("column"))
     comparisons = compare(stats, baseline)
     compared = [c for c in cols if c != "test bpb"]  # bpb = loss / ln 2 / bytes per token: the same verdict
-    labels = list(dict.fromkeys(runs["label"]))
     block = sorted({int(b) for b in runs["block_size"].dropna()})
     lines = [f"# Sweep report: {sweep_dir}", "",
              f"{len(runs)} runs, {len(labels)} schemes, trained at {', '.join(map(str, block)) or '?'} tokens. "
@@ -344,34 +314,29 @@ def render_markdown(sweep_dir: Path, runs: pd.DataFrame, long: pd.DataFrame, bas
             lines.append(f"- {col}: " + ((found or "none") if decided else "no verdict (fewer than two seeds)"))
     caveats = consistency_notes(runs)
     lines += ["", "## Notes", ""] + [f"- {c}" for c in caveats] if caveats else []
-    lines += ["", f"![{_plot_title(runs, long)}]({png_name})"] if png_name else []
     return "\n".join(lines) + "\n"
 
 
-def _plot_title(runs: pd.DataFrame, long: pd.DataFrame) -> str:
-    what = "loss against evaluation length" if _lengths(long)["value"].notna().any() else "validation and test loss"
-    one = runs.groupby("label").size().max() < 2
-    return f"{what}: " + ("1 seed, no error bars" if one else f"mean ± 1 std over {seed_counts(runs)}")
-
-
-def plot_report(runs: pd.DataFrame, long: pd.DataFrame):
-    """The report's figure (a matplotlib Figure, or None when no run has a loss to show): loss
-    against evaluation length, one line per scheme (and protocol or split), when the sweep scored
-    lengths; else val and test loss per scheme. Error bars: ± 1 std over seeds."""
-    at = _lengths(long)
-    if at["value"].notna().any():
-        stats = _agg(at, ["label", "variant", "length"]).reset_index()
-        stats = stats.rename(columns={"mean": "loss", "std": "loss_std"})
+def plot_report(runs: pd.DataFrame, long: pd.DataFrame) -> tuple[Figure | None, str]:
+    """The report's figure (None when no run has a loss to show) and its title: loss against
+    evaluation length, one line per scheme (and protocol or split), when the sweep scored lengths;
+    else val and test loss per scheme. Error bars: ± 1 std over seeds."""
+    at, counts = _lengths(long), runs.groupby("label").size()
+    scored = at["value"].notna().any()
+    title = ("loss against evaluation length" if scored else "validation and test loss") + ": " + (
+        "1 seed, no error bars" if counts.max() < 2 else f"mean ± 1 std over {_seeds(counts)}")
+    if scored:
+        stats = _agg(at, ["label", "variant", "length"]).rename(columns={"mean": "loss", "std": "loss_std"})
         curves = {f"{label} ({variant})" if variant else label: group
-                  for (label, variant), group in stats.groupby(["label", "variant"], sort=False)}
+                  for (label, variant), group in stats.reset_index().groupby(["label", "variant"], sort=False)}
         block = runs["block_size"].dropna().unique()
-        fig = plot_lengths(curves, int(block[0]) if len(block) == 1 else None, title=_plot_title(runs, long))
+        fig = plot_lengths(curves, int(block[0]) if len(block) == 1 else None, title=title)
         fig.set_size_inches(8, 4.5)  # room for a legend beside the axes, which nine schemes would cover
         ax = fig.axes[0]
     else:
         shown = long[long["metric"].isin(["val/loss", "test/loss"])]
         if shown["value"].isna().all():
-            return None
+            return None, title
         stats = _agg(shown, ["metric", "label"])
         labels = list(dict.fromkeys(runs["label"]))
         fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -382,11 +347,11 @@ def plot_report(runs: pd.DataFrame, long: pd.DataFrame):
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
         ax.set_xlim(-0.5, len(labels) - 0.5)
         ax.set_ylabel("loss (nats/token)")
-        ax.set_title(_plot_title(runs, long))
+        ax.set_title(title)
         ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    return fig
+    return fig, title
 
 
 def lengthgen_summary(rows: pd.DataFrame, metric: str = "exact_match") -> pd.DataFrame:
@@ -473,12 +438,11 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None,
     if not ours and (md.exists() or (folder / "report.png").exists()):
         raise FileExistsError(f"out={folder} already holds a report.md or report.png that is not this sweep's "
                               "report: choose another out= folder or delete them")
-    compare(summarize(long), baseline)  # a bad baseline fails before anything is drawn or written
-    fig = plot_report(runs, long)
-    png = folder / "report.png" if fig is not None else None
-    markdown = render_markdown(root, runs, long, baseline, png.name if png else None) + lengthgen_markdown(root, folder)
+    markdown = render_markdown(root, runs, long, baseline)  # a bad baseline fails before anything is drawn
+    fig, title = plot_report(runs, long)
+    png = None if fig is None else folder / "report.png"
+    markdown += (f"\n![{title}]({png.name})\n" if png else "") + lengthgen_markdown(root, folder)
     if png:
-        folder.mkdir(parents=True, exist_ok=True)
         save_figure(fig, png)
     write_text(md, markdown)
     return markdown, md, png
