@@ -28,17 +28,16 @@ def wandb_logger(**kwargs) -> WandbLogger:
     ``wandb login`` entry in ~/.netrc); it then prints the ``wandb sync`` command that uploads the run later.
     The run id is :func:`run_id`'s, and an existing run continues (``resume="allow"``).
     """
+    save_dir = kwargs.get("save_dir", ".")
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     has_key = os.environ.get("WANDB_API_KEY") or netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
     mode = os.environ.get("WANDB_MODE", "")
     offline = mode in ("offline", "disabled") or not has_key
     if offline and mode != "disabled":
         os.environ["WANDB_MODE"] = "offline"
-        Console(stderr=True, soft_wrap=True).print(
-            f"wandb: no API key, logging offline under {kwargs.get('save_dir', '.')}/wandb; "
-            "upload later with `wandb sync <that folder>/offline-run-*`"
-        )
-    logger = WandbLogger(offline=offline, id=run_id(kwargs.get("save_dir", ".")), resume="allow", **kwargs)
+        Console(stderr=True, soft_wrap=True).print(f"wandb: no API key, logging offline under {save_dir}/wandb; "
+                                                   "upload later with `wandb sync <that folder>/offline-run-*`")
+    logger = WandbLogger(offline=offline, id=run_id(save_dir), resume="allow", **kwargs)
     # Lightning passes anonymous=None to wandb.init, and wandb >= 0.19 warns that the setting "has no
     # effect" whenever the key is present: dynpos never sets it, so the key goes.
     logger._wandb_init.pop("anonymous", None)
