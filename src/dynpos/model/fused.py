@@ -51,10 +51,9 @@ EXP_FLOOR_POWER = 2.5  # backward weights below eps ** EXP_FLOOR_POWER of the co
 
 
 
-def table_mask(table: Tensor, n: int, dtype: torch.dtype | None = None) -> Tensor:
-    """The causal bias of ``table (H, m >= n)`` as a contiguous float mask ``(1, H, n, n)`` in ``dtype``
-    (default: the table's): ``table[h, x - y]`` for ``y <= x``, ``-inf`` above; differentiable."""
-    table = table if dtype is None else table.to(dtype)
+def table_mask(table: Tensor, n: int) -> Tensor:
+    """The causal bias of ``table (H, m >= n)`` as a contiguous float mask ``(1, H, n, n)`` in the table's
+    dtype: ``table[h, x - y]`` for ``y <= x``, ``-inf`` above; differentiable."""
     if n == 0:  # no gradient to the table, as for any empty attention
         return table.new_zeros(1, table.shape[0], 0, 0)
     return toeplitz(table[:, :n], n, float("-inf")).unsqueeze(0)
@@ -277,6 +276,6 @@ def table_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor) -> Tensor:
                          f"{table.device}: use model.attn=auto, sdpa or flex there")
     table = table[:, :n]
     if q.numel() == 0:
-        scores = (q @ k.transpose(-2, -1)) * D ** -0.5 + table_mask(table, n, q.dtype)
+        scores = (q @ k.transpose(-2, -1)) * D ** -0.5 + table_mask(table.to(q.dtype), n)
         return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
     return _fwd_op(q, k, v, table)[0]

@@ -21,10 +21,7 @@ from dynpos.positional.dpb import DPB
 @dataclass
 class GPTConfig:
     """Model sizes: the schema of the ``model`` config group (Hydra's ConfigStore, ``dynpos.config``).
-
-    Raises:
-        ValueError: naming the ``model.<key>`` out of range.
-    """
+    Raises ValueError naming the ``model.<key>`` out of range."""
 
     vocab_size: int | None = None  # None: the tokenizer's (set by the pipeline); larger pads (nanoGPT's 50304)
     block_size: int = 128  # the training context length, in tokens

@@ -56,10 +56,7 @@ class PositionalScheme(nn.Module):
     """Base class, built as ``Scheme(n_layer=, n_head=, n_embd=, block_size=, **options)`` from
     ``configs/pos/<name>.yaml``. ``name``: ``pos=<name>``, the class name in lower case; ``shared``: one
     bias for every block, computed once per forward; ``max_length``: the longest sequence it encodes
-    (None: unbounded).
-
-    Raises:
-        ValueError: if a model size is not a positive int.
+    (None: unbounded). Raises ValueError if a model size is not a positive int.
     """
 
     name: str = "base"
