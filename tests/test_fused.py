@@ -237,7 +237,7 @@ def test_registered_ops_and_output_layout():
             if contiguous:
                 q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             out, lse = torch.ops.dynpos.table_attention_fwd(q, k, v, torch.randn(H, n))
-            assert out.stride() == fused._out_layout(q).stride() and lse.is_contiguous()
+            assert out.stride() == fused._fwd_outputs(q)[0].stride() and lse.is_contiguous()
             assert lse.shape == (B, H, n) and lse.dtype == torch.float32
 
 

@@ -183,36 +183,33 @@ def _run_parts(fn, parts: list[tuple]) -> list:
         torch.set_num_threads(previous)
 
 
-def _out_layout(q: Tensor) -> Tensor:
-    """Empty ``(B, H, n, D)`` laid out ``(B, n, H, D)`` as flash writes it (real and fake op: same strides)."""
+def _fwd_outputs(q: Tensor) -> tuple[Tensor, Tensor]:
+    """The forward's empty ``out (B, H, n, D)``, laid out ``(B, n, H, D)`` as flash writes it, and ``lse
+    (B, H, n)`` in the compute dtype (float64 for float64 q, else float32): real and fake op alike."""
     B, H, n, D = q.shape
-    return q.new_empty((B, n, H, D)).transpose(1, 2)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty((B, n, H, D)).transpose(1, 2), q.new_empty((B, H, n), dtype=compute)
 
 
 @torch.library.custom_op("dynpos::table_attention_fwd", mutates_args=())
 def _fwd_op(q: Tensor, k: Tensor, v: Tensor, table: Tensor) -> tuple[Tensor, Tensor]:
     """``out`` and contiguous ``lse (B, H, n)``, float32 (float64 for float64 q)."""
-    B, H, n, _ = q.shape
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out, lse = _out_layout(q), q.new_empty((B, H, n), dtype=compute)
-    _run_parts(_forward, _parts(B, H, q, k, v, out, lse, per_head=table.to(compute))[1])
+    out, lse = _fwd_outputs(q)
+    _run_parts(_forward, _parts(*q.shape[:2], q, k, v, out, lse, per_head=table.to(lse.dtype))[1])
     return out, lse
 
 
 @_fwd_op.register_fake
 def _(q, k, v, table):
-    B, H, n, _ = q.shape
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return _out_layout(q), q.new_empty((B, H, n), dtype=compute)
+    return _fwd_outputs(q)
 
 
 @torch.library.custom_op("dynpos::table_attention_bwd", mutates_args=())
 def _bwd_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, table: Tensor,
             need_q: bool, need_k: bool, need_v: bool, need_table: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``dq, dk, dv, dtable`` in their inputs' dtypes; one not needed is empty ``(0,)``."""
-    B, H, n, _ = q.shape
     need = (need_q, need_k, need_v, need_table)
-    dim, parts = _parts(B, H, q, k, v, out, dout, lse, per_head=table.to(lse.dtype))
+    dim, parts = _parts(*q.shape[:2], q, k, v, out, dout, lse, per_head=table.to(lse.dtype))
     results = _run_parts(_backward, [(*p, need) for p in parts])
 
     def join(i: int, like: Tensor) -> Tensor:
