@@ -29,8 +29,7 @@ from conftest import CONFIGS, ROOT
 from conftest import compose_cfg as compose_train
 from dynpos.atomic import atomic_path
 from dynpos.data.datamodule import StepBatches
-from dynpos.training.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
-from dynpos.training.checkpoint_io import AtomicCheckpointIO
+from dynpos.training.checkpoint import AtomicCheckpointIO, CheckpointError, load_checkpoint, read_checkpoint
 from dynpos.training.cli import guard
 from dynpos.training.module import LitGPT
 from dynpos.training.run import train
@@ -421,7 +420,7 @@ def test_every_trainer_preset_writes_checkpoints_atomically():
         with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
             trainers[preset] = compose("train", overrides=[f"trainer={preset}"]).trainer
         targets = [p["_target_"] for p in trainers[preset].plugins]
-        assert targets == ["dynpos.training.checkpoint_io.AtomicCheckpointIO"], preset
+        assert targets == ["dynpos.training.checkpoint.AtomicCheckpointIO"], preset
     GlobalHydra.instance().clear()
     assert all(trainers[p].max_steps == trainers["cpu"].max_steps for p in ("gpu", "ddp", "fsdp"))  # hardware only
     assert trainers["ddp"].strategy == "ddp" and trainers["ddp"].devices == 2 and trainers["ddp"].num_nodes == 1

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dynpos.training.checkpoint import load_model
-from dynpos.training.loggers import run_id, wandb_logger
+from dynpos.training.callbacks import run_id, wandb_logger
 from dynpos.training.module import LitGPT, lr_lambda
 from dynpos.training.run import main, train
 

@@ -3,7 +3,8 @@
 A checkpoint written by ``train.py`` holds ``state_dict`` (``model.*``), the module's ``hyper_parameters``
 (``config``: the whole resolved run config, stored once; ``vocab_size``; ``bytes_per_token``) and the
 datamodule's state with the tokenizer (the ``tokenizers`` JSON). Reading uses ``torch.load(weights_only=True)``,
-so a crafted file cannot run code, here and in the trainer (:mod:`dynpos.training.checkpoint_io`).
+so a crafted file cannot run code, here and in the trainer, whose every preset names :class:`AtomicCheckpointIO`
+under ``plugins:`` (README, Resuming and scaling out).
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from tokenizers import Tokenizer
 
+from dynpos.atomic import atomic_path
 from dynpos.model.gpt import GPT, GPTConfig
 
 
@@ -120,3 +125,32 @@ def load_model(path: str | Path, key: str = "ckpt") -> tuple[GPT, Tokenizer, dic
         raise CheckpointError(f"{key}={path}: weights do not match the model config stored in it: "
                               f"{_first_line(error)}") from None
     return model.eval(), checkpoint_tokenizer(checkpoint, f"{key}={path}"), hp
+
+
+def _is_local(path: _PATH) -> bool:
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` writing by :func:`~dynpos.atomic.atomic_path` with ``fsync`` (a kill leaves the
+    previous checkpoint or the new one) and reading by :func:`~dynpos.training.checkpoint.read_checkpoint`."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        """Write ``checkpoint`` to ``path`` atomically (``OSError``: the folder cannot be written)."""
+        if not _is_local(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        with atomic_path(str(path).removeprefix("file://"), fsync=True) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, path: _PATH, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        """Read a checkpoint onto the CPU (Lightning moves the states to the device when it restores them).
+
+        Raises:
+            CheckpointError: a missing, truncated, corrupted or unsafe file.
+            ValueError: ``weights_only=False`` was asked for: dynpos never unpickles arbitrary objects.
+        """
+        if weights_only is False:
+            raise ValueError("dynpos reads checkpoints with weights_only=True only (a pickle could run code)")
+        if not _is_local(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        return read_checkpoint(str(path).removeprefix("file://"), "ckpt_path")
