@@ -60,8 +60,8 @@ def windowed_loss(model: GPT, tokens: Tensor, plan: list[tuple[int, int]], lengt
     total, count = 0.0, 0
     for b in range(0, len(plan), batch_size):
         chunk = plan[b : b + batch_size]
-        x = torch.stack([tokens[s : s + length] for s, _ in chunk]).long()
-        y = torch.stack([tokens[s + 1 : s + length + 1] for s, _ in chunk]).long()
+        windows = torch.stack([tokens[s : s + length + 1] for s, _ in chunk])
+        x, y = windows[:, :-1], windows[:, 1:].clone()
         for row, (_, scored) in enumerate(chunk):
             y[row, : length - scored] = -1  # not scored: ignore_index
         logits, _ = model(x)
@@ -119,16 +119,13 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def run_extrapolation(model: GPT, tokens: np.ndarray, bytes_per_token: float | None, out_dir: Path, *,
                       lengths: list[int], protocol: str = "nonoverlap", stride: int | None = None,
                       max_tokens: int | None = None, batch_size: int = 8, **_: object) -> list[dict]:
-    """Evaluate at each length with one protocol or ``both``; write ``extrapolation.csv`` and
-    ``extrapolation.png`` (loss against length) into ``out_dir``; return the rows.
-
-    Keyword arguments are the ``eval`` config keys (``split`` is chosen by the caller).
-    """
+    """:func:`evaluate_lengths` with one protocol or ``both``, written as ``extrapolation.csv`` and
+    ``extrapolation.png`` (loss against length) into ``out_dir``; keyword arguments are the ``eval``
+    config keys (the caller applies ``split``). Returns the rows."""
     curves = {name: evaluate_lengths(model, tokens, list(lengths), protocol=name, stride=stride, max_tokens=max_tokens,
                                      batch_size=batch_size, bytes_per_token=bytes_per_token)
               for name in (PROTOCOLS if protocol == "both" else (protocol,))}
     rows = [row for curve in curves.values() for row in curve]
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out_dir / "extrapolation.csv")
     title = f"pos={model.pos.name}: loss against evaluation length"
     save_figure(plot_lengths(curves, model.config.block_size, title=title), out_dir / "extrapolation.png")

@@ -95,17 +95,15 @@ def score(model: nn.Module, examples: Iterable[Example], batch_size: int = 64) -
             if not encodable(model, n_tokens - 1):
                 rows.append({**row, "exact_match": None, "token_accuracy": None, "status": "n/a"})
                 continue
-            exact = tokens = 0.0
+            judged = []  # (exact, per-token accuracy) per example
             for (_, a_len), exs in shapes.items():
                 for start in range(0, len(exs), batch_size):
                     chunk = exs[start: start + batch_size]
                     prompts = torch.tensor([ex.prompt for ex in chunk], dtype=torch.int64, device=device)
-                    for ex, out in zip(chunk, greedy_decode(model, prompts, a_len, chunk[0].answer[-1]).tolist()):
-                        e, t = judge(out, ex.answer)
-                        exact += e
-                        tokens += t
-            rows.append({**row, "exact_match": exact / row["examples"], "token_accuracy": tokens / row["examples"],
-                         "status": "ok"})
+                    out = greedy_decode(model, prompts, a_len, chunk[0].answer[-1]).tolist()
+                    judged += [judge(decoded, ex.answer) for ex, decoded in zip(chunk, out)]
+            exact, tokens = (sum(values) / len(judged) for values in zip(*judged))
+            rows.append({**row, "exact_match": exact, "token_accuracy": tokens, "status": "ok"})
     finally:
         model.train(was_training)
     return rows

@@ -34,20 +34,17 @@ def plot_bias(pos: PositionalScheme, n: int, title: str = "") -> Figure | None:
     shared = all(c is curves[0] or torch.equal(c, curves[0]) for c in curves)
     shown = curves[:1] if shared else curves
     fig, axes = plt.subplots(1, len(shown) + 1, figsize=(3.6 * (len(shown) + 1), 3.2), squeeze=False)
-    for layer, (ax, curve) in enumerate(zip(axes[0], shown)):
-        for h, row in enumerate(curve):
-            ax.plot(range(n), row.numpy(), label=f"head {h}", linewidth=1)
-        ax.set_title("all blocks (shared)" if shared else f"block {layer}")
-        ax.set_xlabel("relative distance")
-        ax.set_ylabel("bias (logits)")
-    axes[0][0].legend(fontsize=6)
+    *panels, heatmap = axes[0]
+    for layer, (ax, curve) in enumerate(zip(panels, shown)):
+        ax.plot(range(n), curve.T.numpy(), label=[f"head {h}" for h in range(len(curve))], linewidth=1)
+        ax.set(title="all blocks (shared)" if shared else f"block {layer}", xlabel="relative distance",
+               ylabel="bias (logits)")
+    panels[0].legend(fontsize=6)
     grid = pos.bias(0, n, n)[0].float().cpu()
     grid = grid.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("nan"))
-    image = axes[0][-1].imshow(grid.numpy(), cmap="viridis")
-    axes[0][-1].set_title("block 0, head 0: bias[x, y]")
-    axes[0][-1].set_xlabel("key position y")
-    axes[0][-1].set_ylabel("query position x")
-    fig.colorbar(image, ax=axes[0][-1], fraction=0.046)
+    image = heatmap.imshow(grid.numpy(), cmap="viridis")
+    heatmap.set(title="block 0, head 0: bias[x, y]", xlabel="key position y", ylabel="query position x")
+    fig.colorbar(image, ax=heatmap, fraction=0.046)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -70,8 +67,7 @@ def plot_lengths(curves: dict, train_length: int | None = None, metric: str = "l
     variants = list(dict.fromkeys(label.partition(" (")[2] for label in curves))
     colours = plt.get_cmap("tab10" if len(schemes) <= 10 else "tab20").colors
     for label, rows in curves.items():
-        frame = pd.DataFrame(rows).reindex(columns=["length", metric, f"{metric}_std"])
-        kept = frame[frame[metric].notna()]
+        kept = pd.DataFrame(rows).reindex(columns=["length", metric, f"{metric}_std"]).dropna(subset=[metric])
         if not kept.empty:
             ax.errorbar(kept["length"].tolist(), kept[metric].tolist(), yerr=kept[f"{metric}_std"].fillna(0.0).tolist(),
                         marker="o", capsize=3, label=label, linewidth=1.2,
@@ -79,14 +75,13 @@ def plot_lengths(curves: dict, train_length: int | None = None, metric: str = "l
                         linestyle=("-", "--", ":", "-.")[variants.index(label.partition(" (")[2]) % 4])
     if train_length:
         ax.axvline(train_length, color="grey", linestyle="--", linewidth=1, label="training length")
-    ax.set_xscale("log", base=2)
     accuracy = metric in ("exact_match", "token_accuracy")
-    ax.set_xlabel("length (task units)" if accuracy else "evaluation length (tokens)")
-    ax.set_ylabel({"loss": "loss (nats/token)", "bpb": "bits per byte", "exact_match": "exact-match accuracy",
-                   "token_accuracy": "per-token accuracy"}.get(metric, metric))
+    ax.set_xscale("log", base=2)
+    ylabel = {"loss": "loss (nats/token)", "bpb": "bits per byte", "exact_match": "exact-match accuracy",
+              "token_accuracy": "per-token accuracy"}.get(metric, metric)
+    ax.set(title=title, xlabel="length (task units)" if accuracy else "evaluation length (tokens)", ylabel=ylabel)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    ax.set_title(title)
     fig.tight_layout()
     if accuracy:
         ax.set_ylim(-0.03, 1.03)

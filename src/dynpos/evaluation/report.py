@@ -345,9 +345,7 @@ def plot_report(runs: pd.DataFrame, long: pd.DataFrame) -> tuple[Figure | None, 
             ax.errorbar(np.arange(len(labels)) + 0.15 * (k - 0.5), group["mean"], yerr=group["std"].fillna(0),
                         fmt="o", capsize=3, label=metric.replace("/", " "))
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-        ax.set_xlim(-0.5, len(labels) - 0.5)
-        ax.set_ylabel("loss (nats/token)")
-        ax.set_title(title)
+        ax.set(xlim=(-0.5, len(labels) - 0.5), ylabel="loss (nats/token)", title=title)
         ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
