@@ -1,11 +1,7 @@
-"""Length generalization: greedy exact match and per-token accuracy per length bucket.
-
-The scoring of Kazemnejad et al. 2023 ("The Impact of Positional Encoding on Length
-Generalization in Transformers", NeurIPS) on the tasks of :mod:`dynpos.data.tasks`: each prompt
-is decoded greedily through the model's KV cache until the end token, for at most ``len(answer)``
-tokens. A scheme that cannot encode a length (``model.pos.max_length`` smaller than the tokens the
-model must read, e.g. ``pos=learned`` past its table) gets an ``n/a`` row instead of an error.
-The sweep statistics (mean over seeds, ranks, mean reciprocal rank) are in :mod:`dynpos.evaluation.report`.
+"""Length generalization: greedy exact match and per-token accuracy per length bucket on the tasks of
+:mod:`dynpos.data.tasks`, scored as Kazemnejad et al. 2023 ("The Impact of Positional Encoding on Length
+Generalization in Transformers", NeurIPS) do, with a row of ``n/a`` (not an error) for a length the scheme
+cannot encode. Sweep statistics (mean over seeds, ranks, mean reciprocal rank): :mod:`dynpos.evaluation.report`.
 """
 
 from __future__ import annotations
@@ -37,8 +33,7 @@ def greedy_decode(model: nn.Module, prompts: Tensor, max_new_tokens: int, end_id
     """
     cache = KVCache(model.config.n_layer)
     logits, _ = model(prompts, cache=cache)
-    out = prompts.new_zeros(prompts.shape[0], 0)
-    done = torch.zeros(prompts.shape[0], dtype=torch.bool, device=prompts.device)
+    out, done = prompts[:, :0], torch.zeros_like(prompts[:, 0], dtype=torch.bool)
     for step in range(max_new_tokens):
         if step:
             logits, _ = model(out[:, -1:], cache=cache)

@@ -120,7 +120,6 @@ def _lengths(long: pd.DataFrame) -> pd.DataFrame:
 
 
 def _agg(frame: pd.DataFrame, by: list[str], value: str = "value") -> pd.DataFrame:
-    """``mean``, sample ``std`` (NaN below two values) and ``n`` (values present) of ``value``."""
     return frame.groupby(by, sort=False)[value].agg(mean="mean", std="std", n="count")
 
 
@@ -214,12 +213,6 @@ def _grid(cells: pd.Series, labels: list[str], cols: list[str]) -> pd.DataFrame:
     return cells.unstack("column").reindex(index=labels, columns=cols).fillna("n/a").rename_axis("scheme")
 
 
-def _stat(row: pd.Series) -> str:
-    if pd.isna(row["mean"]):
-        return "n/a"
-    return f"{row['mean']:.4f}" + ("" if pd.isna(row["std"]) else f" ± {row['std']:.4f}")
-
-
 def _cell(row: pd.Series) -> str:
     if pd.isna(row["diff"]):
         return "n/a"
@@ -271,7 +264,8 @@ def render_markdown(sweep_dir: Path, runs: pd.DataFrame, long: pd.DataFrame, bas
              "Mean ± standard deviation over seeds; losses in nats/token on the held-out splits (test: the test "
              "split's fixed windows at the training length; loss @N: the validation split scored in windows of "
              "N tokens).", ""]
-    table = _grid(stats.apply(_stat, axis=1), labels, cols)
+    cells = stats["mean"].map("{:.4f}".format) + stats["std"].map(" ± {:.4f}".format).where(stats["std"].notna(), "")
+    table = _grid(cells.where(stats["mean"].notna(), "n/a"), labels, cols)
     by_label = runs.groupby("label", sort=False)
     table.insert(0, "params", by_label["num_params"].agg(lambda v: "–".join(dict.fromkeys(
         f"{int(n):,}" for n in (v.min(), v.max()))) if v.notna().any() else "?"))
@@ -426,8 +420,7 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None,
     """
     root = Path(sweep_dir)
     runs, long = load_sweep(root)
-    labels = list(dict.fromkeys(runs["label"]))
-    baseline = str(baseline) if baseline is not None else ("dpb" if "dpb" in labels else labels[0])
+    baseline = str(baseline) if baseline is not None else ("dpb" if "dpb" in set(runs["label"]) else runs["label"][0])
     folder, md = Path(out or root), Path(out or root) / "report.md"
     if folder.is_file():
         raise NotADirectoryError(f"out={folder} is a file: give a folder for report.md and report.png")
