@@ -63,6 +63,8 @@ CASES = [
     Case("resume-auto-without-folder", T, ["resume=auto"], ["resume=auto needs the run folder", "hydra.run.dir="],
          run_dir=""),
     Case("pos-typo", T, ["+pos.depthh=3"], ["pos.depthh is not an option of DPB", "depth"]),
+    Case("pos-target-not-a-scheme", T, ["pos._target_=torch.nn.Linear"],
+         ["pos._target_=torch.nn.Linear is not a positional scheme", "PositionalScheme"]),
     Case("plus-typo", T, ["+optim.lrr=1"], ["optim.lrr is not a config key", "did you mean optim.lr?"]),
     Case("plus-moved-key", T, ["+batch_size=4"], ["batch_size moved to data.batch_size", "data.batch_size=<value>"]),
     Case("max_steps-negative", T, ["trainer.max_steps=-5"], ["trainer.max_steps=-5", "whole number >= 1"]),

@@ -10,7 +10,6 @@ options are checked by the target's constructor.
 from __future__ import annotations
 
 import difflib
-import inspect
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -24,6 +23,7 @@ from dynpos.data.tokenizer import check_tokenizer_config
 from dynpos.evaluation.extrapolate import PROTOCOLS, window_plan
 from dynpos.model.attention import check_attn
 from dynpos.model.gpt import GPTConfig
+from dynpos.positional.base import PositionalScheme
 
 
 def _whole(key: str, value: Any, minimum: int) -> None:
@@ -191,8 +191,10 @@ def check_keys(cfg: DictConfig) -> None:
             raise ValueError(f"{key} is not a config key: {hint}(the keys of {group or 'the root'}: "
                              f"{', '.join(known)})")
     scheme = get_class(cfg.pos._target_)
-    options = [p for p in inspect.signature(scheme).parameters
-               if p not in ("n_layer", "n_head", "n_embd", "block_size")]  # given by the model
+    if not (isinstance(scheme, type) and issubclass(scheme, PositionalScheme)):
+        raise ValueError(f"pos._target_={cfg.pos._target_} is not a positional scheme: name a subclass of "
+                         "dynpos.positional.base.PositionalScheme (configs/pos/*.yaml)")
+    options = scheme.options()
     for key in cfg.pos:
         if not str(key).startswith("_") and key not in options:
             raise ValueError(f"pos.{key} is not an option of {scheme.__name__}: its options are "
