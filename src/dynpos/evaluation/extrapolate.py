@@ -30,10 +30,8 @@ def window_plan(n_tokens: int, length: int, protocol: str, stride: int | None = 
     """Windows over a text of ``n_tokens`` targets: ``(start, scored)``, the window of inputs
     ``start .. start + length`` scoring its last ``scored`` targets. Every target ``1 .. n`` is scored
     once, ``n`` being ``n_tokens`` rounded down to whole windows (nonoverlap) or to ``length`` plus
-    whole strides (sliding; ``stride`` defaults to ``length // 2``).
-
-    Raises:
-        ValueError: for ``length < 1``, an unknown protocol, or a stride outside ``1 .. length``.
+    whole strides (sliding; ``stride`` defaults to ``length // 2``). Raises ValueError for ``length < 1``,
+    an unknown protocol, or a stride outside ``1 .. length``.
     """
     if length < 1:
         raise ValueError(f"eval.lengths must be positive, got {length}")
@@ -59,11 +57,10 @@ def windowed_loss(model: GPT, tokens: Tensor, plan: list[tuple[int, int]], lengt
     """Mean cross-entropy (nats/token) of the scored targets of ``plan`` over ``tokens (n,)``."""
     total, count = 0.0, 0
     for b in range(0, len(plan), batch_size):
-        chunk = plan[b : b + batch_size]
-        windows = torch.stack([tokens[s : s + length + 1] for s, _ in chunk])
-        x, y = windows[:, :-1], windows[:, 1:].clone()
-        for row, (_, scored) in enumerate(chunk):
-            y[row, : length - scored] = -1  # not scored: ignore_index
+        starts, scored = zip(*plan[b : b + batch_size])
+        windows = torch.stack([tokens[s : s + length + 1] for s in starts])
+        unscored = torch.arange(length) < length - torch.tensor(scored)[:, None]  # targets before the scored ones
+        x, y = windows[:, :-1], windows[:, 1:].masked_fill(unscored, -1)  # -1: ignore_index
         logits, _ = model(x)
         total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1,
                                                    reduction="sum").item()
@@ -82,11 +79,8 @@ def evaluate_lengths(model: GPT, tokens: np.ndarray | Tensor, lengths: list[int]
     ``data.val_windows=null``); ``bytes_per_token`` (UTF-8 bytes per token) gives bits per byte.
     Returns one dict per length: ``length``, ``protocol``, ``stride`` (the sliding step used; None
     for ``nonoverlap``), ``loss``, ``ppl``, ``bpb``, ``tokens`` (targets scored), ``note`` (why a
-    length was skipped).
-
-    Raises:
-        ValueError: for a length < 1, an unknown protocol or bad stride, or a text shorter than
-            the longest length.
+    length was skipped). Raises ValueError for a length < 1, an unknown protocol or bad stride, or a
+    text shorter than the longest length.
     """
     model.eval()
     tokens = torch.as_tensor(np.asarray(tokens if max_tokens is None else tokens[: max_tokens + 1]).astype(np.int64))

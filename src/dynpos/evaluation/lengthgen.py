@@ -24,12 +24,10 @@ METRICS = ("exact_match", "token_accuracy")
 
 @torch.no_grad()
 def greedy_decode(model: nn.Module, prompts: Tensor, max_new_tokens: int, end_id: int) -> Tensor:
-    """Greedy continuation of ``prompts`` ``(B, P)`` (token ids) through a fresh KV cache, stopped
-    once every row has produced ``end_id``.
-
-    ``model`` is a ``GPT`` or anything with its call signature (``model(idx, cache=KVCache)`` returning
-    ``(logits (B, t, V), _)``) and ``model.config.n_layer``. Returns ``(B, m)`` int64 tokens,
-    ``m <= max_new_tokens``; after a row's first ``end_id`` its tokens are ``end_id``.
+    """Greedy continuation of ``prompts`` ``(B, P)`` (token ids) through a fresh KV cache, stopped once every
+    row has produced ``end_id``: ``(B, m)`` int64 tokens, ``m <= max_new_tokens``, ``end_id`` after a row's
+    first ``end_id``. ``model`` is a ``GPT`` or anything with its call signature (``model(idx, cache=KVCache)``
+    returning ``(logits (B, t, V), _)``) and ``model.config.n_layer``.
     """
     cache = KVCache(model.config.n_layer)
     logits, _ = model(prompts, cache=cache)
@@ -63,18 +61,14 @@ def judge(decoded: Sequence[int], answer: Sequence[int]) -> tuple[bool, float]:
 
 
 def score(model: nn.Module, examples: Iterable[Example], batch_size: int = 64) -> list[dict]:
-    """Exact match and per-token accuracy per length, greedy through the KV cache.
+    """Exact match and per-token accuracy per length of ``model`` (a ``GPT``, see :func:`greedy_decode`;
+    run on its device, in eval mode for the call) on ``examples`` (task instances, any mix of lengths;
+    batched by equal prompt and answer lengths), greedy through the KV cache.
 
-    Args:
-        model: a ``GPT`` (see :func:`greedy_decode`) with ``model.pos.max_length``; run on its
-            device, in eval mode for the call.
-        examples: task instances, any mix of lengths; batched by equal prompt and answer lengths.
-
-    Returns:
-        One row per length, ascending: ``{"length", "n_tokens", "examples", "exact_match",
-        "token_accuracy", "status"}`` with ``n_tokens`` the tokens of the longest example, accuracies in
-        ``[0, 1]`` and status ``"ok"``, or ``"n/a"`` with ``None`` accuracies when the model reads
-        ``prompt + answer - 1`` tokens more than its scheme can encode.
+    One row per length, ascending: ``{"length", "n_tokens", "examples", "exact_match", "token_accuracy",
+    "status"}`` with ``n_tokens`` the tokens of the longest example, accuracies in ``[0, 1]`` and status
+    ``"ok"``, or ``"n/a"`` with ``None`` accuracies when the model reads ``prompt + answer - 1`` tokens
+    more than its scheme can encode (``model.pos.max_length``).
     """
     device = next(model.parameters(), torch.empty(0)).device
     groups: dict[int, dict[tuple[int, int], list[Example]]] = defaultdict(lambda: defaultdict(list))
@@ -111,14 +105,13 @@ def metrics(rows: Sequence[dict], prefix: str = "lengthgen") -> dict[str, float]
 
 
 class LengthGenEval(L.Callback):
-    """Score length generalization after each validation (in ``fit`` and ``trainer.validate``, not
-    in the sanity check) with a datamodule that has ``lengthgen_examples()``; with any other, do nothing.
+    """Score length generalization after each validation (in ``fit`` and ``trainer.validate``, not in the
+    sanity check) with a datamodule that has ``lengthgen_examples()``; with any other, do nothing.
 
-    Logs ``lengthgen/exact@<n>`` and ``lengthgen/token@<n>`` through the LightningModule (so they reach
-    every logger and ``trainer.callback_metrics``); on global rank 0 writes
-    ``<run folder>/<folder>/lengthgen.csv`` and ``.png`` and logs the PNG to every wandb logger as
-    ``lengthgen``. The model is ``pl_module.model``; ``rows`` holds the latest rows of :func:`score`, led
-    by ``task``, ``pos`` and ``train_max_length`` (None before).
+    Logs ``lengthgen/exact@<n>`` and ``lengthgen/token@<n>`` through the LightningModule (so they reach every
+    logger and ``trainer.callback_metrics``); on global rank 0 writes ``<run folder>/<folder>/lengthgen.csv``
+    and ``.png`` and logs the PNG to every wandb logger as ``lengthgen``. The model is ``pl_module.model``;
+    ``rows`` holds the latest rows of :func:`score`, led by ``task``, ``pos`` and ``train_max_length`` (None before).
     """
 
     def __init__(self, folder: str = "lengthgen") -> None:

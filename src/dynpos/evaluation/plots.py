@@ -55,12 +55,9 @@ def plot_lengths(curves: dict, train_length: int | None = None, metric: str = "l
     """``metric`` against evaluation length, a line per label: ``loss`` (nats/token) or ``bpb`` against
     tokens, ``exact_match`` or ``token_accuracy`` (in ``[0, 1]``) against task units.
 
-    Labels ``"<scheme> (<variant>)"`` share a colour per scheme and a line style per variant (protocol).
-
-    Args:
-        curves: label -> rows (a list of dicts or a DataFrame) with ``length``, ``metric`` and, for
-            error bars, ``<metric>_std``; rows without a value are left out.
-        train_length: drawn as a dashed vertical line.
+    ``curves``: label -> rows (a list of dicts or a DataFrame) with ``length``, ``metric`` and, for
+    error bars, ``<metric>_std``; rows without a value are left out. Labels ``"<scheme> (<variant>)"``
+    share a colour per scheme and a line style per variant (protocol). ``train_length``: a dashed line.
     """
     fig, ax = plt.subplots(figsize=(6, 4))
     schemes = list(dict.fromkeys(label.split(" (")[0] for label in curves))

@@ -47,9 +47,8 @@ def load_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     ``result.json``, then from every ``extrapolation.csv`` of ``scripts/evaluate.py`` in the run folder
     (its split from the ``extrapolation.json`` beside it); of repeated rows the first with a value is kept.
 
-    Raises:
-        NotADirectoryError: ``sweep_dir`` is a file. FileNotFoundError: it does not exist.
-        ValueError: it holds no ``result.json``, or one that is not valid JSON or lacks ``metrics``.
+    Raises NotADirectoryError when ``sweep_dir`` is a file, FileNotFoundError when it does not exist,
+    ValueError when it holds no ``result.json``, or one that is not valid JSON or lacks ``metrics``.
     """
     root, where = Path(sweep_dir), "pass the folder that `python train.py -m ...` wrote (multirun/<date>_<time>)"
     if root.is_file():
@@ -145,9 +144,7 @@ def _verdict(diff: pd.Series, se: pd.Series) -> pd.DataFrame:
 def compare(stats: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """Each label minus ``baseline`` on every column of :func:`summarize`'s frame, indexed by
     ``(label, column)``: :func:`_verdict` with the Welch standard error (rule: :data:`NOISE_RULE`).
-
-    Raises:
-        ValueError: ``baseline`` is not one of the labels (the message lists them).
+    Raises ValueError when ``baseline`` is not one of the labels (the message lists them).
     """
     labels = list(stats.index.unique("label"))
     if baseline not in labels:
@@ -249,10 +246,7 @@ def noise_text(runs: pd.DataFrame) -> str:
 def render_markdown(sweep_dir: Path, runs: pd.DataFrame, long: pd.DataFrame, baseline: str) -> str:
     """The report as markdown, up to its plot: the mean ± std table; the differences from ``baseline``,
     how each scheme's loss changes with evaluation length, and which pairs of schemes are within seed
-    noise; any consistency notes.
-
-    Raises:
-        ValueError: ``baseline`` is not a label of the sweep (see :func:`compare`).
+    noise; any consistency notes. Raises :func:`compare`'s ValueError for a ``baseline`` that is not a label.
     """
     stats, labels = summarize(long), list(dict.fromkeys(runs["label"]))
     cols = list(stats.index.unique("column"))
@@ -412,11 +406,9 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None,
     ``baseline`` is the label the others are compared with: default ``dpb`` when present, else the
     first label in job order.
 
-    Raises:
-        FileNotFoundError, NotADirectoryError, ValueError: see :func:`load_sweep` and :func:`compare`;
-            NotADirectoryError also for an ``out`` that is a file.
-        FileExistsError: ``out`` holds a ``report.md`` or ``report.png`` that is not this sweep's report
-            (a previous report of the same sweep is replaced).
+    Raises the errors of :func:`load_sweep` and :func:`compare`, NotADirectoryError also for an ``out``
+    that is a file, and FileExistsError when ``out`` holds a ``report.md`` or ``report.png`` that is not
+    this sweep's report (a previous report of the same sweep is replaced).
     """
     root = Path(sweep_dir)
     runs, long = load_sweep(root)
