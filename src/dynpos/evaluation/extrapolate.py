@@ -28,23 +28,20 @@ PROTOCOLS = ("nonoverlap", "sliding")
 
 def window_plan(n_tokens: int, length: int, protocol: str, stride: int | None = None) -> list[tuple[int, int]]:
     """Windows over a text of ``n_tokens`` targets: ``(start, scored)``, the window of inputs
-    ``start .. start + length`` scoring its last ``scored`` targets. Every target ``1 .. n`` is scored
-    once, ``n`` being ``n_tokens`` rounded down to whole windows (nonoverlap) or to ``length`` plus
-    whole strides (sliding; ``stride`` defaults to ``length // 2``). Raises ValueError for ``length < 1``,
-    an unknown protocol, or a stride outside ``1 .. length``.
+    ``start .. start + length`` scoring its last ``scored`` targets: all of the first window's, then
+    ``stride`` per window (nonoverlap: ``stride = length``; sliding: default ``length // 2``). Every
+    target ``1 .. n`` is scored once, ``n`` being ``n_tokens`` rounded down to ``length`` plus whole
+    strides. Raises ValueError for ``length < 1``, an unknown protocol, or a stride outside ``1 .. length``.
     """
     if length < 1:
         raise ValueError(f"eval.lengths must be positive, got {length}")
     if protocol not in PROTOCOLS:
         raise ValueError(f"eval.protocol={protocol!r} is not one of {', '.join(PROTOCOLS)}")
-    if protocol == "nonoverlap":
-        return [(s, length) for s in range(0, n_tokens - length + 1, length)]
-    stride = max(1, length // 2) if stride is None else stride
+    if protocol == "nonoverlap" or stride is None:
+        stride = length if protocol == "nonoverlap" else max(1, length // 2)
     if not 1 <= stride <= length:
         raise ValueError(f"eval.stride={stride} must be in 1..{length} (the evaluation length)")
-    if n_tokens < length:
-        return []
-    return [(0, length)] + [(s, stride) for s in range(stride, n_tokens - length + 1, stride)]
+    return [(start, stride if start else length) for start in range(0, n_tokens - length + 1, stride)]
 
 
 def encodable(model: nn.Module, n_tokens: int) -> bool:
