@@ -22,15 +22,13 @@ def plot_bias(pos: PositionalScheme, n: int, title: str = "") -> Figure | None:
     from the scheme's per-distance table or (FIRE) the last query row of its bias grid. None when the
     scheme adds no bias.
     """
-    curves = []
-    for layer in range(pos.n_layer):
-        table = pos.table(layer, n)
-        if table is None:
-            grid = pos.bias(layer, n, n)
-            if grid is None:
-                return None
-            table = grid[:, -1, :].flip(-1)
-        curves.append(table.float().cpu())
+    tables = pos.tables(n)
+    if tables[0] is None:
+        grids = pos.biases(n, n)
+        if grids[0] is None:
+            return None
+        tables = [grid[:, -1, :].flip(-1) for grid in grids]
+    curves = [table.float().cpu() for table in tables]
     shared = all(c is curves[0] or torch.equal(c, curves[0]) for c in curves)
     shown = curves[:1] if shared else curves
     fig, axes = plt.subplots(1, len(shown) + 1, figsize=(3.6 * (len(shown) + 1), 3.2), squeeze=False)
