@@ -5,6 +5,7 @@ reference; ``flex``), the KV cache, and the one function that picks the path, :f
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from typing import NamedTuple
@@ -56,33 +57,28 @@ def choose_attention(attn: str, *, bias: str, learned: bool, device: torch.devic
     check_attn(attn)
     if bias not in ("none", "table", "grid"):
         raise ValueError(f"bias={bias!r} is not one of none, table, grid")
-    cpu = torch.device(device).type == "cpu"
-    choice = AttnChoice(attn, "asked for")
-    if attn == "flex":
-        if not flex_available():
-            choice = AttnChoice("sdpa", "model.attn=flex: this torch has no FlexAttention; using sdpa", True)
-        elif grad and cpu:
-            raise ValueError(
-                "model.attn=flex cannot train on CPU (torch has no CPU FlexAttention backward): "
-                "train with model.attn=auto or sdpa; flex serves evaluation and generation"
-            )
-    elif attn in ("fused", "auto"):
-        where = ("the scheme has no per-distance table" if bias != "table" else
-                 "a KV cache (queries are not the keys)" if cached else
-                 f"the fused kernel is CPU-only, tensors are on {torch.device(device).type}" if not cpu else None)
-        if where is not None:
-            choice = AttnChoice("sdpa", f"model.attn={attn}: {where}; using sdpa", attn == "fused")
-        elif attn == "auto" and grad and not learned:
-            choice = AttnChoice("sdpa", "auto: fixed table in training: grad-free sdpa mask")
-        elif dropout > 0:
-            choice = AttnChoice("eager", f"model.attn={attn}: the fused CPU kernel has no dropout "
-                                f"(model.dropout={dropout:g}); training on eager, O(n^2) memory: "
-                                "set model.dropout=0 for the fused path", True)
-        elif attn == "auto" and grad and length <= AUTO_EAGER_MAX:
-            choice = AttnChoice("eager", f"auto: learned table at {length} <= {AUTO_EAGER_MAX} positions "
-                                "trains faster on eager")
-        else:
-            choice = AttnChoice("fused", "asked for" if attn == "fused" else "auto: per-distance table on the CPU")
+    device = torch.device(device).type
+    if attn == "flex" and grad and device == "cpu":
+        raise ValueError("model.attn=flex cannot train on CPU (torch has no CPU FlexAttention backward): "
+                         "train with model.attn=auto or sdpa; flex serves evaluation and generation")
+    where = ("the scheme has no per-distance table" if bias != "table" else
+             "a KV cache (queries are not the keys)" if cached else
+             f"the fused kernel is CPU-only, tensors are on {device}" if device != "cpu" else None)
+    if attn not in ("fused", "auto"):
+        choice = AttnChoice(attn, "asked for")
+    elif where is not None:
+        choice = AttnChoice("sdpa", f"model.attn={attn}: {where}; using sdpa", attn == "fused")
+    elif attn == "auto" and grad and not learned:
+        choice = AttnChoice("sdpa", "auto: fixed table in training: grad-free sdpa mask")
+    elif dropout > 0:
+        choice = AttnChoice("eager", f"model.attn={attn}: the fused CPU kernel has no dropout "
+                            f"(model.dropout={dropout:g}); training on eager, O(n^2) memory: "
+                            "set model.dropout=0 for the fused path", True)
+    elif attn == "auto" and grad and length <= AUTO_EAGER_MAX:
+        choice = AttnChoice("eager", f"auto: learned table at {length} <= {AUTO_EAGER_MAX} positions "
+                            "trains faster on eager")
+    else:
+        choice = AttnChoice("fused", "asked for" if attn == "fused" else "auto: per-distance table on the CPU")
     # nothing is logged inside a compiled graph (a log call would break it)
     if choice.fallback and not torch.compiler.is_compiling() and choice.reason not in _reported:
         _reported.add(choice.reason)
@@ -114,14 +110,14 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        """Number of positions cached so far."""
-        return 0 if self.keys[0] is None else self.keys[0].shape[-2]
+        """Positions cached so far, read from the last block: it appends last, so inside a forward every
+        block reads the length before that forward (the offset of its new positions)."""
+        return 0 if self.keys[-1] is None else self.keys[-1].shape[-2]
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add ``(B, H, t, D)`` keys and values to block ``layer``; return all of them so far."""
         if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=-2)
-            v = torch.cat([self.values[layer], v], dim=-2)
+            k, v = torch.cat([self.keys[layer], k], dim=-2), torch.cat([self.values[layer], v], dim=-2)
         self.keys[layer], self.values[layer] = k, v
         return k, v
 
@@ -156,7 +152,7 @@ def _flex_grid(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, shift: Tens
     return flex(q, k, v, score_mod=score_mod)
 
 
-_compiled_flex: dict[str, object] = {}
+_compile_dynamic = functools.cache(functools.partial(torch.compile, dynamic=True))
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -165,11 +161,9 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, bias: 
     ``bias (H, i, j)``, or neither. Compiled once per kind, ``dynamic=True``, with ``j - i`` a 0-d
     tensor (a symbolic int fails Inductor's CPU lowering in torch 2.13; an int recompiles per length).
     """
-    kind = "table" if table is not None else "grid"
-    if kind not in _compiled_flex:
-        _compiled_flex[kind] = torch.compile(_flex_table if kind == "table" else _flex_grid, dynamic=True)
+    fn, bias = (_flex_table, table) if table is not None else (_flex_grid, bias)
     shift = torch.tensor(k.shape[-2] - q.shape[-2], device=q.device)
-    return _compiled_flex[kind](q, k, v, table if kind == "table" else bias, shift)
+    return _compile_dynamic(fn)(q, k, v, bias, shift)
 
 
 class CausalSelfAttention(nn.Module):
@@ -189,9 +183,7 @@ class CausalSelfAttention(nn.Module):
         ``(H, j)`` (fused, flex), a grid ``(H, i, j)`` (flex) or a float mask ``(1, H, i, j)`` (sdpa, eager),
         None for plain causal attention. ``pos`` rotates q and k (RoPE)."""
         q, k, v = rearrange(self.c_attn(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
-        # This block's own cache length: cache.length reads block 0, which has already appended.
-        offset = cache.keys[layer].shape[-2] if cache is not None and cache.keys[layer] is not None else 0
-        q, k = pos.rotate(q, k, offset)
+        q, k = pos.rotate(q, k, cache.length if cache is not None else 0)
         if cache is not None:
             k, v = cache.append(layer, k, v)
         i, j = q.shape[-2], k.shape[-2]

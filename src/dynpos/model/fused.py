@@ -50,7 +50,6 @@ WORKERS = 1  # parts the batch (or heads) is split into, one Python thread each 
 EXP_FLOOR_POWER = 2.5  # backward weights below eps ** EXP_FLOOR_POWER of the compute dtype become 0
 
 
-
 def table_mask(table: Tensor, n: int) -> Tensor:
     """The causal bias of ``table (H, m >= n)`` as a contiguous float mask ``(1, H, n, n)`` in the table's
     dtype: ``table[h, x - y]`` for ``y <= x``, ``-inf`` above; differentiable."""
@@ -60,7 +59,7 @@ def table_mask(table: Tensor, n: int) -> Tensor:
 
 
 def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor,
-              table: Tensor, need: tuple[bool, bool, bool, bool]) -> tuple[Tensor | None, ...]:
+              table: Tensor, need: list[bool]) -> tuple[Tensor | None, ...]:
     """``dq, dk, dv (B, H, n, D)`` and ``dtable (H, n)`` in ``table``'s dtype; None where not ``need``ed."""
     B, H, n, D = q.shape
     BH = B * H
@@ -206,29 +205,25 @@ def _(q, k, v, table):
 
 @torch.library.custom_op("dynpos::table_attention_bwd", mutates_args=())
 def _bwd_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, table: Tensor,
-            need_q: bool, need_k: bool, need_v: bool, need_table: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``dq, dk, dv, dtable`` in their inputs' dtypes; one not needed is empty ``(0,)``."""
-    need = (need_q, need_k, need_v, need_table)
+            need: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``dq, dk, dv, dtable`` in their inputs' dtypes; one not ``need``ed is empty ``(0,)``."""
     dim, parts = _parts(*q.shape[:2], q, k, v, out, dout, lse, per_head=table.to(lse.dtype))
     results = _run_parts(_backward, [(*p, need) for p in parts])
 
     def join(i: int, like: Tensor) -> Tensor:
         pieces = [r[i] for r in results]
-        if len(pieces) == 1:
-            g = pieces[0]
-        elif i < 3 or dim == 1:  # q, k, v along the split; the table's per-head pieces along heads
+        if i == 3 and dim == 0:  # the table's partial sums over batch parts
+            g = pieces[0] if len(pieces) == 1 else torch.stack(pieces).sum(0)
+        else:  # q, k, v along the split; the table's per-head pieces along heads
             g = torch.cat(pieces, dim if i < 3 else 0)
-        else:  # the table's partial sums over batch parts
-            g = torch.stack(pieces).sum(0)
         return g.to(like.dtype).contiguous()
 
     return tuple(join(i, like) if need[i] else like.new_empty(0) for i, like in enumerate((q, k, v, table)))
 
 
 @_bwd_op.register_fake
-def _(q, k, v, out, dout, lse, table, need_q, need_k, need_v, need_table):
-    return tuple(like.new_empty(like.shape if need else (0,))
-                 for like, need in zip((q, k, v, table), (need_q, need_k, need_v, need_table)))
+def _(q, k, v, out, dout, lse, table, need):
+    return tuple(like.new_empty(like.shape if n else (0,)) for like, n in zip((q, k, v, table), need))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -237,8 +232,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward_rule(ctx, dout: Tensor, _dlse: Tensor | None):
     q, k, v, out, lse, table = ctx.saved_tensors
-    need = tuple(bool(x) for x in ctx.needs_input_grad[:4])
-    grads = _bwd_op(q, k, v, out, dout, lse, table, *need)
+    need = [bool(x) for x in ctx.needs_input_grad[:4]]
+    grads = _bwd_op(q, k, v, out, dout, lse, table, need)
     return tuple(g if n else None for g, n in zip(grads, need))
 
 

@@ -1,11 +1,12 @@
-"""A decoder-only GPT, read top to bottom like nanoGPT's ``model.py`` (Karpathy): config, MLP, Block,
-GPT. The one new idea: every block takes its positions from one scheme (``dynpos.positional``, DPB
-by default), which adds an absolute embedding, rotates q and k, or biases the attention logits.
+"""A decoder-only GPT, read top to bottom like nanoGPT's ``model.py`` (Karpathy): config, Block, GPT.
+The one new idea: every block takes its positions from one scheme (``dynpos.positional``, DPB by
+default), which adds an absolute embedding, rotates q and k, or biases the attention logits.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,29 +45,17 @@ class GPTConfig:
         check_attn(self.attn)
 
 
-class MLP(nn.Module):
-    """Position-wise feed-forward: Linear(n_embd, 4 n_embd) -> GELU -> Linear -> dropout."""
-
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
-
-
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
+    """Pre-LayerNorm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``, the MLP position-wise."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.dropout, config.bias)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        self.mlp = nn.Sequential(OrderedDict(
+            c_fc=nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias), gelu=nn.GELU(),
+            c_proj=nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias), dropout=nn.Dropout(config.dropout)))
 
     def forward(self, x: Tensor, pos: PositionalScheme, layer: int, path: str, bias: Tensor | None,
                 cache: KVCache | None = None) -> Tensor:
@@ -173,10 +162,9 @@ class GPT(nn.Module):
         for layer, (block, bias) in enumerate(zip(self.h, self._layer_biases(path, t, j, x.dtype, x.device, cache))):
             x = block(x, self.pos, layer, path, bias, cache)
         logits = self.lm_head(self.ln_f(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        return logits, loss
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         """AdamW parameter groups: decay on weights with >= 2 dims (matmuls, embeddings), none on
@@ -214,10 +202,7 @@ class GPT(nn.Module):
             probs = torch.softmax(logits.float(), dim=-1)
             nxt = torch.multinomial(probs, num_samples=1, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)
-            if cache.length < block:
-                logits, _ = self.forward(nxt, cache=cache)
-            else:
-                logits, _ = self.forward(idx[:, -block:])
+            logits, _ = self.forward(nxt, cache=cache) if cache.length < block else self.forward(idx[:, -block:])
         return idx
 
 

@@ -66,10 +66,9 @@ class DynamicPositionBias(nn.Module):
         query = torch.arange(j - i, j, device=device)
         key = torch.arange(j, device=device)
         rel = rearrange(query, "i -> i 1") - rearrange(key, "j -> 1 j")  # (i, j), in [-(i-1), j-1]
-        if self.signed:
-            lowest = -(i - 1) if i else 0
-            return self.embed(torch.arange(lowest, j, device=device))[:, rel - lowest]  # from i + j - 1 distances
-        return self.distance_table(j)[:, rel.abs()]
+        distances = rel if self.signed else rel.abs()
+        lowest = -(i - 1) if self.signed and i else 0  # the MLP runs over distances lowest .. j-1 only
+        return self.embed(torch.arange(lowest, j, device=device))[:, distances - lowest]
 
 
 class DPB(PositionalScheme):
