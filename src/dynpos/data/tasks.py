@@ -61,9 +61,7 @@ def held_out(prompt: Sequence[int]) -> bool:
 class Task:
     """A task's vocabulary (``words``: the 4 specials, then the task's symbols) and instance generator. ``name``:
     one of ``TASKS``; the others as in ``configs/data/<name>.yaml`` (``alphabet`` None: ``DEFAULT_ALPHABET[name]``).
-
-    Raises:
-        ValueError: an unknown task, or an alphabet that is not an integer >= 2.
+    Raises ValueError for an unknown task or an alphabet that is not an integer >= 2.
     """
 
     def __init__(self, name: str, alphabet: int | None = None, lsd_first: bool = False,
@@ -124,12 +122,8 @@ class Task:
         return Example(n, (*prompt, SEP_ID), (*answer, END_ID))
 
     def sample(self, rng: random.Random, n: int, evaluation: bool) -> Example:
-        """An instance of length ``n`` of the evaluation split (``held_out``) or the training split.
-
-        Raises:
-            ValueError: no instance of that split in ``_MAX_TRIES`` draws (a tiny instance space at
-                this length: raise ``data.min_length`` or ``data.alphabet``).
-        """
+        """An instance of length ``n`` of the evaluation split (``held_out``) or the training split. Raises ValueError
+        when ``_MAX_TRIES`` draws find none (a tiny instance space at this length)."""
         for _ in range(_MAX_TRIES):
             ex = self.draw(rng, n)
             if held_out(ex.prompt) == evaluation:
@@ -154,10 +148,8 @@ def collate(examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
 class TaskBatches(Dataset):
     """Training batches indexed by step: ``self[s]`` is ``collate`` of ``batch_size`` examples drawn
     from ``random.Random(step_seed(seed, s, rank))``: per row a length uniform in ``[min_length,
-    max_length]`` and a training instance of it, or (with a fixed training ``pool``) a pool index.
-
-    Raises:
-        IndexError: a negative step.
+    max_length]`` and a training instance of it, or (with a fixed training ``pool``) a pool index. Raises IndexError
+    for a negative step.
     """
 
     def __init__(self, task: Task, min_length: int, max_length: int, batch_size: int, seed: int = 0,
@@ -187,12 +179,10 @@ def default_eval_lengths(max_length: int) -> list[int]:
 class TaskDataModule(StepDataModule):
     """A synthetic task as a LightningDataModule: the keys of ``configs/data/<task>.yaml`` (each documented there)
     and from the pipeline ``block_size`` (``model.block_size``: a whole example of the longest length must fit),
-    ``seed``, ``max_steps`` (default ``trainer.max_steps``) and ``cache_dir``, unused (nothing is cached).
-
-    Raises:
-        ValueError: one line naming the ``data.<key>`` and the fix: unknown task, a length or count that is not a
-            positive integer, ``max_length < min_length``, an alphabet too small (recall's keys are distinct:
-            ``alphabet >=`` the longest length), an option of another task, or an example longer than ``block_size``.
+    ``seed``, ``max_steps`` (default ``trainer.max_steps``) and ``cache_dir``, unused (nothing is cached). Raises
+    ValueError (one line naming the ``data.<key>`` and the fix) for an unknown task, a length or count that is not a
+    positive integer, ``max_length < min_length``, an alphabet too small (recall's keys are distinct: ``alphabet >=``
+    the longest length), an option of another task, or an example longer than ``block_size``.
     """
 
     def __init__(self, task: str, min_length: int = 1, max_length: int = 8, eval_lengths: Sequence[int] | None = None,
@@ -258,10 +248,7 @@ class TaskDataModule(StepDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Build the evaluation sets, the fixed training set (with ``train_examples``) and the tokenizer; idempotent.
-
-        Raises:
-            ValueError: a length with no instance of the split it needs (``Task.sample``).
-        """
+        Raises ValueError for a length with no instance of the split it needs (``Task.sample``)."""
         if self.tokenizer is not None:
             return
         self.splits = {"validation": self._mixed_set("validation"), "test": self._mixed_set("test"), "lengthgen": []}
@@ -280,11 +267,8 @@ class TaskDataModule(StepDataModule):
                            self.pool)
 
     def eval_dataloader(self, split: str = "validation") -> DataLoader:
-        """Teacher-forced batches of a held-out split (``validation``, ``test`` or ``lengthgen``).
-
-        Raises:
-            ValueError: an unknown split.
-        """
+        """Teacher-forced batches of a held-out split (``validation``, ``test`` or ``lengthgen``); ValueError for
+        another split."""
         self._require_setup()
         if split not in self.splits:
             raise ValueError(f"split={split!r}: choose one of {', '.join(self.splits)}")

@@ -25,7 +25,6 @@ from dynpos.atomic import write_text
 from dynpos.data.corpora import HubUnavailableError
 
 TOKENIZER_KINDS = ("char", "byte", "bpe", "gpt2")
-DEFAULT_BPE_VOCAB = 4096
 
 
 def _bytes_to_chars() -> dict[int, str]:
@@ -43,10 +42,8 @@ def _byte_level(model: models.Model, use_regex: bool) -> Tokenizer:
 
 
 def check_tokenizer_config(kind: str, vocab_size: int | None = None) -> None:
-    """Validate ``tokenizer.kind`` and ``tokenizer.vocab_size`` (for ``dynpos.config.TokenizerConfig``).
-
-    Raises:
-        ValueError: unknown kind; ``vocab_size`` given for a kind other than ``bpe``, or not an integer in [257, 2**32).
+    """Validate ``tokenizer.kind`` and ``tokenizer.vocab_size`` (for ``dynpos.config.TokenizerConfig``). Raises
+    ValueError for an unknown kind, or a ``vocab_size`` given for a kind other than ``bpe`` or not in [257, 2**32).
     """
     if kind not in TOKENIZER_KINDS:
         raise ValueError(f"tokenizer.kind={kind!r}: choose one of {', '.join(TOKENIZER_KINDS)}")
@@ -60,11 +57,9 @@ def check_tokenizer_config(kind: str, vocab_size: int | None = None) -> None:
 
 def build_tokenizer(kind: str, train_texts: Iterable[str] = (), vocab_size: int | None = None) -> Tokenizer:
     """Build a tokenizer of ``kind`` (see above) that adds no special tokens; ``decode(encode(t).ids) == t`` for text
-    its vocabulary covers. ``train_texts`` (the training split, read once) serve ``char`` and ``bpe``.
-
-    Raises:
-        ValueError: see ``check_tokenizer_config``; ``char`` with no training text.
-        HubUnavailableError: ``gpt2`` when the hub cannot be reached and the cache lacks it.
+    its vocabulary covers. ``train_texts`` (the training split, read once) serve ``char`` and ``bpe``. Raises
+    ValueError as ``check_tokenizer_config`` or for ``char`` with no training text, HubUnavailableError for ``gpt2``
+    when the hub cannot be reached and the cache lacks it.
     """
     check_tokenizer_config(kind, vocab_size)
     if kind == "char":
@@ -83,7 +78,7 @@ def build_tokenizer(kind: str, train_texts: Iterable[str] = (), vocab_size: int 
         return _byte_level(models.BPE(vocab={c: b for b, c in _bytes_to_chars().items()}, merges=[]), use_regex=False)
     if kind == "bpe":
         tok = _byte_level(models.BPE(), use_regex=True)
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size or DEFAULT_BPE_VOCAB, show_progress=False,
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size or 4096, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(train_texts, trainer)
         return tok
@@ -102,12 +97,8 @@ def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Read a tokenizer saved by ``save_tokenizer`` (any ``tokenizer.json``).
-
-    Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a tokenizer JSON.
-    """
+    """Read a tokenizer saved by ``save_tokenizer`` (any ``tokenizer.json``). Raises FileNotFoundError when there is
+    no file at ``path``, ValueError when it is not a tokenizer JSON."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no tokenizer file at {path!r}: point it at a run's tokenizer.json")
