@@ -62,20 +62,18 @@ class LitGPT(L.LightningModule):
         bad = next((k for k, v in checkpoint.get("state_dict", {}).items()
                     if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()), None)
         if bad is not None:
-            raise FloatingPointError(f"parameters became non-finite by step {self.global_step} ({bad}), so no "
-                                     f"checkpoint was written and the last good one stays {self._diagnosis()}")
+            raise self._diverged(f"parameters became non-finite by step {self.global_step} ({bad}), so no "
+                                 "checkpoint was written and the last good one stays")
         for logger in self.loggers:
             logger.save()
 
-    def _diagnosis(self) -> str:
-        """``(optim.lr=..., at this step ...; trainer.precision=...): <what to change>`` for error messages."""
-        trainer, peak = self._trainer, self.optim["lr"]
-        precision = str(trainer.precision) if trainer is not None else "32-true"
-        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer is not None and trainer.optimizers else peak
-        fix = "lower optim.lr (or lengthen optim.warmup_steps)"
-        if not precision.startswith(("32", "64")):
-            fix += " or use trainer.precision=32-true"
-        return f"(optim.lr={peak:g}, at this step {lr:.3g}; trainer.precision={precision}): {fix}"
+    def _diverged(self, what: str) -> FloatingPointError:
+        """The error to raise: ``<what> (optim.lr=..., at this step ...; trainer.precision=...): <what to change>``."""
+        peak, precision = self.optim["lr"], str(getattr(self._trainer, "precision", "32-true"))
+        lr = self._trainer.optimizers[0].param_groups[0]["lr"] if getattr(self._trainer, "optimizers", None) else peak
+        fix = "" if precision.startswith(("32", "64")) else " or use trainer.precision=32-true"
+        return FloatingPointError(f"{what} (optim.lr={peak:g}, at this step {lr:.3g}; trainer.precision={precision}): "
+                                  f"lower optim.lr (or lengthen optim.warmup_steps){fix}")
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         accumulate = self.trainer.accumulate_grad_batches
@@ -93,8 +91,7 @@ class LitGPT(L.LightningModule):
         x, y = batch
         _, loss = self.model(x, y)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step} "
-                                     f"{self._diagnosis()}")
+            raise self._diverged(f"non-finite training loss {loss.item()} at step {self.global_step}")
         self.flops_per_batch = self.model.flops_per_token(y.shape[1]) * y.numel()  # for ThroughputMonitor
         tokens = (self.global_step + 1) * y.numel() * self.trainer.world_size
         # sync_dist: under DDP the logged loss is the global batch's, not rank 0's share of it
@@ -117,8 +114,8 @@ class LitGPT(L.LightningModule):
         self.eval_nats.reset()
         self.eval_targets.reset()
         if not torch.isfinite(loss):  # before any callback samples from, plots or checkpoints the weights
-            raise FloatingPointError(f"non-finite {split} loss {loss.item()} at step {self.global_step}: the weights "
-                                     f"diverged {self._diagnosis()}")
+            raise self._diverged(f"non-finite {split} loss {loss.item()} at step {self.global_step}: the weights "
+                                 "diverged")
         self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val")
         self.log(f"{prefix}/ppl", torch.exp(loss))
         if split in self.bytes_per_token:

@@ -2,7 +2,7 @@
 folder, instantiate, fit (or continue), score the best checkpoint on the validation and test splits, save
 ``result.json`` and return the metrics (for a Hydra sweeper). Under DDP every rank runs :func:`train`; only global
 rank 0 writes files. The run folder is ``paths.output_dir``: Hydra's ``hydra.run.dir`` (``runs/<date>_<time>_<name>``
-unless given), or in a sweep ``hydra.sweep.dir/hydra.sweep.subdir``; its resume policy: README, Resuming and scaling out.
+unless given), or in a sweep ``hydra.sweep.dir/hydra.sweep.subdir``; resume policy: README, Resuming and scaling out.
 """
 
 from __future__ import annotations
@@ -239,9 +239,8 @@ def train(cfg: DictConfig) -> dict:
             raise SystemExit(128 + signal.SIGTERM) from None  # the shell's status for a run ended by SIGTERM
         raise
 
-    checkpointer = trainer.checkpoint_callback  # its paths read now: validate(ckpt_path=best) restores its old state
-    best = checkpointer.best_model_path if checkpointer and checkpointer.best_model_path else None
-    last = checkpointer.last_model_path if checkpointer and checkpointer.last_model_path else None
+    # the checkpoint callback's paths, read now: validate(ckpt_path=best) restores its old state
+    best, last = (getattr(trainer.checkpoint_callback, p, "") or None for p in ("best_model_path", "last_model_path"))
     metrics = {}
     for evaluate in (trainer.validate, trainer.test):  # both scored with the best checkpoint
         evaluate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
