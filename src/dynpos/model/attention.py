@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
 
 from dynpos.model.fused import table_attention
 
@@ -130,26 +131,20 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: fl
 
 
 def _flex_table(q: Tensor, k: Tensor, v: Tensor, table: Tensor, shift: Tensor) -> Tensor:
-    """FlexAttention reading ``table[h, q_idx + shift - kv_idx]``, ``-inf`` for future keys."""
-    from torch.nn.attention.flex_attention import flex_attention as flex
-
     def score_mod(score, b, h, q_idx, kv_idx):
         distance = q_idx + shift - kv_idx
         return torch.where(distance >= 0, score + table[h, distance.clamp(min=0)], float("-inf"))
 
-    return flex(q, k, v, score_mod=score_mod)
+    return torch_flex_attention(q, k, v, score_mod=score_mod)
 
 
 def _flex_grid(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, shift: Tensor) -> Tensor:
-    """FlexAttention with a full ``(H, i, j)`` bias (or none) and the causal mask."""
-    from torch.nn.attention.flex_attention import flex_attention as flex
-
     def score_mod(score, b, h, q_idx, kv_idx):
         if bias is not None:
             score = score + bias[h, q_idx, kv_idx]
         return torch.where(kv_idx <= q_idx + shift, score, float("-inf"))
 
-    return flex(q, k, v, score_mod=score_mod)
+    return torch_flex_attention(q, k, v, score_mod=score_mod)
 
 
 _compile_dynamic = functools.cache(functools.partial(torch.compile, dynamic=True))

@@ -15,9 +15,8 @@ Design notes (one-off measurements on 2 CPU cores; ``scripts/bench_attention.py`
 leaves its fast path below -87 and tiny weights go denormal (a micro DPB step's backward: 934 ->
 320 ms). Measured slower, so rejected: the flash backward kernel plus a table-gradient pass (20-25 %),
 ``softmax`` for clamp-exp-threshold, ``torch.compile`` of the elementwise steps, ``flip`` for
-``index_select`` (column-major: 5x slower to add), ``baddbmm_`` into a strided slice. ``WORKERS = k``
-runs ``k`` parts on Python threads with one ATen thread each: faster when other processes load the
-cores, slower idle (the caller's idle OpenMP team spins on the workers' cores).
+``index_select`` (column-major: 5x slower to add), ``baddbmm_`` into a strided slice. ``WORKERS``
+(Python threads): README, Performance.
 
 Limits: no dropout (``choose_attention`` trains with it on ``eager``), no KV-cache offset, CPU only,
 not twice differentiable. Forward and backward are ``torch.library`` custom ops with fake
@@ -192,7 +191,6 @@ def _fwd_outputs(q: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("dynpos::table_attention_fwd", mutates_args=())
 def _fwd_op(q: Tensor, k: Tensor, v: Tensor, table: Tensor) -> tuple[Tensor, Tensor]:
-    """``out`` and contiguous ``lse (B, H, n)``, float32 (float64 for float64 q)."""
     out, lse = _fwd_outputs(q)
     _run_parts(_forward, _parts(*q.shape[:2], q, k, v, out, lse, per_head=table.to(lse.dtype))[1])
     return out, lse

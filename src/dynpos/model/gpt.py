@@ -85,21 +85,15 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying
-        self.apply(self._init_weights)
+        for module in self.modules():  # GPT-2's init; the scheme keeps its own (PyTorch default) init
+            if isinstance(module, (nn.Linear, nn.Embedding)) and module not in self.pos.modules():
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
         # Scaled init of the residual projections, per the GPT-2 paper.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if module in self.pos.modules():
-            return  # schemes keep their own (PyTorch default) init
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self) -> int:
         """Number of parameters (tied weights counted once), positional scheme included."""
@@ -123,9 +117,8 @@ class GPT(nn.Module):
 
     def _layer_biases(self, path: str, i: int, j: int, dtype: torch.dtype, device: torch.device,
                       cache: KVCache | None = None) -> list[Tensor | None]:
-        """Each block's bias as ``path`` reads it (:class:`CausalSelfAttention`): the table (fused, flex), else
-        the grid (flex) or the grid folded with the causal mask (sdpa, eager). Decoding without gradients
-        keeps the tables in the ``cache``."""
+        """Each block's ``bias`` as :meth:`CausalSelfAttention.forward` reads it on ``path``; decoding
+        without gradients keeps the tables in the ``cache``."""
         decoding = cache is not None and i != j and not torch.is_grad_enabled()
         if decoding and (cache.tables is None or cache.tables[0] is not None and cache.tables[0].shape[1] < j):
             have = 0 if cache.tables is None else cache.tables[0].shape[1]
@@ -133,12 +126,11 @@ class GPT(nn.Module):
         tables = cache.tables if decoding else self.pos.tables(j)
         if tables[0] is not None and path in ("fused", "flex"):
             return tables
-        if tables[0] is None and path == "flex":
-            return self.pos.biases(i, j)
         copies = 1 if self.pos.shared else self.config.n_layer  # a shared scheme: one tensor for every block
         grids = self.pos.biases(i, j) if tables[0] is None else [toeplitz(t[:, :j], i) for t in tables[:copies]]
-        masks = [None if g is None else causal_mask(g, i, j, device, dtype) for g in grids[:copies]]
-        return masks * (self.config.n_layer // copies)
+        if path != "flex":
+            grids = [None if g is None else causal_mask(g, i, j, device, dtype) for g in grids[:copies]]
+        return grids[:copies] * (self.config.n_layer // copies)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None):
         """``(logits (B, t, vocab_size), loss)`` for token ids ``idx (B, t)`` (after the cached ones if

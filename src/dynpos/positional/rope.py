@@ -16,9 +16,9 @@ from dynpos.positional.sinusoidal import inverse_frequencies
 class RoPE(PositionalScheme):
     """Rotary position embedding (``pos=rope``): channel pair ``i`` at position ``p`` turns by
     ``p * base^(-2i/d)`` radians in every block (the paper's ``base``: 10000), in the first ``rotary_dim``
-    of each head's channels, computed in float32 for the positions asked. Raises
-    ValueError if the head dimension is odd, ``base <= 1``, or ``rotary_dim`` is outside ``(0, 1]`` or
-    gives an odd number of channels.
+    of each head's channels, computed in float32 for the positions asked (q, k keep their dtype).
+    Raises ValueError if the head dimension is odd, ``base <= 1``, or ``rotary_dim`` is outside
+    ``(0, 1]`` or gives an odd number of channels.
     """
 
     def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int, *,
@@ -39,7 +39,6 @@ class RoPE(PositionalScheme):
         self.base, self.rotary_dim, self.channels = float(base), float(rotary_dim), channels
 
     def rotate(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
-        """Rotate ``q, k (B, H, t, head_dim)`` at positions ``offset ..`` in float32 (returned in their dtype)."""
         positions = torch.arange(offset, offset + q.shape[-2], device=q.device, dtype=torch.float32)
         angles = positions.unsqueeze(-1) * inverse_frequencies(self.channels, self.base, q.device)
         angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: channel i pairs with i + channels/2
