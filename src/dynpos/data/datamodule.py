@@ -19,7 +19,7 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -203,9 +203,11 @@ class FixedWindows(_Tokens, Dataset):
 
 class StepDataModule(L.LightningDataModule):
     """What the text and task datamodules share: loader settings, the train loader over ``train_batches()`` (a
-    function of the step) and the validation/test loaders over ``eval_dataloader(split)``. Raises ValueError for
-    ``batch_size``, ``eval_batch_size`` (None = ``batch_size``) or ``num_workers`` out of range.
+    function of the step) and the loaders over the fixed evaluation sets ``splits`` that ``setup()`` builds. Raises
+    ValueError for ``batch_size``, ``eval_batch_size`` (None = ``batch_size``) or ``num_workers`` out of range.
     """
+
+    collate: Callable | None = None  # the collate_fn of the evaluation loaders (None: torch's default)
 
     def __init__(self, batch_size: int, eval_batch_size: int | None, block_size: int, seed: int,
                  max_steps: int | None, num_workers: int) -> None:
@@ -216,6 +218,7 @@ class StepDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.block_size, self.seed, self.max_steps, self.num_workers = block_size, seed, max_steps, num_workers
         self.tokenizer: Tokenizer | None = None
+        self.splits: dict[str, Any] = {}  # the evaluation sets
         self.bytes_per_token: dict[str, float] = {}  # stays empty for tasks: they report no bits per byte
 
     @property
@@ -228,6 +231,14 @@ class StepDataModule(L.LightningDataModule):
         """Batches ``train_batches()[s]``, ``(x, y)`` int64 ``(B, T)``, for the steps of ``train_steps``."""
         stream = StepStream(self.train_batches(), *train_steps(self.trainer, self.max_steps))
         return self._loader(stream, batch_size=None, cls=StepLoader)
+
+    def eval_dataloader(self, split: str = "validation") -> DataLoader:
+        """Deterministic loader over the evaluation set ``splits[split]``: ``(x, y)`` int64 ``(B, T)``. Raises
+        ValueError for a split without one."""
+        self._require_setup()
+        if split not in self.splits:
+            raise ValueError(f"split={split!r}: choose one of {', '.join(self.splits)}")
+        return self._loader(self.splits[split], self.eval_batch_size, collate_fn=self.collate)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader("validation")
@@ -290,26 +301,23 @@ class TextDataModule(StepDataModule):
             self._corpus_ds = load_corpus(self.corpus["name"], **self.options)
         return self._corpus_ds[split]
 
-    def _get_tokenizer(self, root: str) -> Tokenizer:
-        if self.tokenizer_json is not None:
-            return Tokenizer.from_str(self.tokenizer_json)
-        cfg = self.tokenizer_cfg
-        digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
-        path = os.path.join(root, f"tokenizer-{cfg['kind']}-{digest[:12]}.json")
-        if os.path.isfile(path):
-            return load_tokenizer(path)
-        texts = _texts(self._split("train"), cfg["max_train_chars"]) if cfg["kind"] in ("char", "bpe") else ()
-        tok = build_tokenizer(cfg["kind"], texts, cfg["vocab_size"])
-        save_tokenizer(tok, path)
-        return tok
-
     def prepare_data(self) -> None:
         """Build what the cache lacks (tokenizer, then each split's token array) and load it; idempotent. Raises
         ValueError when ``block_size`` exceeds the tokens of a split."""
         if self.tokenizer is not None:
             return
         root = os.path.join(self.cache_dir, f"{self.corpus['name']}-{self.corpus_key[:12]}")
-        tok = self._get_tokenizer(root)
+        cfg = self.tokenizer_cfg
+        digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+        path = os.path.join(root, f"tokenizer-{cfg['kind']}-{digest[:12]}.json")
+        if self.tokenizer_json is not None:  # a checkpoint's
+            tok = Tokenizer.from_str(self.tokenizer_json)
+        elif os.path.isfile(path):
+            tok = load_tokenizer(path)
+        else:
+            texts = _texts(self._split("train"), cfg["max_train_chars"]) if cfg["kind"] in ("char", "bpe") else ()
+            tok = build_tokenizer(cfg["kind"], texts, cfg["vocab_size"])
+            save_tokenizer(tok, path)
         fp = tokenizer_fingerprint(tok)
         folder = os.path.join(root, f"tokens-{fp[:16]}")
         for split in SPLITS:
@@ -321,6 +329,7 @@ class TextDataModule(StepDataModule):
             info = json.loads(Path(meta).read_text())
             self.tokens[split] = np.load(npy, mmap_mode="r")
             self.bytes_per_token[split] = info["bytes"] / info["tokens"] if info["tokens"] else math.nan
+            self.splits[split] = FixedWindows(self.tokens[split], self.block_size, self.val_windows)
         self._corpus_ds = None  # the token arrays hold what later steps need
         shortest = min(SPLITS, key=lambda s: len(self.tokens[s]))
         if len(self.tokens[shortest]) < self.block_size + 1:
@@ -337,8 +346,3 @@ class TextDataModule(StepDataModule):
         """The step-indexed training batches of this rank (``StepBatches`` seeded with the trainer's global rank)."""
         self._require_setup()
         return StepBatches(self.tokens["train"], self.block_size, self.batch_size, self.seed, self._rank())
-
-    def eval_dataloader(self, split: str = "validation") -> DataLoader:
-        """Deterministic loader over ``FixedWindows`` of ``split``: ``(x, y)`` int64 ``(B, T)``."""
-        self._require_setup()
-        return self._loader(FixedWindows(self.tokens[split], self.block_size, self.val_windows), self.eval_batch_size)

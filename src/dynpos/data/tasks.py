@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from dynpos.data.corpora import check_int
 from dynpos.data.datamodule import StepDataModule, _plain, step_seed
@@ -29,7 +29,6 @@ TASKS = ("copy", "reverse", "sort", "addition", "recall", "passkey")
 PAD, UNK, SEP, END = "<pad>", "<unk>", "=", "."
 SPECIALS = (PAD, UNK, SEP, END)
 PAD_ID, UNK_ID, SEP_ID, END_ID = range(4)
-HELD_OUT_BUCKETS = 8  # 1 in 8 instances (by hash) is reserved for evaluation
 DEFAULT_ALPHABET = {"copy": 10, "reverse": 10, "sort": 10, "addition": 10, "recall": 64, "passkey": 10}
 DEFAULT_PASSKEY_DIGITS = 5
 _MAX_TRIES = 10_000  # draws per instance before a length is declared impossible for a split
@@ -53,9 +52,9 @@ class Example:
 
 
 def held_out(prompt: Sequence[int]) -> bool:
-    """Whether an instance belongs to evaluation: BLAKE2b of its prompt ids, modulo ``HELD_OUT_BUCKETS``, is 0."""
+    """Whether an instance belongs to evaluation (1 in 8 do): BLAKE2b of its prompt ids, modulo 8, is 0."""
     digest = hashlib.blake2b(",".join(map(str, prompt)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % HELD_OUT_BUCKETS == 0
+    return int.from_bytes(digest, "little") % 8 == 0
 
 
 class Task:
@@ -185,6 +184,8 @@ class TaskDataModule(StepDataModule):
     the longest length), an option of another task, or an example longer than ``block_size``.
     """
 
+    collate = staticmethod(collate)  # evaluation batches (validation, test, lengthgen) are teacher-forced examples
+
     def __init__(self, task: str, min_length: int = 1, max_length: int = 8, eval_lengths: Sequence[int] | None = None,
                  alphabet: int | None = None, lsd_first: bool = False, passkey_digits: int | None = None,
                  train_examples: int | None = None, batch_size: int = 64, eval_examples: int = 64,
@@ -224,7 +225,6 @@ class TaskDataModule(StepDataModule):
         self.train_examples, self.eval_examples, self.val_examples = train_examples, eval_examples, val_examples
         self.eval_seed = eval_seed
         self.pool: list[Example] | None = None
-        self.splits: dict[str, list[Example]] = {}
 
     def _mixed_set(self, stream: str) -> list[Example]:
         """``val_examples`` held-out examples, lengths uniform in the training range (but for lengths without any)."""
@@ -265,14 +265,6 @@ class TaskDataModule(StepDataModule):
         self._require_setup()
         return TaskBatches(self.task, self.min_length, self.max_length, self.batch_size, self.seed, self._rank(),
                            self.pool)
-
-    def eval_dataloader(self, split: str = "validation") -> DataLoader:
-        """Teacher-forced batches of a held-out split (``validation``, ``test`` or ``lengthgen``); ValueError for
-        another split."""
-        self._require_setup()
-        if split not in self.splits:
-            raise ValueError(f"split={split!r}: choose one of {', '.join(self.splits)}")
-        return self._loader(self.splits[split], self.eval_batch_size, collate_fn=collate)
 
     def state_dict(self) -> dict[str, Any]:
         """The tokenizer's JSON, the seed and the batch size (``load_state_dict`` compares them)."""

@@ -27,13 +27,6 @@ from dynpos.data.corpora import HubUnavailableError
 TOKENIZER_KINDS = ("char", "byte", "bpe", "gpt2")
 
 
-def _bytes_to_chars() -> dict[int, str]:
-    """GPT-2's byte -> character map: printable Latin-1 bytes stand for themselves, the other 68 take 256, 257..."""
-    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
-    extra = iter(range(256, 512))
-    return {b: chr(b if b in keep else next(extra)) for b in range(256)}
-
-
 def _byte_level(model: models.Model, use_regex: bool) -> Tokenizer:
     tok = Tokenizer(model)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=use_regex)
@@ -75,7 +68,11 @@ def build_tokenizer(kind: str, train_texts: Iterable[str] = (), vocab_size: int 
         tok.decoder = decoders.Fuse()
         return tok
     if kind == "byte":  # no merges, so the GPT-2 regex split would change nothing but cost 2.5x the time
-        return _byte_level(models.BPE(vocab={c: b for b, c in _bytes_to_chars().items()}, merges=[]), use_regex=False)
+        # GPT-2's byte -> character map: printable Latin-1 bytes stand for themselves, the other 68 take 256, 257...
+        keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+        extra = iter(range(256, 512))
+        vocab = {chr(b if b in keep else next(extra)): b for b in range(256)}
+        return _byte_level(models.BPE(vocab=vocab, merges=[]), use_regex=False)
     if kind == "bpe":
         tok = _byte_level(models.BPE(), use_regex=True)
         trainer = trainers.BpeTrainer(vocab_size=vocab_size or 4096, show_progress=False,
