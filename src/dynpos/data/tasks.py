@@ -145,10 +145,9 @@ def collate(examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class TaskBatches(Dataset):
-    """Training batches indexed by step: ``self[s]`` is ``collate`` of ``batch_size`` examples drawn
-    from ``random.Random(step_seed(seed, s, rank))``: per row a length uniform in ``[min_length,
-    max_length]`` and a training instance of it, or (with a fixed training ``pool``) a pool index. Raises IndexError
-    for a negative step.
+    """Training batches indexed by step: ``self[s]`` is ``collate`` of ``batch_size`` examples drawn from
+    ``random.Random(step_seed(seed, s, rank))``: per row a length uniform in ``[min_length, max_length]`` and a
+    training instance of it, or (with a fixed training ``pool``) a pool index. Raises IndexError for a negative step.
     """
 
     def __init__(self, task: Task, min_length: int, max_length: int, batch_size: int, seed: int = 0,
