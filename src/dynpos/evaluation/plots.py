@@ -17,10 +17,9 @@ from dynpos.positional.base import PositionalScheme  # noqa: E402
 
 @torch.no_grad()
 def plot_bias(pos: PositionalScheme, n: int, title: str = "") -> Figure | None:
-    """One panel per block (bias in logits against distance ``0 .. n-1``, a line per head) and a
-    heatmap of head 0's ``(n, n)`` bias in block 0 (blank above the causal diagonal). The curves come
-    from the scheme's per-distance table or (FIRE) the last query row of its bias grid. None when the
-    scheme adds no bias.
+    """One panel per block (bias in logits against distance ``0 .. n-1``, a line per head) and a heatmap of
+    head 0's ``(n, n)`` bias in block 0 (blank above the causal diagonal). The curves come from the scheme's
+    per-distance tables or (FIRE) the last query row of its bias grids. None when the scheme adds no bias.
     """
     tables = pos.tables(n)
     if tables[0] is None:

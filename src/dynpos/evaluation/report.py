@@ -341,10 +341,9 @@ def plot_report(runs: pd.DataFrame, long: pd.DataFrame) -> tuple[Figure | None, 
 
 
 def lengthgen_summary(rows: pd.DataFrame, metric: str = "exact_match") -> pd.DataFrame:
-    """Mean and sample std over seeds of a task sweep's scored rows (``task``, ``pos``, ``length``,
-    ``status``, ``metric``; :func:`dynpos.evaluation.lengthgen.evaluate_datamodule`'s), indexed by
-    ``(task, pos, length)``, sorted, with ``runs``, ``<metric>`` and ``<metric>_std``: NaN for a
-    group with an n/a run, std 0 for one run."""
+    """Mean and sample std over seeds of a task sweep's scored rows (``task``, ``pos``, ``length``, ``status``,
+    ``metric``: :class:`~dynpos.evaluation.lengthgen.LengthGenEval`'s), indexed by ``(task, pos, length)``,
+    sorted, with ``runs``, ``<metric>`` and ``<metric>_std``: NaN for a group with an n/a run, std 0 for one run."""
     keys = [rows["task"], rows["pos"], rows["length"]]
     stats = rows.groupby(keys)[metric].agg(runs="size", mean="mean", std="std").fillna({"std": 0.0})
     stats.loc[rows["status"].ne("ok").groupby(keys).any(), ["mean", "std"]] = np.nan
@@ -353,12 +352,11 @@ def lengthgen_summary(rows: pd.DataFrame, metric: str = "exact_match") -> pd.Dat
 
 def rank_schemes(summary: pd.DataFrame, limits: dict[str, int],
                  metric: str = "exact_match") -> tuple[pd.Series, pd.Series]:
-    """Each scheme's rank per task and its mean reciprocal rank across tasks (Kazemnejad et al. 2023).
-
-    A scheme's score on a task is its mean ``metric`` of :func:`lengthgen_summary` over the lengths
-    past the task's longest training length (``limits[task]``; n/a counts as 0); rank 1 is best, ties
-    share the best rank they cover (competition ranking); MRR is the mean of ``1 / rank`` over the
-    tasks. Returns ``(ranks indexed by (task, pos), mrr indexed by pos)``.
+    """Each scheme's rank per task and its mean reciprocal rank across tasks (Kazemnejad et al. 2023):
+    ``(ranks indexed by (task, pos), mrr indexed by pos)``. A scheme's score on a task is its mean ``metric``
+    of :func:`lengthgen_summary` over the lengths past the task's longest training length (``limits[task]``;
+    n/a counts as 0); rank 1 is best, ties share the best rank they cover (competition ranking); MRR is the
+    mean of ``1 / rank`` over the tasks.
     """
     rows = summary.reset_index()
     past = rows[rows["length"] > rows["task"].map(limits)]
