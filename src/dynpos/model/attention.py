@@ -41,15 +41,14 @@ class AttnChoice(NamedTuple):
 
 def choose_attention(attn: str, *, bias: str, learned: bool, device: torch.device | str, grad: bool,
                      cached: bool, dropout: float, length: int) -> AttnChoice:
-    """Decide the attention path: the one place that does (DESIGN.md, Attention).
+    """Decide the attention path: the one place that does (DESIGN.md, Attention; ``auto``'s rules:
+    README, "The model", and each choice's ``reason``; off the CPU ``auto`` is ``sdpa``, unmeasured).
 
     ``attn`` is ``model.attn``; ``bias`` what the scheme gives: ``none``, ``table`` (per distance,
     ``(H, j)``) or ``grid`` (``(H, i, j)``, FIRE); ``learned``: it has trainable parameters;
     ``grad``: ``torch.is_grad_enabled()``; ``cached``: fewer queries than keys (a KV cache);
-    ``dropout``: the attention dropout that applies; ``length``: the key positions ``j``. ``auto``
-    takes ``fused`` for a table on the CPU without a cache (the ``reason`` of each exception says
-    why), else ``sdpa`` (on CUDA too: unmeasured). Each fallback is logged once per reason (logger
-    ``dynpos.model.attention``, WARNING), but not while Dynamo traces.
+    ``dropout``: the attention dropout that applies; ``length``: the key positions ``j``. Each
+    fallback is logged once per reason (logger ``dynpos.model.attention``, WARNING), not in Dynamo.
 
     Raises:
         ValueError: for an unknown ``attn`` or ``bias``, or ``flex`` with gradients on the CPU

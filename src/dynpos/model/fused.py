@@ -127,7 +127,6 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, table: T
     """Chunked flash forward into ``out (B, H, n, D)`` (q's dtype) and ``lse (B, H, n)`` (``table``'s)."""
     B, H, n, D = q.shape
     chunk = n if n <= FWD_CHUNK else max(min(32, FWD_CHUNK), min(FWD_CHUNK, FWD_BIAS_ELEMS // (H * n)))
-    merge = table.dtype  # merge the two partial softmaxes at >= float32
     for x0 in range(0, n, chunk):
         x1 = min(x0 + chunk, n)
         bias = toeplitz(table[:, :x1], x1 - x0, float("-inf")).unsqueeze(0)      # (1, H, c, x1)
@@ -140,7 +139,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, table: T
         # keys 0 .. x0-1: all visible, no causal mask
         o1, l1 = _FLASH(qc, k[:, :, :x0], v[:, :, :x0], 0.0, False, attn_mask=bias[..., :x0])
         w1 = torch.sigmoid(l1 - l2).unsqueeze(-1)  # e^l1 / (e^l1 + e^l2)
-        out[:, :, x0:x1] = torch.lerp(o2.to(merge), o1.to(merge), w1)
+        out[:, :, x0:x1] = torch.lerp(o2.to(table.dtype), o1.to(table.dtype), w1)  # merged at >= float32
         torch.logaddexp(l1, l2, out=lse[:, :, x0:x1])
 
 

@@ -140,11 +140,10 @@ class GPT(nn.Module):
         t = idx.shape[1]
         offset = cache.length if cache is not None else 0
         j = offset + t
-        limit = self.pos.max_length
-        if limit is not None and j > limit:
-            raise ValueError(f"sequence of {j} tokens exceeds the {limit} positions that pos={self.pos.name} can "
-                             "encode: use a relative scheme (pos=dpb, alibi, rope, ...) or evaluate at lengths <= "
-                             "block_size")
+        if self.pos.max_length is not None and j > self.pos.max_length:
+            raise ValueError(f"sequence of {j} tokens exceeds the {self.pos.max_length} positions that "
+                             f"pos={self.pos.name} can encode: use a relative scheme (pos=dpb, alibi, rope, ...) or "
+                             "evaluate at lengths <= block_size")
         x = self.wte(idx)
         absolute = self.pos.absolute(t, offset)
         if absolute is not None:
@@ -207,9 +206,8 @@ def compile_model(model: GPT, mode: str | None = None) -> GPT:
     block, training = model.config.block_size, model.training
     device = next(model.parameters()).device
     for train in (True, False):
-        model.train(train)
         with torch.set_grad_enabled(train):
-            model.attention_choice(block, block, device)
+            model.train(train).attention_choice(block, block, device)
     model.train(training)
     model.compile(mode=mode)
     return model

@@ -26,8 +26,6 @@ class Learned(PositionalScheme):
     def absolute(self, t: int, offset: int = 0) -> Tensor:
         """Rows ``offset .. offset + t - 1`` of ``wpe``, ``(t, n_embd)``; ValueError past ``block_size``."""
         if offset < 0 or t < 0 or offset + t > self.block_size:
-            raise ValueError(
-                f"pos=learned has embeddings for positions 0..{self.block_size - 1}, asked for "
-                f"{offset}..{offset + t - 1}: keep sequences within model.block_size"
-            )
+            raise ValueError(f"pos=learned has embeddings for positions 0..{self.block_size - 1}, asked for "
+                             f"{offset}..{offset + t - 1}: keep sequences within model.block_size")
         return self.wpe[offset: offset + t]
