@@ -9,10 +9,13 @@ from __future__ import annotations
 import csv
 import datetime
 import os
+import platform
 import shutil
+import subprocess
 import sys
 import time
 import uuid
+from importlib.metadata import distributions
 from pathlib import Path
 
 import lightning as L
@@ -25,6 +28,9 @@ from rich.console import Console
 
 from dynpos.atomic import write_json, write_text
 from dynpos.evaluation.plots import plot_bias, save_figure
+
+PACKAGES = ("dynpos", "torch", "lightning", "torchmetrics", "hydra-core", "omegaconf", "datasets", "tokenizers",
+            "numpy", "pandas", "wandb")
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -176,6 +182,24 @@ class BiasPlot(L.Callback):
             logger.log_image(key="bias", images=[str(stepped)], step=step)
 
 
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=10,
+                              check=True, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"}).stdout.strip()  # read-only
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict:
+    """Python, platform, CUDA, the versions of :data:`PACKAGES` and, when dynpos runs from a git checkout,
+    ``git``: ``{"commit": sha, "dirty": bool}``. Nothing from the environment is recorded."""
+    commit = _git("rev-parse", "HEAD")
+    git = {"commit": commit, "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))} if commit else None
+    packages = {name: next((d.version for d in distributions(name=name)), None) for name in PACKAGES}
+    return {"python": platform.python_version(), "platform": platform.platform(), "packages": packages,
+            "cuda": torch.version.cuda, "git": git}
+
+
 def _csv_rows(logger: CSVLogger, before: int) -> list[tuple[int, dict[str, float]]]:
     """``(step, metrics)`` of each row of ``logger``'s ``metrics.csv`` logged before step ``before``."""
     path = Path(logger.log_dir) / "metrics.csv"
@@ -187,14 +211,14 @@ def _csv_rows(logger: CSVLogger, before: int) -> list[tuple[int, dict[str, float
 
 
 class RunRecord(L.Callback):
-    """Write the datamodule's ``tokenizer.json`` and ``versions`` (``versions.json``) into the run folder at
-    ``setup("fit")``, when even a DDP child process knows it is not rank 0. On resume from step ``resume_step``,
-    also write back the rows of each CSV logger's ``metrics.csv`` before that step, so it reads as one
-    uninterrupted run: they are read here, at construction, since Lightning's CSV writer deletes the file in setup.
+    """Write the datamodule's ``tokenizer.json`` and :func:`package_versions` (``versions.json``; also
+    ``self.versions``) into the run folder at ``setup("fit")``, when even a DDP child process knows it is not rank 0.
+    On resume from step ``resume_step``, write back each CSV logger's ``metrics.csv`` rows before that step (read at
+    construction: Lightning's CSV writer deletes the file in setup), so it reads as one uninterrupted run.
     """
 
-    def __init__(self, versions: dict, resume_step: int | None = None, loggers: list | None = None) -> None:
-        self.versions = versions
+    def __init__(self, resume_step: int | None = None, loggers: list | None = None) -> None:
+        self.versions = package_versions()
         self.history = [(lg, _csv_rows(lg, resume_step)) for lg in loggers or []
                         if resume_step is not None and isinstance(lg, CSVLogger)]
 

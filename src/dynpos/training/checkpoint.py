@@ -1,10 +1,7 @@
-"""Checkpoints that carry everything needed to use them again: weights, the run's config, the tokenizer.
-
-A checkpoint written by ``train.py`` holds ``state_dict`` (``model.*``), the module's ``hyper_parameters``
-(``config``: the whole resolved run config, stored once; ``vocab_size``; ``bytes_per_token``) and the
-datamodule's state with the tokenizer (the ``tokenizers`` JSON). Reading uses ``torch.load(weights_only=True)``,
-so a crafted file cannot run code, here and in the trainer, whose every preset names :class:`AtomicCheckpointIO`
-under ``plugins:`` (README, Resuming and scaling out).
+"""Checkpoints that carry everything needed to use them again (litgpt's rule): ``state_dict`` (``model.*``),
+:class:`~dynpos.training.module.LitGPT`'s ``hyper_parameters`` (the whole run config, stored once) and the
+datamodule's state with the ``tokenizers`` JSON; read with ``torch.load(weights_only=True)`` here and, through
+:class:`AtomicCheckpointIO`, in the trainer (README, Resuming and scaling out).
 """
 
 from __future__ import annotations

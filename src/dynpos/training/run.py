@@ -8,15 +8,11 @@ unless given), or in a sweep ``hydra.sweep.dir/hydra.sweep.subdir``; resume poli
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import warnings
-from importlib.metadata import distributions
 from pathlib import Path
 from typing import Any
 
@@ -52,28 +48,18 @@ QUIET = (
     ".*The dirpath has changed from.*",
     ".*Checkpoint directory .* exists and is not empty.*",  # resume=auto continues the folder's own checkpoints
 )
-PACKAGES = ("dynpos", "torch", "lightning", "torchmetrics", "hydra-core", "omegaconf", "datasets", "tokenizers",
-            "numpy", "pandas", "wandb")
 # Keys that may change when a run is continued: they leave the weights' and the data's meaning alone.
 FREE_ON_RESUME = {"model": ("dropout", "attn", "compile"), "pos": (), "tokenizer": (),
                   "data": ("batch_size", "val_windows", "num_workers", "eval_batch_size")}
 _EMPTY_RUN = {".hydra", "train.log"}  # what a run folder refused before training may hold
-
-
-def _no_advert(record: logging.LogRecord) -> bool:
-    """Drop the litlogger advertisement Lightning logs (not warns) whenever no LitLogger is attached."""
-    return "litlogger" not in record.getMessage()
+# The litlogger advertisement Lightning logs (not warns) whenever no LitLogger is attached: dropped, once
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
 
 
 def build_datamodule(cfg: DictConfig, **overrides) -> L.LightningDataModule:
     """The ``data`` group's datamodule, with the keys that live elsewhere in the config."""
     return instantiate(cfg.data, block_size=cfg.model.block_size, seed=cfg.seed, cache_dir=str(cfg.paths.cache_dir),
                        max_steps=cfg.trainer.get("max_steps"), **overrides)
-
-
-def last_checkpoint(out: Path) -> Path:
-    """Where ``resume=auto`` looks: ``<run folder>/checkpoints/last.ckpt``."""
-    return Path(out) / "checkpoints" / "last.ckpt"
 
 
 def check_run_folder(cfg: DictConfig, out: Path) -> str | None:
@@ -85,8 +71,9 @@ def check_run_folder(cfg: DictConfig, out: Path) -> str | None:
             that the run does not continue; the message says what to pass instead.
         NotADirectoryError: ``out`` is a file.
     """
+    last = out / "checkpoints" / "last.ckpt"  # where the checkpoint callback (save_last) writes
     if cfg.get("resume") == "auto":
-        resume = str(last_checkpoint(out)) if last_checkpoint(out).is_file() else None
+        resume = str(last) if last.is_file() else None
     else:
         resume = str(cfg.ckpt_path) if cfg.get("ckpt_path") else None
     if out.exists() and not out.is_dir():
@@ -94,12 +81,11 @@ def check_run_folder(cfg: DictConfig, out: Path) -> str | None:
     if (out / "result.json").is_file():
         raise FileExistsError(
             f"run folder {out} already holds a finished run (result.json): leave hydra.run.dir out for a new "
-            f"timestamped folder or give another one; to train on from it, use ckpt_path={last_checkpoint(out)} "
+            f"timestamped folder or give another one; to train on from it, use ckpt_path={last} "
             "with a new folder"
         )
-    folder = out / "checkpoints"
-    existing = sorted(folder.glob("*.ckpt"))
-    if existing and (resume is None or Path(resume).resolve().parent != folder.resolve()):
+    existing = sorted(last.parent.glob("*.ckpt"))
+    if existing and (resume is None or Path(resume).resolve().parent != last.parent.resolve()):
         raise FileExistsError(
             f"run folder {out} holds checkpoints of an unfinished run ({existing[0].name}): continue it with "
             f"resume=auto hydra.run.dir={out}, or give another hydra.run.dir"
@@ -133,12 +119,9 @@ def open_run(cfg: DictConfig) -> tuple[str | None, int | None]:
 
 
 class RunFolderGuard(Callback):
-    """Hydra callback (``hydra.callbacks`` in ``configs/train.yaml``): :func:`check_run_folder` on
-    ``hydra.run.dir`` before Hydra writes ``.hydra/`` and the log there, so a refused command leaves a finished
-    run's folder byte for byte as it was; :func:`open_run` checks again in the job (sweep folders are known only
-    then). ``resume=auto`` without ``hydra.run.dir`` is refused here: it would quietly start a new folder.
-    Refusals go through :func:`dynpos.training.cli.guard`.
-    """
+    """Hydra callback (``configs/train.yaml``): :func:`check_run_folder` on ``hydra.run.dir`` before Hydra writes
+    ``.hydra/`` and the log there (:func:`open_run` checks again in the job, where sweep folders are known), and the
+    refusal of ``resume=auto`` without ``hydra.run.dir``, through :func:`~dynpos.training.cli.guard`."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         HydraConfig.instance().set_config(config)  # so ${hydra:...} in the default run dir resolves this early
@@ -154,27 +137,9 @@ class RunFolderGuard(Callback):
         guard(check)
 
 
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", *args], cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=10,
-                              check=True, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"}).stdout.strip()  # read-only
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def package_versions() -> dict[str, Any]:
-    """Python, platform, CUDA, the versions of :data:`PACKAGES` and, when dynpos runs from a git checkout,
-    ``git``: ``{"commit": sha, "dirty": bool}``. Nothing from the environment is recorded."""
-    commit = _git("rev-parse", "HEAD")
-    git = {"commit": commit, "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))} if commit else None
-    packages = {name: next((d.version for d in distributions(name=name)), None) for name in PACKAGES}
-    return {"python": platform.python_version(), "platform": platform.platform(), "packages": packages,
-            "cuda": torch.version.cuda, "git": git}
-
-
 def _interrupted(out: Path) -> str:
     """What an interrupted run keeps (the step its ``last.ckpt`` holds) and the command that continues it."""
-    last = last_checkpoint(out)
+    last = out / "checkpoints" / "last.ckpt"
     if last.is_file():
         step = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"]
         kept = f"{last} holds step {step}, where it continues"
@@ -196,7 +161,6 @@ def train(cfg: DictConfig) -> dict:
     """
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_advert)  # a filter is added once
     validate(cfg)
     if cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():
         raise ValueError(f"trainer.accelerator=gpu (trainer={cfg.trainer.get('strategy') or 'gpu'}) needs a CUDA GPU "
@@ -225,8 +189,7 @@ def train(cfg: DictConfig) -> dict:
     console.print(f"[bold]model[/]: {n_params:,} parameters ({n_params / 1e6:.2f}M), of which "
                   f"pos={module.model.pos.name}: {sum(p.numel() for p in module.model.pos.parameters()):,}")
 
-    versions = package_versions()
-    record = RunRecord(versions, resume_step, loggers)
+    record = RunRecord(resume_step, loggers)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, record], logger=loggers or False)
     if resume:
         console.print(f"[bold]resuming[/] from {resume} at step {resume_step}")
@@ -245,8 +208,10 @@ def train(cfg: DictConfig) -> dict:
     for evaluate in (trainer.validate, trainer.test):  # both scored with the best checkpoint
         evaluate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    if not trainer.is_global_zero:  # global rank 0 scores the lengths and writes the result
+        return metrics
     extrapolation = None
-    if cfg.eval.lengths and trainer.is_global_zero:  # scored once, on rank 0
+    if cfg.eval.lengths:
         extrapolation = run_extrapolation(module.model, datamodule.tokens[cfg.eval.split],
                                           datamodule.bytes_per_token.get(cfg.eval.split), out / "eval",
                                           **OmegaConf.to_container(cfg.eval, resolve=True))
@@ -263,18 +228,10 @@ def train(cfg: DictConfig) -> dict:
         "extrapolation": extrapolation,
         "lengthgen": lengthgen,
         "config": config,
-        "versions": versions,
+        "versions": record.versions,
     }
-    if trainer.is_global_zero:
-        write_json(out / "result.json", result)
-        print_result(result, sample, out)
-    return metrics
-
-
-def print_result(result: dict, sample: str | None, out: Path) -> None:
-    """The end of a run on the console: losses, sample, where the files are."""
-    metrics, extrapolation, lengthgen = result["metrics"], result["extrapolation"], result["lengthgen"]
-    console.rule("result")
+    write_json(out / "result.json", result)
+    console.rule("result")  # the end of the run on the console: losses, sample, where the files are
     console.print(" | ".join(f"{k} {metrics[k]:.4f}" + (" nats/token" if k.endswith("loss") else "")
                              for k in ("val/loss", "val/bpb", "test/loss", "test/bpb") if k in metrics))
     if extrapolation:
@@ -289,10 +246,11 @@ def print_result(result: dict, sample: str | None, out: Path) -> None:
         console.print(f"[bold]length generalization[/]: {out / 'lengthgen'}")
     if sample:
         console.print(f"[bold]sample[/]:\n{sample}")
-    console.print(f"[bold]checkpoint[/]: {result['best_checkpoint'] or result['last_checkpoint']}")
-    if result["bias_plot"]:
-        console.print(f"[bold]bias plot[/]: {result['bias_plot']}")
+    console.print(f"[bold]checkpoint[/]: {best or last}")
+    if plot:
+        console.print(f"[bold]bias plot[/]: {plot}")
     console.print(f"[bold]result[/]: {out / 'result.json'}")
+    return metrics
 
 
 def remove_if_empty(out: Path) -> None:
