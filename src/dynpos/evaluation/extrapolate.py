@@ -52,7 +52,7 @@ def encodable(model: nn.Module, n_tokens: int) -> bool:
 @torch.no_grad()
 def windowed_loss(model: GPT, tokens: Tensor, plan: list[tuple[int, int]], length: int, batch_size: int) -> float:
     """Mean cross-entropy (nats/token) of the scored targets of ``plan`` over ``tokens (n,)``."""
-    total, count = 0.0, 0
+    total = 0.0
     for b in range(0, len(plan), batch_size):
         starts, scored = zip(*plan[b : b + batch_size])
         windows = torch.stack([tokens[s : s + length + 1] for s in starts])
@@ -61,8 +61,7 @@ def windowed_loss(model: GPT, tokens: Tensor, plan: list[tuple[int, int]], lengt
         logits, _ = model(x)
         total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1,
                                                    reduction="sum").item()
-        count += int((y >= 0).sum())
-    return total / max(count, 1)
+    return total / max(sum(scored for _, scored in plan), 1)
 
 
 def evaluate_lengths(model: GPT, tokens: np.ndarray | Tensor, lengths: list[int], *, protocol: str = "nonoverlap",
