@@ -1,10 +1,8 @@
-"""The config schema: one typed tree, checked once, at composition.
-
-``configs/train.yaml`` starts from :class:`TrainConfig` (``train_schema`` in Hydra's ConfigStore), so Hydra checks
-types and refuses unknown keys while it composes; each dataclass's ``__post_init__`` checks ranges when
-:func:`validate` builds the objects, before any data is read, and raises ``ValueError`` naming the key and the fix.
-Groups that build objects (``pos``, ``data``, ``trainer``, ``logger``, ``callbacks``) name a ``_target_``; their
-options are checked by the target's constructor.
+"""The config schema, one typed tree: ``configs/train.yaml`` starts from :class:`TrainConfig` (``train_schema`` in
+Hydra's ConfigStore), so Hydra checks types and refuses unknown keys while it composes; each dataclass's
+``__post_init__`` checks ranges when :func:`validate` builds the objects, before any data is read, and raises
+``ValueError`` naming the key and the fix. Groups that build objects (``pos``, ``data``, ``trainer``, ``logger``,
+``callbacks``) name a ``_target_``; their options are checked by the target's constructor.
 """
 
 from __future__ import annotations

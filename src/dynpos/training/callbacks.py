@@ -1,7 +1,6 @@
 """dynpos's own callbacks: non-TTY progress lines, a text sample and a picture of the learned bias at each
-validation, and the run's records. Checkpoints and throughput are Lightning's own. All write on global rank 0 only.
-Also wandb without an account: offline when no API key is configured; one wandb run per run folder, continued on
-resume (the failure of lightning-hydra-template issue #128).
+validation, and the run's records (checkpoints and throughput are Lightning's own); all write on global rank 0 only.
+Also the wandb logger they log to, which needs no account (:func:`wandb_logger`).
 """
 
 from __future__ import annotations
@@ -70,7 +69,8 @@ def wandb_logger(**kwargs) -> WandbLogger:
 
     Offline when ``WANDB_MODE`` is ``offline``/``disabled`` or no API key is found (``WANDB_API_KEY`` or a
     ``wandb login`` entry in ~/.netrc); it then prints the ``wandb sync`` command that uploads the run later.
-    The run id is :func:`run_id`'s, and an existing run continues (``resume="allow"``).
+    The run id is :func:`run_id`'s and an existing run continues (``resume="allow"``): one wandb run per run folder,
+    also on resume (the failure of lightning-hydra-template issue #128).
     """
     save_dir = kwargs.get("save_dir", ".")
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))

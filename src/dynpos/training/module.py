@@ -35,13 +35,10 @@ class LitGPT(L.LightningModule):
         vocab_size: from the tokenizer (``model.vocab_size`` when that is set instead).
         bytes_per_token: UTF-8 bytes per token of each split, for ``bpb = loss / ln 2 / bytes_per_token``.
 
-    Dropout is re-seeded before every micro-batch from ``step_seed(seed, micro-batch, rank)``, the rule that draws
-    the data windows, so a resumed run makes the same random choices as an uninterrupted one. Training stops at
-    ``max_steps`` with a validation (whatever ``val_check_interval``), and with ``FloatingPointError`` (naming the
-    step, learning rate and precision) at the first non-finite loss; non-finite weights are never checkpointed.
-
     Logs ``train/loss`` (nats/token), ``train/lr``, ``train/tokens`` and ``val/`` and ``test/`` ``loss``, ``ppl``,
     ``bpb``: exact token-weighted means over every scored target, summed across ranks, not means of batch means.
+    Training stops at ``max_steps`` with a validation, and with ``FloatingPointError`` (naming the step, learning
+    rate and precision) at the first non-finite loss or weights, which are never checkpointed.
     """
 
     def __init__(self, config: dict, vocab_size: int, bytes_per_token: dict[str, float] | None = None) -> None:
@@ -53,7 +50,7 @@ class LitGPT(L.LightningModule):
         self.optim = config["optim"]
         self.bytes_per_token = bytes_per_token or {}
         self.seed = config["seed"]
-        # a NaN stays NaN (torchmetrics would drop it with a warning), so that divergence is caught in _log_eval
+        # a NaN stays NaN (torchmetrics would drop it with a warning), so that divergence is caught at the epoch's end
         self.eval_nats = SumMetric(nan_strategy="disable")
         self.eval_targets = SumMetric(nan_strategy="disable")
 
@@ -76,14 +73,14 @@ class LitGPT(L.LightningModule):
                                   f"lower optim.lr (or lengthen optim.warmup_steps){fix}")
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # dropout re-seeded by the rule that draws the windows: a resumed run makes the same random choices
         accumulate = self.trainer.accumulate_grad_batches
         micro_batch = self.global_step * accumulate + batch_idx % accumulate
         torch.manual_seed(step_seed(self.seed, micro_batch, self.global_rank))
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        project = getattr(self.model.pos, "project_", None)  # a scheme's constraint after each step (KERPLE)
-        if callable(project):
-            project()
+        if hasattr(self.model.pos, "project_"):  # a scheme's constraint after each step (KERPLE)
+            self.model.pos.project_()
         if 0 < self.trainer.max_steps <= self.global_step:  # a requested stop validates before the loop exits
             self.trainer.should_stop = True
 
@@ -109,7 +106,8 @@ class LitGPT(L.LightningModule):
 
     test_step = validation_step
 
-    def _log_eval(self, split: str, prefix: str) -> None:
+    def on_validation_epoch_end(self) -> None:
+        split, prefix = ("test", "test") if self.trainer.testing else ("validation", "val")
         loss = (self.eval_nats.compute() / self.eval_targets.compute()).float()
         self.eval_nats.reset()
         self.eval_targets.reset()
@@ -121,11 +119,7 @@ class LitGPT(L.LightningModule):
         if split in self.bytes_per_token:
             self.log(f"{prefix}/bpb", loss / math.log(2) / self.bytes_per_token[split], prog_bar=prefix == "val")
 
-    def on_validation_epoch_end(self) -> None:
-        self._log_eval("validation", "val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_eval("test", "test")
+    on_test_epoch_end = on_validation_epoch_end
 
     def configure_optimizers(self):
         o = self.optim

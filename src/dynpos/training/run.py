@@ -62,15 +62,19 @@ def build_datamodule(cfg: DictConfig, **overrides) -> L.LightningDataModule:
                        max_steps=cfg.trainer.get("max_steps"), **overrides)
 
 
-def check_run_folder(cfg: DictConfig, out: Path) -> str | None:
+def check_run_folder(cfg: DictConfig, out: Path, given: bool = True) -> str | None:
     """The checkpoint to continue (``ckpt_path``, or with ``resume=auto`` the run folder ``out``'s ``last.ckpt``
     if it exists; None for a fresh start), once it is sure that the run overwrites nothing in ``out``.
 
     Raises:
+        ValueError: ``resume=auto`` and ``out`` not ``given`` (no ``hydra.run.dir``): it would start a new folder.
         FileExistsError: ``out`` holds a finished run (``result.json``), or the checkpoints of an unfinished run
             that the run does not continue; the message says what to pass instead.
         NotADirectoryError: ``out`` is a file.
     """
+    if cfg.get("resume") == "auto" and not given:
+        raise ValueError("resume=auto needs the run folder to continue: add hydra.run.dir=<run folder> "
+                         "(e.g. hydra.run.dir=runs/<date>_<time>_<name>)")
     last = out / "checkpoints" / "last.ckpt"  # where the checkpoint callback (save_last) writes
     if cfg.get("resume") == "auto":
         resume = str(last) if last.is_file() else None
@@ -119,22 +123,15 @@ def open_run(cfg: DictConfig) -> tuple[str | None, int | None]:
 
 
 class RunFolderGuard(Callback):
-    """Hydra callback (``configs/train.yaml``): :func:`check_run_folder` on ``hydra.run.dir`` before Hydra writes
-    ``.hydra/`` and the log there (:func:`open_run` checks again in the job, where sweep folders are known), and the
-    refusal of ``resume=auto`` without ``hydra.run.dir``, through :func:`~dynpos.training.cli.guard`."""
+    """Hydra callback (``configs/train.yaml``): :func:`check_run_folder` on ``hydra.run.dir``, through
+    :func:`~dynpos.training.cli.guard`, before Hydra writes ``.hydra/`` and the log there (:func:`open_run` checks
+    again in the job, where sweep folders are known)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         HydraConfig.instance().set_config(config)  # so ${hydra:...} in the default run dir resolves this early
-
-        def check() -> None:
-            given = any(o.split("=", 1)[0] in ("hydra.run.dir", "+hydra.run.dir")
-                        for o in [*config.hydra.overrides.hydra, *config.hydra.overrides.task])
-            if config.get("resume") == "auto" and not given:
-                raise ValueError("resume=auto needs the run folder to continue: add hydra.run.dir=<run folder> "
-                                 "(e.g. hydra.run.dir=runs/<date>_<time>_<name>)")
-            check_run_folder(config, Path(str(config.hydra.run.dir)))
-
-        guard(check)
+        given = any(o.split("=", 1)[0] in ("hydra.run.dir", "+hydra.run.dir")
+                    for o in [*config.hydra.overrides.hydra, *config.hydra.overrides.task])
+        guard(lambda: check_run_folder(config, Path(str(config.hydra.run.dir)), given))
 
 
 def _interrupted(out: Path) -> str:
@@ -218,7 +215,7 @@ def train(cfg: DictConfig) -> dict:
     lengthgen = next((c.rows for c in callbacks if isinstance(c, LengthGenEval)), None)
     sample = next((c.last for c in callbacks if isinstance(c, TextSample)), None)
     plot = next((c.path for c in callbacks if isinstance(c, BiasPlot)), None)
-    result = {
+    write_json(out / "result.json", {
         "metrics": metrics,
         "num_params": n_params,
         "pos": module.model.pos.name,
@@ -229,8 +226,7 @@ def train(cfg: DictConfig) -> dict:
         "lengthgen": lengthgen,
         "config": config,
         "versions": record.versions,
-    }
-    write_json(out / "result.json", result)
+    })
     console.rule("result")  # the end of the run on the console: losses, sample, where the files are
     console.print(" | ".join(f"{k} {metrics[k]:.4f}" + (" nats/token" if k.endswith("loss") else "")
                              for k in ("val/loss", "val/bpb", "test/loss", "test/bpb") if k in metrics))
