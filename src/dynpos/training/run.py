@@ -51,7 +51,6 @@ QUIET = (
 # Keys that may change when a run is continued: they leave the weights' and the data's meaning alone.
 FREE_ON_RESUME = {"model": ("dropout", "attn", "compile"), "pos": (), "tokenizer": (),
                   "data": ("batch_size", "val_windows", "num_workers", "eval_batch_size")}
-_EMPTY_RUN = {".hydra", "train.log"}  # what a run folder refused before training may hold
 # The litlogger advertisement Lightning logs (not warns) whenever no LitLogger is attached: dropped, once
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
 
@@ -72,11 +71,11 @@ def check_run_folder(cfg: DictConfig, out: Path, given: bool = True) -> str | No
             that the run does not continue; the message says what to pass instead.
         NotADirectoryError: ``out`` is a file.
     """
-    if cfg.get("resume") == "auto" and not given:
-        raise ValueError("resume=auto needs the run folder to continue: add hydra.run.dir=<run folder> "
-                         "(e.g. hydra.run.dir=runs/<date>_<time>_<name>)")
     last = out / "checkpoints" / "last.ckpt"  # where the checkpoint callback (save_last) writes
     if cfg.get("resume") == "auto":
+        if not given:
+            raise ValueError("resume=auto needs the run folder to continue: add hydra.run.dir=<run folder> "
+                             "(e.g. hydra.run.dir=runs/<date>_<time>_<name>)")
         resume = str(last) if last.is_file() else None
     else:
         resume = str(cfg.ckpt_path) if cfg.get("ckpt_path") else None
@@ -251,7 +250,7 @@ def train(cfg: DictConfig) -> dict:
 
 def remove_if_empty(out: Path) -> None:
     """Remove a run folder that holds nothing but what Hydra wrote at its start (a refused command)."""
-    if out.is_dir() and {p.name for p in out.iterdir()} <= _EMPTY_RUN:
+    if out.is_dir() and {p.name for p in out.iterdir()} <= {".hydra", "train.log"}:
         shutil.rmtree(out, ignore_errors=True)
 
 
