@@ -47,8 +47,8 @@ def choose_attention(attn: str, *, bias: str, learned: bool, device: torch.devic
     ``attn`` is ``model.attn``; ``bias`` what the scheme gives: ``none``, ``table`` (per distance,
     ``(H, j)``) or ``grid`` (``(H, i, j)``, FIRE); ``learned``: it has trainable parameters;
     ``grad``: ``torch.is_grad_enabled()``; ``cached``: fewer queries than keys (a KV cache);
-    ``dropout``: the attention dropout that applies; ``length``: the key positions ``j``. Each
-    fallback is logged once per reason (logger ``dynpos.model.attention``, WARNING), not in Dynamo.
+    ``dropout``: the attention dropout that applies; ``length``: the key positions ``j``. Each fallback
+    is logged once per reason (logger ``dynpos.model.attention``, WARNING), not while Dynamo traces.
 
     Raises:
         ValueError: for an unknown ``attn`` or ``bias``, or ``flex`` with gradients on the CPU
@@ -79,7 +79,6 @@ def choose_attention(attn: str, *, bias: str, learned: bool, device: torch.devic
                             "trains faster on eager")
     else:
         choice = AttnChoice("fused", "asked for" if attn == "fused" else "auto: per-distance table on the CPU")
-    # nothing is logged inside a compiled graph (a log call would break it)
     if choice.fallback and not torch.compiler.is_compiling() and choice.reason not in _reported:
         _reported.add(choice.reason)
         log.warning("attention fallback: %s", choice.reason)
@@ -100,25 +99,24 @@ def causal_mask(bias: Tensor | None, i: int, j: int, device: torch.device, dtype
 
 
 class KVCache:
-    """Keys and values ``(B, n_head, length, head_dim)`` of every block (None before the first step),
-    and the blocks' bias ``tables`` that the GPT keeps for decoding without gradients."""
+    """Each block's keys and values ``(B, n_head, length, head_dim)`` (None before the first step), and
+    the blocks' bias ``tables`` that the GPT keeps for decoding without gradients."""
 
     def __init__(self, n_layer: int) -> None:
-        self.keys: list[Tensor | None] = [None] * n_layer
-        self.values: list[Tensor | None] = [None] * n_layer
+        self.blocks: list[tuple[Tensor, Tensor] | None] = [None] * n_layer
         self.tables: list[Tensor | None] | None = None
 
     @property
     def length(self) -> int:
         """Positions cached so far, read from the last block: it appends last, so inside a forward every
         block reads the length before that forward (the offset of its new positions)."""
-        return 0 if self.keys[-1] is None else self.keys[-1].shape[-2]
+        return 0 if self.blocks[-1] is None else self.blocks[-1][0].shape[-2]
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add ``(B, H, t, D)`` keys and values to block ``layer``; return all of them so far."""
-        if self.keys[layer] is not None:
-            k, v = torch.cat([self.keys[layer], k], dim=-2), torch.cat([self.values[layer], v], dim=-2)
-        self.keys[layer], self.values[layer] = k, v
+        if self.blocks[layer] is not None:
+            k, v = (torch.cat([old, new], dim=-2) for old, new in zip(self.blocks[layer], (k, v)))
+        self.blocks[layer] = k, v
         return k, v
 
 

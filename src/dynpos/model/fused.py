@@ -85,7 +85,6 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: T
     dk = q.new_zeros((BH, n, D), dtype=f) if need_k else None
     dv = q.new_zeros((BH, n, D), dtype=f) if need_v else None
     rev = q.new_zeros((H, n), dtype=f) if need_t else None   # rev[:, n - 1 - r]: gradient at distance r
-    # batch-summed dS of a chunk goes to z[:, :c, c:c + L]; the c left columns stay 0
     z = q.new_zeros((H, ROW_CHUNK, n + ROW_CHUNK), dtype=f) if need_t else None
     for x0 in range(0, n, ROW_CHUNK):
         x1 = min(x0 + ROW_CHUNK, n)
@@ -109,7 +108,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: T
             if need_t:
                 zs = ds.view(nb, H, c, L).sum(0) if b0 == 0 else zs + ds.view(nb, H, c, L).sum(0)
         if need_t:
-            z[:, :c, ROW_CHUNK:ROW_CHUNK + L] = zs
+            z[:, :c, ROW_CHUNK:ROW_CHUNK + L] = zs  # the batch sum of dS; the left columns stay 0
             # Skew: diag[h, e, i] = z[h, i, ROW_CHUNK - c + 1 + e + i] (row stride + 1 per i) is
             # key y = 1 + e + i - c of query x0 + i, so x - y = x1 - 1 - e for every i: summing
             # over i gives the diagonal sums. Keys y < 0 fall in the zero left columns.

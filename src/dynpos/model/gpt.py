@@ -102,8 +102,7 @@ class GPT(nn.Module):
     def flops_per_token(self, t: int) -> float:
         """Training FLOPs per token at context length ``t``: ``6 N + 12 n_layer n_embd t`` (PaLM,
         Chowdhery et al. 2022, appendix B; the attention term in full, as nanoGPT's MFU estimate)."""
-        c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * t
+        return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * t
 
     def attention_choice(self, i: int, j: int, device: torch.device | str, cache: KVCache | None = None) -> AttnChoice:
         """:func:`~dynpos.model.attention.choose_attention` for ``i`` new tokens over ``j`` positions, now."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dynpos.positional.base import PositionalScheme
+from dynpos.positional.base import PositionalScheme, check_option
 
 
 class Learned(PositionalScheme):
@@ -17,8 +17,8 @@ class Learned(PositionalScheme):
 
     def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int, *, init_std: float = 0.02) -> None:
         super().__init__(n_layer, n_head, n_embd, block_size)
-        if not (isinstance(init_std, (int, float)) and init_std >= 0):
-            raise ValueError(f"pos.init_std={init_std!r} is invalid for pos=learned: use a standard deviation >= 0")
+        check_option(isinstance(init_std, (int, float)) and init_std >= 0, self.name, "init_std", init_std,
+                     "use a standard deviation >= 0")
         self.max_length = block_size
         self.wpe = nn.Parameter(torch.empty(block_size, n_embd))
         nn.init.normal_(self.wpe, mean=0.0, std=float(init_std))
