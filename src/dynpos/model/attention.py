@@ -6,7 +6,6 @@ reference; ``flex``), the KV cache, and the one function that picks the path, :f
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
 from typing import NamedTuple
 
@@ -86,8 +85,8 @@ def choose_attention(attn: str, *, bias: str, learned: bool, device: torch.devic
 
 
 def flex_available() -> bool:
-    """Whether this torch has FlexAttention (``torch.nn.attention.flex_attention``)."""
-    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+    """Whether this torch has FlexAttention: always, since torch 2.5 (dynpos's minimum, imported above)."""
+    return True
 
 
 def causal_mask(bias: Tensor | None, i: int, j: int, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -90,8 +90,7 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-        # Scaled init of the residual projections, per the GPT-2 paper.
-        for name, p in self.named_parameters():
+        for name, p in self.named_parameters():  # then the residual projections' scaled init (GPT-2 paper)
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 

@@ -63,11 +63,9 @@ class DynamicPositionBias(nn.Module):
         ``i`` or ``j`` is not an int ``>= 0``, or ``j < i``."""
         check_sizes(i, j)
         device = self.mlp[0].weight.device
-        query = torch.arange(j - i, j, device=device)
-        key = torch.arange(j, device=device)
-        rel = rearrange(query, "i -> i 1") - rearrange(key, "j -> 1 j")  # (i, j), in [-(i-1), j-1]
+        rel = rearrange(torch.arange(j - i, j, device=device), "i -> i 1") - torch.arange(j, device=device)  # x' - y
         distances = rel if self.signed else rel.abs()
-        lowest = -(i - 1) if self.signed and i else 0  # the MLP runs over distances lowest .. j-1 only
+        lowest = -(i - 1) if self.signed and i else 0  # rel >= -(i-1): the MLP runs over lowest .. j-1 only
         return self.embed(torch.arange(lowest, j, device=device))[:, distances - lowest]
 
 

@@ -50,8 +50,7 @@ class FIRE(PositionalScheme):
         check_sizes(i, j)
         k = 0 if self.shared else layer
         query = torch.arange(j - i, j, device=self.c.device, dtype=torch.float32)  # x'
-        key = torch.arange(j, device=self.c.device, dtype=torch.float32)
-        distance = (rearrange(query, "i -> i 1") - rearrange(key, "j -> 1 j")).clamp(min=0)
+        distance = (rearrange(query, "i -> i 1") - torch.arange(j, device=query.device, dtype=query.dtype)).clamp(min=0)
         c = self.c[k].float().abs()
         threshold = (self.L_scale[k].float() * self.init_L).abs()
         normaliser = torch.log1p(c * torch.maximum(query, threshold)) + self.eps  # (i,)
