@@ -110,7 +110,10 @@ class ProgressBar(RichProgressBar):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
         self._update(self.train_progress_bar_id, trainer.global_step)  # a resumed run starts at its step
-        self._start = (time.monotonic(), trainer.global_step)  # the rate counts from here
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._start = (time.monotonic(), trainer.global_step)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
