@@ -105,10 +105,13 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: T
                 torch.bmm(ds, k3[g, :L], out=dq[g, x0:x1])                          # dQ / s
             if need_k:
                 dk[g, :L] += torch.bmm(ds.transpose(1, 2), qs[g, x0:x1])
-            if need_t:
-                zs = ds.view(nb, H, c, L).sum(0) if b0 == 0 else zs + ds.view(nb, H, c, L).sum(0)
+            if need_t:  # the batch sum of dS goes to z[:, :c, ROW_CHUNK:]; the left columns stay 0
+                zc = z[:, :c, ROW_CHUNK:ROW_CHUNK + L]
+                if b0 == 0:
+                    torch.sum(ds.view(nb, H, c, L), 0, out=zc)
+                else:
+                    zc += ds.view(nb, H, c, L).sum(0)
         if need_t:
-            z[:, :c, ROW_CHUNK:ROW_CHUNK + L] = zs  # the batch sum of dS; the left columns stay 0
             # Skew: diag[h, e, i] = z[h, i, ROW_CHUNK - c + 1 + e + i] (row stride + 1 per i) is
             # key y = 1 + e + i - c of query x0 + i, so x - y = x1 - 1 - e for every i: summing
             # over i gives the diagonal sums. Keys y < 0 fall in the zero left columns.
