@@ -24,9 +24,9 @@ from dynpos.model.gpt import GPTConfig
 from dynpos.positional.base import PositionalScheme
 
 
-def _whole(key: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key}={value!r}: give a whole number >= {minimum}")
+def _whole(key: str, value: Any, minimum: int, null: bool = False) -> None:
+    if not (null and value is None) and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise ValueError(f"{key}={value!r}: give a whole number >= {minimum}{' or null' if null else ''}")
 
 
 @dataclass
@@ -77,8 +77,7 @@ class EvalConfig:
                     window_plan(0, length, name, self.stride)  # checks the stride against each length
         if self.split not in SPLITS:
             raise ValueError(f"eval.split={self.split!r}: choose one of {', '.join(SPLITS)}")
-        if self.max_tokens is not None:
-            _whole("eval.max_tokens", self.max_tokens, 1)
+        _whole("eval.max_tokens", self.max_tokens, 1, null=True)
         _whole("eval.batch_size", self.batch_size, 1)
 
 
@@ -94,8 +93,7 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         check_tokenizer_config(self.kind, self.vocab_size)
-        if self.max_train_chars is not None:
-            _whole("tokenizer.max_train_chars", self.max_train_chars, 1)
+        _whole("tokenizer.max_train_chars", self.max_train_chars, 1, null=True)
 
 
 @dataclass

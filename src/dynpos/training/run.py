@@ -72,13 +72,12 @@ def check_run_folder(cfg: DictConfig, out: Path, given: bool = True) -> str | No
         NotADirectoryError: ``out`` is a file.
     """
     last = out / "checkpoints" / "last.ckpt"  # where the checkpoint callback (save_last) writes
+    resume = cfg.get("ckpt_path") or None
     if cfg.get("resume") == "auto":
         if not given:
             raise ValueError("resume=auto needs the run folder to continue: add hydra.run.dir=<run folder> "
                              "(e.g. hydra.run.dir=runs/<date>_<time>_<name>)")
         resume = str(last) if last.is_file() else None
-    else:
-        resume = str(cfg.ckpt_path) if cfg.get("ckpt_path") else None
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"hydra.run.dir={out} is a file: give a folder for the run")
     if (out / "result.json").is_file():
