@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from dynpos import GPT, GPTConfig
 from dynpos.model import compile_model
-from dynpos.model.attention import causal_mask, eager_attention, flex_attention, flex_available
+from dynpos.model.attention import causal_mask, eager_attention, flex_attention
 from dynpos.model.fused import table_attention
 from dynpos.positional import SCHEMES
 from dynpos.positional.base import toeplitz
@@ -57,8 +57,7 @@ def attention_paths(device: torch.device) -> dict:
     }
     if device.type == "cpu":
         paths["fused"] = (table_attention, True)
-    if flex_available():
-        paths["flex"] = (lambda q, k, v, t: flex_attention(q, k, v, t, None), device.type != "cpu")
+    paths["flex"] = (lambda q, k, v, t: flex_attention(q, k, v, t, None), device.type != "cpu")
     return paths
 
 
@@ -140,7 +139,7 @@ def time_step(device, sizes: dict, scheme: str, attn: str, block: int, batch: in
 def grid(args, device, sizes: dict, deadline: float) -> tuple[list[dict], list[str]]:
     rows, skipped = [], []
     runs = [("nope", "auto"), ("dpb", "auto"), ("alibi", "auto"), ("rope", "auto")]
-    if device.type == "cuda" and flex_available():
+    if device.type == "cuda":
         runs.append(("dpb", "flex"))
     for block in args.blocks:
         for compiled in (False, True):

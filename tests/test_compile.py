@@ -14,7 +14,6 @@ from torch._dynamo.utils import counters
 from dynpos import GPT, GPTConfig
 from dynpos.model import compile_model
 from dynpos.model import attention
-from dynpos.model.attention import flex_available
 from dynpos.model.fused import table_attention
 from dynpos.positional import DPB
 
@@ -113,7 +112,6 @@ def test_compile_model_keeps_state_dict_keys_and_reports_fallbacks(caplog, monke
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not flex_available(), reason="this torch has no FlexAttention")
 def test_flex_generation_compiles_a_bounded_number_of_graphs():
     """20 generated tokens through the KV cache on model.attn=flex: two graphs (the prompt, the
     one-token steps), not one per key length; the tokens equal sdpa's (greedy)."""

@@ -8,7 +8,7 @@ import torch
 
 from dynpos import GPT, GPTConfig, KVCache
 from dynpos.model import attention
-from dynpos.model.attention import choose_attention, flex_available
+from dynpos.model.attention import choose_attention
 from dynpos.positional import DPB, ALiBi, NoPE
 
 SONNET_18 = """Shall I compare thee to a summer's day?
@@ -137,8 +137,6 @@ def test_attention_choice_reads_the_scheme():
 
 @pytest.mark.slow
 def test_flex_agrees_with_eager_forward():
-    if not flex_available():
-        pytest.skip("this torch has no torch.nn.attention.flex_attention")
     idx = torch.randint(0, 50, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         flex = tiny("flex")(idx)[0]

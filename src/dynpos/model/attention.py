@@ -84,11 +84,6 @@ def choose_attention(attn: str, *, bias: str, learned: bool, device: torch.devic
     return choice
 
 
-def flex_available() -> bool:
-    """Whether this torch has FlexAttention: always, since torch 2.5 (dynpos's minimum, imported above)."""
-    return True
-
-
 def causal_mask(bias: Tensor | None, i: int, j: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Fold the causal mask into a float mask: ``(1, heads, i, j)`` (``(1, 1, i, j)`` for ``bias``
     None) holding ``bias (heads, i, j)`` (or 0) where key ``y <= j - i + x``, ``-inf`` above."""
