@@ -248,7 +248,7 @@ class StepDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """The tokenizer's JSON, so that a checkpoint is usable alone; nothing is restored on load (batches are a
-        function of the step; ``dynpos.training.run_folder`` compares the data configs)."""
+        function of the step; ``dynpos.training.run.open_run`` compares the data configs)."""
         self._require_setup()
         return {"tokenizer": self.tokenizer.to_str()}
 
