@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from dynpos import GPT, GPTConfig
-from dynpos.evaluation.extrapolate import evaluate_lengths, run_extrapolation, window_plan, write_csv
+from dynpos.evaluation.extrapolate import (evaluate_lengths, run_extrapolation, window_plan, windowed_loss,
+                                            write_csv)
 from dynpos.evaluation.report import compare, length_changes, load_sweep, pairs, summarize, write_report
 from dynpos.positional import DPB, ALiBi, Learned, NoPE
 
@@ -112,6 +113,13 @@ def test_a_model_with_zero_weights_scores_log_vocab_at_every_length(scheme):
     for protocol in ("nonoverlap", "sliding"):
         rows = evaluate_lengths(model, tokens, [8, 32], protocol=protocol, stride=4)
         assert [r["loss"] for r in rows] == pytest.approx([math.log(vocab)] * 2, abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8])
+def test_windowed_loss_takes_any_integer_token_dtype(dtype):
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)).eval()
+    tokens, plan = torch.arange(65) % 11, window_plan(64, 8, "sliding", 4)
+    assert windowed_loss(model, tokens.to(dtype), plan, 8, 3) == windowed_loss(model, tokens, plan, 8, 3)
 
 
 def test_learned_positions_beyond_block_size_give_the_documented_n_a_row():
