@@ -223,7 +223,8 @@ class StepDataModule(L.LightningDataModule):
 
     @property
     def vocab_size(self) -> int:
-        """Number of token ids (``tokenizer.get_vocab_size()``); needs ``setup()`` first."""
+        """Number of token ids (``tokenizer.get_vocab_size()``). Raises RuntimeError before ``setup()``, for tasks
+        too (their tokenizer is built there as well)."""
         self._require_setup()
         return self.tokenizer.get_vocab_size()
 
