@@ -15,7 +15,6 @@ through the seed, not a ``DistributedSampler``), evaluation windows fixed (``Fix
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -165,8 +164,10 @@ class StepStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
         k, n = (info.id, info.num_workers) if info else (0, 1)
-        steps = itertools.count(self.start + k, n) if self.stop is None else range(self.start + k, self.stop, n)
-        return map(self.batches.__getitem__, steps)
+        step = self.start + k
+        while self.stop is None or step < self.stop:
+            yield self.batches[step]
+            step += n
 
 
 class StepLoader(DataLoader):
