@@ -154,6 +154,8 @@ def test_textfiles_forms_and_fractions_are_refused_when_mixed_or_incomplete(tmp_
         (dict(train=f, validation=f, test=o), r"^data\.validation: .*corpus\.txt' is also in data\.train"),
         (dict(paths=f, test_fraction=0), r"^data\.test_fraction=0 would make the test split the validation split"),
         (dict(paths=f, test_fraction=0.0, val_fraction=0.1), r"^data\.test_fraction=0"),
+        (dict(paths=f, test_fraction=False), r"^data\.test_fraction=False: give a number in \(0, 1\)"),
+        (dict(paths=f, val_fraction="a", test_fraction=0), r"^data\.val_fraction='a': give a number"),
         (dict(), r"^data\.paths is required .* or name the splits with data\.train"),
     ]
     for options, match in cases:

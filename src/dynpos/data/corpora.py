@@ -151,11 +151,11 @@ def textfile_splits(options: Mapping[str, Any]) -> tuple[dict[str, list[str]], t
                          "list works), or name the splits with data.train, data.validation and data.test")
     fractions = {**TEXTFILE_FRACTIONS, **given}
     val, tst = fractions["val_fraction"], fractions["test_fraction"]
-    if tst == 0 and not isinstance(tst, bool):
-        raise ValueError("data.test_fraction=0 would make the test split the validation split: give "
-                         "data.test_fraction > 0 (default 0.05) or name a test file with "
-                         "data.train/data.validation/data.test")
-    for key, value in fractions.items():
+    for key, value in fractions.items():  # val_fraction's checks first, as test_fraction=0 has its own message
+        if key == "test_fraction" and value == 0 and not isinstance(value, bool):  # False: the type message
+            raise ValueError("data.test_fraction=0 would make the test split the validation split: give "
+                             "data.test_fraction > 0 (default 0.05) or name a test file with "
+                             "data.train/data.validation/data.test")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
             raise ValueError(f"data.{key}={value!r}: give a number in (0, 1), e.g. 0.05")
     if val + tst >= 1:
@@ -197,7 +197,9 @@ def _load_textfiles(paths: Any = None, train: Any = None, validation: Any = None
     """Local UTF-8 files (options: see ``textfile_splits``); each split is its files concatenated. One list of ``n``
     characters: train takes ``[0, int(n * (1 - val - test)))``, validation the next ones up to ``int(n * (1 -
     test))`` and test the rest; an empty split raises ``ValueError``."""
-    files, fractions = textfile_splits(locals())  # the options, as given
+    files, fractions = textfile_splits(dict(paths=paths, train=train, validation=validation, test=test,
+                                            val_fraction=val_fraction, test_fraction=test_fraction,
+                                            encoding_errors=encoding_errors))
     if fractions is None:
         pieces = {s: _concatenate(files[s], encoding_errors, f"data.{s}") for s in SPLITS}
     else:
