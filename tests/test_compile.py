@@ -121,3 +121,14 @@ def test_flex_generation_compiles_a_bounded_number_of_graphs():
     out = flex.generate(prompt, 20, temperature=1e-6)
     assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
     assert torch.equal(out, sdpa.generate(prompt, 20, temperature=1e-6))
+
+
+@pytest.mark.slow
+def test_compiled_flex_forward_has_no_graph_break():
+    """A 2-layer GPT on model.attn=flex (evaluation: no CPU FlexAttention backward) traces without a
+    graph break: the compiled flex kernels are looked up in a dict Dynamo can trace."""
+    m = model("flex", block=32, n_layer=2, n_head=2, n_embd=16).eval()
+    x = torch.randint(65, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        explained = torch._dynamo.explain(m.forward)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons

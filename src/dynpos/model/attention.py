@@ -5,7 +5,6 @@ reference; ``flex``), the KV cache, and the one function that picks the path, :f
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import NamedTuple
 
@@ -138,7 +137,7 @@ def _flex_grid(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, shift: Tens
     return torch_flex_attention(q, k, v, score_mod=score_mod)
 
 
-_compile_dynamic = functools.cache(functools.partial(torch.compile, dynamic=True))
+_compiled_flex: dict[str, object] = {}  # filled on first use: Dynamo traces a dict, not functools.cache
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -147,9 +146,13 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, bias: 
     ``bias (H, i, j)``, or neither. Compiled once per kind, ``dynamic=True``, with ``j - i`` a 0-d
     tensor (a symbolic int fails Inductor's CPU lowering in torch 2.13; an int recompiles per length).
     """
-    fn, bias = (_flex_table, table) if table is not None else (_flex_grid, bias)
+    if not _compiled_flex:
+        _compiled_flex.update(table=torch.compile(_flex_table, dynamic=True),
+                              grid=torch.compile(_flex_grid, dynamic=True))
     shift = torch.tensor(k.shape[-2] - q.shape[-2], device=q.device)
-    return _compile_dynamic(fn)(q, k, v, bias, shift)
+    if table is not None:
+        return _compiled_flex["table"](q, k, v, table, shift)
+    return _compiled_flex["grid"](q, k, v, bias, shift)
 
 
 class CausalSelfAttention(nn.Module):
@@ -176,9 +179,10 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if path == "fused":
             y = table_attention(q, k, v, bias)
-        elif path == "flex":
-            table = bias if bias is not None and bias.dim() == 2 else None
-            y = flex_attention(q, k, v, table, None if table is not None else bias)
+        elif path == "flex" and bias is not None and bias.dim() == 2:  # a per-distance table
+            y = flex_attention(q, k, v, bias, None)
+        elif path == "flex":  # a grid (H, i, j) or none
+            y = flex_attention(q, k, v, None, bias)
         elif path == "sdpa" and bias is None and i == j:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
