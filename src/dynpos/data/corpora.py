@@ -53,8 +53,8 @@ class HubUnavailableError(ConnectionError):
 
 
 def check_int(key: str, value: Any, low: int = 1, give: str = "a positive integer", null: str = "") -> None:
-    """Raise ``ValueError("data.<key>=<value>: give <give><null>")`` unless ``value`` is an integer >= ``low``, or
-    None where ``null`` (what None means) is given."""
+    """Raise ``ValueError("data.<key>=<value>: give <give><null>")`` unless ``value`` is an integer >= ``low``.
+    A non-empty ``null`` (the message's ending for the None case, e.g. ``", or null"``) also accepts None."""
     if not ((value is None and null) or (not isinstance(value, bool) and isinstance(value, int) and value >= low)):
         raise ValueError(f"data.{key}={value!r}: give {give}{null}")
 
@@ -143,8 +143,8 @@ def textfile_splits(options: Mapping[str, Any]) -> tuple[dict[str, list[str]], t
         files = {k: _resolve(named[k], f"data.{k}") for k in SPLITS}
         leaked = [(k, f) for k in ("validation", "test") for f in files[k] if f in files["train"]]
         if leaked:
-            raise ValueError(f"data.{leaked[0][0]}: {leaked[0][1]!r} is also in data.train: held-out files must not be "
-                             "trained on")
+            split, path = leaked[0]
+            raise ValueError(f"data.{split}: {path!r} is also in data.train: held-out files must not be trained on")
         return files, None
     if paths is None:
         raise ValueError("data.paths is required for data=textfiles: pass data.paths=/path/to/file.txt (a glob or "
@@ -231,6 +231,7 @@ def _load_hub(name: str) -> DatasetDict | IterableDatasetDict:
     missing = [s for s in splits if s not in loaded]
     if missing:
         raise HubUnavailableError(f"corpus '{name}' from {path} lacks the splits {missing} (it has {list(loaded)})")
+    # The same kind of dict as loaded: a DatasetDict, or an IterableDatasetDict when streaming.
     return type(loaded)({s: loaded[s].select_columns(["text"]) for s in splits})
 
 
