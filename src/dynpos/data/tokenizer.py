@@ -49,10 +49,10 @@ def check_tokenizer_config(kind: str, vocab_size: int | None = None) -> None:
 
 
 def build_tokenizer(kind: str, train_texts: Iterable[str] = (), vocab_size: int | None = None) -> Tokenizer:
-    """Build a tokenizer of ``kind`` (see above) that adds no special tokens; ``decode(encode(t).ids) == t`` for text
-    its vocabulary covers. ``train_texts`` (the training split, read once) serve ``char`` and ``bpe``. Raises
-    ValueError as ``check_tokenizer_config`` or for ``char`` with no training text, HubUnavailableError for ``gpt2``
-    when the hub cannot be reached and the cache lacks it.
+    """Build a tokenizer of ``kind`` (the kinds: ``dynpos.data.tokenizer``'s module docstring) that adds no special
+    tokens; ``decode(encode(t).ids) == t`` for text its vocabulary covers. ``train_texts`` (the training split, read
+    once) serve ``char`` and ``bpe``. Raises ValueError as ``check_tokenizer_config`` or for ``char`` with no
+    training text, HubUnavailableError for ``gpt2`` when the hub cannot be reached and the cache lacks it.
     """
     check_tokenizer_config(kind, vocab_size)
     if kind == "char":
