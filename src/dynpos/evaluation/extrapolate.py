@@ -37,8 +37,10 @@ def window_plan(n_tokens: int, length: int, protocol: str, stride: int | None = 
         raise ValueError(f"eval.lengths must be positive, got {length}")
     if protocol not in PROTOCOLS:
         raise ValueError(f"eval.protocol={protocol!r} is not one of {', '.join(PROTOCOLS)}")
-    if protocol == "nonoverlap" or stride is None:
-        stride = length if protocol == "nonoverlap" else max(1, length // 2)
+    if protocol == "nonoverlap":
+        stride = length
+    elif stride is None:
+        stride = max(1, length // 2)
     if not 1 <= stride <= length:
         raise ValueError(f"eval.stride={stride} must be in 1..{length} (the evaluation length)")
     return [(start, stride if start else length) for start in range(0, n_tokens - length + 1, stride)]
