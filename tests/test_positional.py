@@ -390,6 +390,16 @@ def test_every_scheme_has_a_config_and_every_config_builds_a_gpt():
         assert logits.shape == (2, 12, 13) and torch.isfinite(loss)
 
 
+def test_a_scheme_keeps_the_name_it_sets_and_others_take_their_class_name():
+    class MyScheme(PositionalScheme):
+        name = "mine"
+
+    class Other(MyScheme):
+        pass
+
+    assert (MyScheme.name, Other.name, RoPE.name) == ("mine", "other", "rope")
+
+
 @pytest.mark.parametrize(
     ("build", "match"),
     [

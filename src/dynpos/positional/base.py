@@ -54,9 +54,9 @@ def toeplitz(table: Tensor, i: int, fill: float = 0.0) -> Tensor:
 
 class PositionalScheme(nn.Module):
     """Base class, built as ``Scheme(n_layer=, n_head=, n_embd=, block_size=, **options)`` from
-    ``configs/pos/<name>.yaml``. ``name``: ``pos=<name>``, the class name in lower case; ``shared``: one
-    bias for every block, computed once per forward; ``max_length``: the longest sequence it encodes
-    (None: unbounded). Raises ValueError if a model size is not a positive int.
+    ``configs/pos/<name>.yaml``. ``name``: ``pos=<name>`` (by default the class name in lower case);
+    ``shared``: one bias for every block, computed once per forward; ``max_length``: the longest
+    sequence it encodes (None: unbounded). Raises ValueError if a model size is not a positive int.
     """
 
     name: str = "base"
@@ -65,7 +65,7 @@ class PositionalScheme(nn.Module):
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        cls.name = cls.__name__.lower()
+        cls.name = cls.__dict__.get("name", cls.__name__.lower())
 
     def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int) -> None:
         super().__init__()
