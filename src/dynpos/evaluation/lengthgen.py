@@ -31,7 +31,8 @@ def greedy_decode(model: nn.Module, prompts: Tensor, max_new_tokens: int, end_id
     """
     cache = KVCache(model.config.n_layer)
     logits, _ = model(prompts, cache=cache)
-    out, done = prompts[:, :0], torch.zeros_like(prompts[:, 0], dtype=torch.bool)
+    out = prompts[:, :0]  # (B, 0): the tokens made so far
+    done = torch.zeros_like(prompts[:, 0], dtype=torch.bool)
     for step in range(max_new_tokens):
         if step:
             logits, _ = model(out[:, -1:], cache=cache)
@@ -91,7 +92,8 @@ def score(model: nn.Module, examples: Iterable[Example], batch_size: int = 64) -
                     prompts = torch.tensor([ex.prompt for ex in chunk], dtype=torch.int64, device=device)
                     out = greedy_decode(model, prompts, a_len, chunk[0].answer[-1]).tolist()
                     judged += [judge(decoded, ex.answer) for ex, decoded in zip(chunk, out)]
-            exact, tokens = (sum(values) / len(judged) for values in zip(*judged))
+            exact = sum(match for match, _ in judged) / len(judged)
+            tokens = sum(accuracy for _, accuracy in judged) / len(judged)
             rows.append({**row, "exact_match": exact, "token_accuracy": tokens, "status": "ok"})
     finally:
         model.train(was_training)
