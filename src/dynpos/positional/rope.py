@@ -16,7 +16,7 @@ from dynpos.positional.sinusoidal import inverse_frequencies
 class RoPE(PositionalScheme):
     """Rotary position embedding (``pos=rope``): channel pair ``i`` at position ``p`` turns by
     ``p * base^(-2i/d)`` radians in every block (the paper's ``base``: 10000), in the first ``rotary_dim``
-    of each head's channels, computed in float32 for the positions asked (q, k keep their dtype).
+    of each head's channels; cos and sin cached in float32 (q, k keep their dtype), grown on demand.
     Raises ValueError if the head dimension is odd, ``base <= 1``, or ``rotary_dim`` is outside
     ``(0, 1]`` or gives an odd number of channels.
     """
@@ -37,12 +37,20 @@ class RoPE(PositionalScheme):
                      f"it gives {channels} of the {head_dim} head channels, which must be an even number >= 2: "
                      f"choose a fraction f with f * {head_dim} even")
         self.base, self.rotary_dim, self.channels = float(base), float(rotary_dim), channels
+        self.register_buffer("cos_sin", self._cos_sin(block_size, torch.device("cpu")), persistent=False)
+
+    def _cos_sin(self, length: int, device: torch.device) -> Tensor:
+        """cos and sin ``(2, length, channels)`` of positions ``0 .. length - 1``, float32."""
+        positions = torch.arange(length, device=device, dtype=torch.float32)
+        angles = positions.unsqueeze(-1) * inverse_frequencies(self.channels, self.base, device)
+        angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: channel i pairs with i + channels/2
+        return torch.stack([angles.cos(), angles.sin()])
 
     def rotate(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
-        positions = torch.arange(offset, offset + q.shape[-2], device=q.device, dtype=torch.float32)
-        angles = positions.unsqueeze(-1) * inverse_frequencies(self.channels, self.base, q.device)
-        angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: channel i pairs with i + channels/2
-        cos, sin = angles.cos(), angles.sin()
+        end = offset + q.shape[-2]
+        if self.cos_sin.shape[1] < end or self.cos_sin.dtype != torch.float32 or self.cos_sin.device != q.device:
+            self.cos_sin = self._cos_sin(max(self.block_size, 2 * end), q.device)
+        cos, sin = self.cos_sin[:, offset:end]
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
