@@ -31,14 +31,16 @@ class Sinusoidal(PositionalScheme):
                      "use a positive amplitude, or null for n_embd ** -0.5")
         self.base = float(base)
         self.scale = float(scale) if scale is not None else n_embd ** -0.5
-        # Carries the device and the model's dtype; absolute() recomputes it in float32.
+        # Built on the CPU, moved with the model; absolute() recomputes it if the model is not float32.
         self.register_buffer("inv_freq", inverse_frequencies(n_embd, self.base), persistent=False)
 
     def absolute(self, t: int, offset: int = 0) -> Tensor:
         """``(t, n_embd)``: ``scale`` times sin (even channels), cos (odd) of ``p * base^(-2i/n_embd)``
         at positions ``p = offset .. offset + t - 1``; in float32, returned in the model's dtype."""
-        device = self.inv_freq.device
-        positions = torch.arange(offset, offset + t, device=device, dtype=torch.float32)
-        angles = positions.unsqueeze(-1) * inverse_frequencies(self.n_embd, self.base, device)  # (t, ceil(n_embd / 2))
+        inv_freq = self.inv_freq
+        if inv_freq.dtype != torch.float32:
+            inv_freq = inverse_frequencies(self.n_embd, self.base, inv_freq.device)
+        positions = torch.arange(offset, offset + t, device=inv_freq.device, dtype=torch.float32)
+        angles = positions.unsqueeze(-1) * inv_freq  # (t, ceil(n_embd / 2))
         embedding = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # sin, cos interleaved
         return (self.scale * embedding[:, : self.n_embd]).to(self.inv_freq.dtype)
