@@ -208,8 +208,10 @@ def _bwd_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Ten
 
     def join(i: int, like: Tensor) -> Tensor:
         pieces = [r[i] for r in results]
-        if i == 3 and dim == 0:  # the table's partial sums over batch parts
-            g = pieces[0] if len(pieces) == 1 else torch.stack(pieces).sum(0)
+        if len(pieces) == 1:  # one part: no copy
+            g = pieces[0]
+        elif i == 3 and dim == 0:  # the table's partial sums over batch parts
+            g = torch.stack(pieces).sum(0)
         else:  # q, k, v along the split; the table's per-head pieces along heads
             g = torch.cat(pieces, dim if i < 3 else 0)
         return g.to(like.dtype).contiguous()
