@@ -58,9 +58,8 @@ def windowed_loss(model: GPT, tokens: Tensor, plan: list[tuple[int, int]], lengt
     for b in range(0, len(plan), batch_size):
         starts, counts = zip(*plan[b : b + batch_size])
         windows = torch.stack([tokens[s : s + length + 1] for s in starts]).long()
-        first_scored = length - torch.tensor(counts, device=windows.device)[:, None]
-        unscored = torch.arange(length, device=windows.device) < first_scored
-        x, y = windows[:, :-1], windows[:, 1:].masked_fill(unscored, -1)  # -1: ignore_index
+        unscored = torch.arange(length) < length - torch.tensor(counts)[:, None]  # targets before the scored ones
+        x, y = windows[:, :-1], windows[:, 1:].masked_fill(unscored.to(windows.device), -1)  # -1: ignore_index
         logits, _ = model(x)
         total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1,
                                                    reduction="sum").item()
