@@ -224,8 +224,7 @@ class StepDataModule(L.LightningDataModule):
 
     @property
     def vocab_size(self) -> int:
-        """Number of token ids (``tokenizer.get_vocab_size()``). Raises RuntimeError before ``setup()``, for tasks
-        too (their tokenizer is built there as well)."""
+        """Number of token ids (``tokenizer.get_vocab_size()``). Raises RuntimeError before ``setup()``, tasks too."""
         self._require_setup()
         return self.tokenizer.get_vocab_size()
 
