@@ -218,7 +218,7 @@ def _load_textfiles(paths: Any = None, train: Any = None, validation: Any = None
 
 
 def _load_hub(name: str) -> DatasetDict | IterableDatasetDict:
-    """The splits of hub corpus ``name`` that ``_HUB`` names, as the hub has them, column ``text`` only."""
+    """The ``_HUB`` splits of hub corpus ``name``, column ``text`` only, as the hub's (Iterable)DatasetDict."""
     path, config, splits = _HUB[name]
     try:
         loaded = load_dataset(path, config, streaming=name == "openwebtext")
@@ -231,7 +231,6 @@ def _load_hub(name: str) -> DatasetDict | IterableDatasetDict:
     missing = [s for s in splits if s not in loaded]
     if missing:
         raise HubUnavailableError(f"corpus '{name}' from {path} lacks the splits {missing} (it has {list(loaded)})")
-    # The same kind of dict as loaded: a DatasetDict, or an IterableDatasetDict when streaming.
     return type(loaded)({s: loaded[s].select_columns(["text"]) for s in splits})
 
 
