@@ -15,6 +15,7 @@ Kinds (``TOKENIZER_KINDS``, the ``tokenizer.kind`` config key):
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterable
@@ -56,9 +57,7 @@ def build_tokenizer(kind: str, train_texts: Iterable[str] = (), vocab_size: int 
     """
     check_tokenizer_config(kind, vocab_size)
     if kind == "char":
-        chars: set[str] = set()
-        for text in train_texts:
-            chars.update(text)
+        chars = set(itertools.chain.from_iterable(train_texts))  # streamed: the texts need not fit in memory
         if not chars:
             raise ValueError("tokenizer=char found no characters in the training split: check data.*")
         # A BPE model without merges and without pre-tokenizer splits text into single characters;
