@@ -30,12 +30,10 @@ def greedy_decode(model: nn.Module, prompts: Tensor, max_new_tokens: int, end_id
     returning ``(logits (B, t, V), _)``) and ``model.config.n_layer``.
     """
     cache = KVCache(model.config.n_layer)
-    logits, _ = model(prompts, cache=cache)
     out = prompts[:, :0]  # (B, 0): the tokens made so far
     done = torch.zeros_like(prompts[:, 0], dtype=torch.bool)
     for step in range(max_new_tokens):
-        if step:
-            logits, _ = model(out[:, -1:], cache=cache)
+        logits, _ = model(out[:, -1:] if step else prompts, cache=cache)  # the prompt first, then the newest token
         nxt = logits[:, -1, :].argmax(dim=-1).masked_fill(done, end_id)
         out = torch.cat([out, nxt[:, None]], dim=1)
         done |= nxt == end_id
@@ -92,9 +90,8 @@ def score(model: nn.Module, examples: Iterable[Example], batch_size: int = 64) -
                     prompts = torch.tensor([ex.prompt for ex in chunk], dtype=torch.int64, device=device)
                     out = greedy_decode(model, prompts, a_len, chunk[0].answer[-1]).tolist()
                     judged += [judge(decoded, ex.answer) for ex, decoded in zip(chunk, out)]
-            exact = sum(match for match, _ in judged) / len(judged)
-            tokens = sum(accuracy for _, accuracy in judged) / len(judged)
-            rows.append({**row, "exact_match": exact, "token_accuracy": tokens, "status": "ok"})
+            rows.append({**row, "exact_match": sum(match for match, _ in judged) / len(judged),
+                         "token_accuracy": sum(accuracy for _, accuracy in judged) / len(judged), "status": "ok"})
     finally:
         model.train(was_training)
     return rows
