@@ -81,9 +81,10 @@ def load_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             sidecar = csv.with_name("extrapolation.json")
             side = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
             tables.append(pd.read_csv(csv).assign(split=str(side.get("split", split))))
+        ids = ["length", "protocol", "split", "note"]  # what a score is of; melted: metric (loss, bpb) and value
         for table in tables:
-            table = table.reindex(columns=["length", "protocol", "split", "note", "loss", "bpb"])
-            rows += table.melt(list(table)[:4], ["loss", "bpb"], "metric").assign(run=i).to_dict("records")
+            table = table.reindex(columns=[*ids, "loss", "bpb"])
+            rows += table.melt(ids, ["loss", "bpb"], "metric").assign(run=i).to_dict("records")
     runs = pd.DataFrame(runs)
     runs["label"] = _labels(runs)
     long = pd.DataFrame(rows, columns=[*KEYS, "value", "note"]).fillna({"note": ""})
@@ -192,9 +193,10 @@ def consistency_notes(runs: pd.DataFrame) -> list[str]:
     notes = [f"the runs differ in {shown}: not a like-for-like comparison"] if differ else []
     repeats = runs.groupby(["label", "seed"], sort=False, dropna=False).size()
     notes += [f"{n} runs of {label} with seed {seed}: all are counted" for (label, seed), n in repeats.items() if n > 1]
-    return notes + [f"{path.name}: its evaluation files disagree on {n} score{'s' if n > 1 else ''} (another "
-                    "checkpoint or settings?): the report uses result.json's, then the first extrapolation.csv's"
-                    for path, n in zip(runs["path"], runs["disagree"]) if n]
+    for path, n in runs.loc[runs["disagree"] > 0, ["path", "disagree"]].to_numpy():
+        notes.append(f"{path.name}: its evaluation files disagree on {n} score{'s' if n > 1 else ''} (another "
+                     "checkpoint or settings?): the report uses result.json's, then the first extrapolation.csv's")
+    return notes
 
 
 def markdown_table(frame: pd.DataFrame) -> list[str]:
@@ -410,7 +412,8 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None,
     """
     root = Path(sweep_dir)
     runs, long = load_sweep(root)
-    baseline = str(baseline) if baseline is not None else ("dpb" if "dpb" in set(runs["label"]) else runs["label"][0])
+    default = "dpb" if "dpb" in set(runs["label"]) else runs["label"][0]
+    baseline = default if baseline is None else str(baseline)
     folder, md = Path(out or root), Path(out or root) / "report.md"
     if folder.is_file():
         raise NotADirectoryError(f"out={folder} is a file: give a folder for report.md and report.png")
