@@ -40,7 +40,8 @@ class AttnChoice(NamedTuple):
 def choose_attention(attn: str, *, bias: str, learned: bool, device: torch.device | str, grad: bool,
                      cached: bool, dropout: float, length: int) -> AttnChoice:
     """Decide the attention path: the one place that does (DESIGN.md, Attention; ``auto``'s rules:
-    README, "The model", and each choice's ``reason``; off the CPU ``auto`` is ``sdpa``, unmeasured).
+    README, "The model" and, for dropout -> eager, "Compiled models, the path decision, threads and
+    GPUs (issue 11)"; each choice's ``reason``; off the CPU ``auto`` is ``sdpa``, unmeasured).
 
     ``attn`` is ``model.attn``; ``bias`` what the scheme gives: ``none``, ``table`` (per distance,
     ``(H, j)``) or ``grid`` (``(H, i, j)``, FIRE); ``learned``: it has trainable parameters;
@@ -108,7 +109,8 @@ class KVCache:
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add ``(B, H, t, D)`` keys and values to block ``layer``; return all of them so far."""
         if self.blocks[layer] is not None:
-            k, v = (torch.cat([old, new], dim=-2) for old, new in zip(self.blocks[layer], (k, v)))
+            k = torch.cat([self.blocks[layer][0], k], dim=-2)
+            v = torch.cat([self.blocks[layer][1], v], dim=-2)
         self.blocks[layer] = k, v
         return k, v
 
