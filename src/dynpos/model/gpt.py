@@ -122,13 +122,16 @@ class GPT(nn.Module):
             have = 0 if cache.tables is None else cache.tables[0].shape[1]
             cache.tables = self.pos.tables(max(self.config.block_size, j, 2 * have))
         tables = cache.tables if decoding else self.pos.tables(j)
-        if tables[0] is not None and path in ("fused", "flex"):
-            return tables
         copies = 1 if self.pos.shared else self.config.n_layer  # a shared scheme: one tensor for every block
-        grids = self.pos.biases(i, j) if tables[0] is None else [toeplitz(t[:, :j], i) for t in tables[:copies]]
+        if tables[0] is None:  # a grid (FIRE) or no bias
+            grids = self.pos.biases(i, j)[:copies]
+        elif path in ("fused", "flex"):  # they read the tables
+            return tables
+        else:
+            grids = [toeplitz(t[:, :j], i) for t in tables[:copies]]
         if path != "flex":
-            grids = [None if g is None else causal_mask(g, i, j, device, dtype) for g in grids[:copies]]
-        return grids[:copies] * (self.config.n_layer // copies)
+            grids = [None if g is None else causal_mask(g, i, j, device, dtype) for g in grids]
+        return grids * (self.config.n_layer // copies)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None):
         """``(logits (B, t, vocab_size), loss)`` for token ids ``idx (B, t)`` (after the cached ones if
@@ -191,7 +194,10 @@ class GPT(nn.Module):
             probs = torch.softmax(logits.float(), dim=-1)
             nxt = torch.multinomial(probs, num_samples=1, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)
-            logits, _ = self.forward(nxt, cache=cache) if cache.length < block else self.forward(idx[:, -block:])
+            if cache.length < block:
+                logits, _ = self.forward(nxt, cache=cache)
+            else:
+                logits, _ = self.forward(idx[:, -block:])
         return idx
 
 
@@ -204,8 +210,9 @@ def compile_model(model: GPT, mode: str | None = None) -> GPT:
     block, training = model.config.block_size, model.training
     device = next(model.parameters()).device
     for train in (True, False):
+        model.train(train)
         with torch.set_grad_enabled(train):
-            model.train(train).attention_choice(block, block, device)
+            model.attention_choice(block, block, device)
     model.train(training)
     model.compile(mode=mode)
     return model
