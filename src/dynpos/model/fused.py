@@ -124,7 +124,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: T
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, table: Tensor) -> None:
     """Chunked flash forward into ``out (B, H, n, D)`` (q's dtype) and ``lse (B, H, n)`` (``table``'s)."""
-    B, H, n, D = q.shape
+    H, n = q.shape[1:3]
     chunk = n if n <= FWD_CHUNK else max(min(32, FWD_CHUNK), min(FWD_CHUNK, FWD_BIAS_ELEMS // (H * n)))
     for x0 in range(0, n, chunk):
         x1 = min(x0 + chunk, n)
@@ -142,13 +142,17 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, table: T
         torch.logaddexp(l1, l2, out=lse[:, :, x0:x1])
 
 
-def _parts(B: int, H: int, *tensors: Tensor, per_head: Tensor) -> tuple[int, list[tuple]]:
-    """``(dim, parts)``: the tensors split in ``<= WORKERS`` parts along the batch, or the heads if fewer."""
+def _parts(*tensors: Tensor, per_head: Tensor) -> tuple[int, list[list[Tensor]]]:
+    """``(dim, parts)``: the ``(B, H, ...)`` tensors in ``<= WORKERS`` parts along the batch, or the heads if fewer."""
+    B, H = tensors[0].shape[:2]
     dim, size = (0, B) if B >= WORKERS or B >= H else (1, H)
     n_parts = max(1, min(WORKERS, size))
     bounds = [size * i // n_parts for i in range(n_parts + 1)]
-    return dim, [(*(t.narrow(dim, a, b - a) for t in tensors), per_head if dim == 0 else per_head[a:b])
-                 for a, b in zip(bounds[:-1], bounds[1:])]
+    parts = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        heads = per_head if dim == 0 else per_head[a:b]  # a part of the heads takes their rows of per_head
+        parts.append([t.narrow(dim, a, b - a) for t in tensors] + [heads])
+    return dim, parts
 
 
 @functools.cache
@@ -190,7 +194,8 @@ def _fwd_outputs(q: Tensor) -> tuple[Tensor, Tensor]:
 @torch.library.custom_op("dynpos::table_attention_fwd", mutates_args=())
 def _fwd_op(q: Tensor, k: Tensor, v: Tensor, table: Tensor) -> tuple[Tensor, Tensor]:
     out, lse = _fwd_outputs(q)
-    _run_parts(_forward, _parts(*q.shape[:2], q, k, v, out, lse, per_head=table.to(lse.dtype))[1])
+    _, parts = _parts(q, k, v, out, lse, per_head=table.to(lse.dtype))
+    _run_parts(_forward, parts)
     return out, lse
 
 
@@ -203,8 +208,8 @@ def _(q, k, v, table):
 def _bwd_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, table: Tensor,
             need: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``dq, dk, dv, dtable`` in their inputs' dtypes; one not ``need``ed is empty ``(0,)``."""
-    dim, parts = _parts(*q.shape[:2], q, k, v, out, dout, lse, per_head=table.to(lse.dtype))
-    results = _run_parts(_backward, [(*p, need) for p in parts])
+    dim, parts = _parts(q, k, v, out, dout, lse, per_head=table.to(lse.dtype))
+    results = _run_parts(_backward, [part + [need] for part in parts])
 
     def join(i: int, like: Tensor) -> Tensor:
         pieces = [r[i] for r in results]
