@@ -139,7 +139,7 @@ def _flex_grid(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, shift: Tens
     return torch_flex_attention(q, k, v, score_mod=score_mod)
 
 
-_compiled_flex: dict[str, object] = {}  # filled on first use: Dynamo traces a dict, not functools.cache
+_compiled_flex: dict = {}  # filled on first use: Dynamo traces a dict, not functools.cache
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -149,12 +149,11 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, bias: 
     tensor (a symbolic int fails Inductor's CPU lowering in torch 2.13; an int recompiles per length).
     """
     if not _compiled_flex:
-        _compiled_flex.update(table=torch.compile(_flex_table, dynamic=True),
-                              grid=torch.compile(_flex_grid, dynamic=True))
+        _compiled_flex.update({fn: torch.compile(fn, dynamic=True) for fn in (_flex_table, _flex_grid)})
     shift = torch.tensor(k.shape[-2] - q.shape[-2], device=q.device)
     if table is not None:
-        return _compiled_flex["table"](q, k, v, table, shift)
-    return _compiled_flex["grid"](q, k, v, bias, shift)
+        return _compiled_flex[_flex_table](q, k, v, table, shift)
+    return _compiled_flex[_flex_grid](q, k, v, bias, shift)
 
 
 class CausalSelfAttention(nn.Module):

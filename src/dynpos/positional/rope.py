@@ -40,11 +40,10 @@ class RoPE(PositionalScheme):
         self.register_buffer("cos_sin", self._cos_sin(block_size, torch.device("cpu")), persistent=False)
 
     def _cos_sin(self, length: int, device: torch.device) -> Tensor:
-        """cos and sin ``(2, length, channels)`` of positions ``0 .. length - 1``, float32."""
         positions = torch.arange(length, device=device, dtype=torch.float32)
         angles = positions.unsqueeze(-1) * inverse_frequencies(self.channels, self.base, device)
         angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: channel i pairs with i + channels/2
-        return torch.stack([angles.cos(), angles.sin()])
+        return torch.stack([angles.cos(), angles.sin()])  # (2, length, channels), float32
 
     def rotate(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
         end = offset + q.shape[-2]
