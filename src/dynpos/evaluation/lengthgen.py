@@ -108,13 +108,12 @@ class LengthGenEval(L.Callback):
     sanity check) with a datamodule that has ``lengthgen_examples()``; with any other, do nothing.
 
     Logs ``lengthgen/exact@<n>`` and ``lengthgen/token@<n>`` through the LightningModule (so they reach every
-    logger and ``trainer.callback_metrics``); on global rank 0 writes ``<run folder>/<folder>/lengthgen.csv``
+    logger and ``trainer.callback_metrics``); on global rank 0 writes ``<run folder>/lengthgen/lengthgen.csv``
     and ``.png`` and logs the PNG to every wandb logger as ``lengthgen``. The model is ``pl_module.model``;
     ``rows`` holds the latest rows of :func:`score`, led by ``task``, ``pos`` and ``train_max_length`` (None before).
     """
 
-    def __init__(self, folder: str = "lengthgen") -> None:
-        self.folder = folder
+    def __init__(self) -> None:
         self.rows: list[dict] | None = None
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -125,7 +124,7 @@ class LengthGenEval(L.Callback):
         self.rows = [{"task": task, "pos": model.pos.name, "train_max_length": limit, **row}
                      for row in score(model, datamodule.lengthgen_examples(), datamodule.eval_batch_size)]
         if trainer.is_global_zero:
-            out, label = run_dir(trainer) / self.folder, f"{task}, pos={model.pos.name}"
+            out, label = run_dir(trainer) / "lengthgen", f"{task}, pos={model.pos.name}"
             write_csv(self.rows, out / "lengthgen.csv")
             save_figure(plot_lengths({label: self.rows}, limit, "exact_match", f"{label}: exact match against length"),
                         out / "lengthgen.png")
